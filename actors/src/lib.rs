@@ -1,0 +1,18 @@
+//! The actor system of sidecar: one actor per upstream key owning its rate
+//! limiter, cooldown and health, and a pool supervisor that hands out leases.
+//! No HTTP server lives here; the gateway binary drives these actors.
+
+pub mod backend;
+pub mod cooldown;
+pub mod limiter;
+pub mod messages;
+pub mod probe;
+pub mod retreat;
+pub mod spec;
+pub mod supervisor;
+
+pub use backend::BackendActor;
+pub use messages::*;
+pub use probe::{AlwaysHealthy, Prober};
+pub use spec::{ApiKey, BackendId, BackendSpec, ModelRoute, Pool, Tuning};
+pub use supervisor::PoolSupervisor;

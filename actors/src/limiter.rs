@@ -1,0 +1,314 @@
+//! Rolling-window request limiter.
+//!
+//! Providers count requests in a rolling window ("no more than N in any 60 s"),
+//! so a plain token bucket is not enough: one with capacity = limit lets 2×limit
+//! through in the first window. We keep a log of grant times and refuse when the
+//! window already holds `limit` grants. A small token bucket on top bounds bursts
+//! so a fresh key is not hit with its whole budget in one instant.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct RollingLimiter {
+    /// The window grants are counted in, already including the safety margin
+    /// that covers the delay between our grant and the upstream's arrival stamp.
+    window: Duration,
+    limit: u32,
+    burst: u32,
+    grants: VecDeque<Instant>,
+    bucket: f64,
+    refilled_at: Instant,
+}
+
+impl RollingLimiter {
+    pub fn new(limit: u32, burst: u32, window: Duration, now: Instant) -> Self {
+        let limit = limit.max(1);
+        let burst = burst.clamp(1, limit);
+        Self {
+            window,
+            limit,
+            burst,
+            grants: VecDeque::with_capacity(limit as usize),
+            bucket: burst as f64,
+            refilled_at: now,
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Changes the limit (adaptive retreat, admin edits). Grants already in the
+    /// window keep counting, so lowering the limit takes effect at once.
+    pub fn set_limit(&mut self, limit: u32, burst: u32, now: Instant) {
+        self.refill(now);
+        self.limit = limit.max(1);
+        self.burst = burst.clamp(1, self.limit);
+        self.bucket = self.bucket.min(self.burst as f64);
+    }
+
+    fn refill_rate_per_sec(&self) -> f64 {
+        self.limit as f64 / self.window.as_secs_f64()
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.bucket = (self.bucket + elapsed * self.refill_rate_per_sec()).min(self.burst as f64);
+        self.refilled_at = now;
+        while let Some(&oldest) = self.grants.front() {
+            if now.saturating_duration_since(oldest) >= self.window {
+                self.grants.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// How many requests may be granted right now.
+    pub fn remaining(&mut self, now: Instant) -> u32 {
+        self.refill(now);
+        let by_window = self.limit.saturating_sub(self.grants.len() as u32);
+        let by_bucket = self.bucket.floor() as u32;
+        by_window.min(by_bucket)
+    }
+
+    /// Requests granted in the current window.
+    pub fn used(&mut self, now: Instant) -> u32 {
+        self.refill(now);
+        self.grants.len() as u32
+    }
+
+    /// Records a grant. The caller checked `remaining` first; recording past the
+    /// limit is still accounted so the window stays truthful.
+    pub fn record(&mut self, now: Instant) {
+        self.refill(now);
+        self.bucket = (self.bucket - 1.0).max(0.0);
+        self.grants.push_back(now);
+    }
+
+    /// Gives back a grant that never reached the upstream (the waiter had gone).
+    pub fn unrecord(&mut self, at: Instant, now: Instant) {
+        if let Some(pos) = self.grants.iter().rposition(|&t| t == at) {
+            self.grants.remove(pos);
+            self.refill(now);
+            self.bucket = (self.bucket + 1.0).min(self.burst as f64);
+        }
+    }
+
+    /// When the next grant becomes possible; `now` when one is possible already.
+    pub fn next_free(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        let by_window = if (self.grants.len() as u32) < self.limit {
+            now
+        } else {
+            // The grant that must leave the window for one slot to open.
+            let idx = self.grants.len() - self.limit as usize;
+            self.grants[idx] + self.window
+        };
+        let by_bucket = if self.bucket >= 1.0 {
+            now
+        } else {
+            let secs = (1.0 - self.bucket) / self.refill_rate_per_sec();
+            now + Duration::from_secs_f64(secs)
+        };
+        by_window.max(by_bucket)
+    }
+}
+
+/// Tokens-per-window limit. Requests reserve an estimate when granted and the
+/// real count replaces it when they finish.
+#[derive(Debug, Clone)]
+pub struct TokenWindow {
+    window: Duration,
+    limit: u64,
+    entries: VecDeque<(Instant, u64)>,
+    total: u64,
+}
+
+impl TokenWindow {
+    pub fn new(limit: u64, window: Duration) -> Self {
+        Self {
+            window,
+            limit,
+            entries: VecDeque::new(),
+            total: 0,
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, n)) = self.entries.front() {
+            if now.saturating_duration_since(at) >= self.window {
+                self.entries.pop_front();
+                self.total -= n;
+            } else {
+                break;
+            }
+        }
+    }
+
+    pub fn remaining(&mut self, now: Instant) -> u64 {
+        self.expire(now);
+        self.limit.saturating_sub(self.total)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn add(&mut self, at: Instant, tokens: u64, now: Instant) {
+        self.expire(now);
+        if now.saturating_duration_since(at) < self.window {
+            self.entries.push_back((at, tokens));
+            self.total += tokens;
+        }
+    }
+
+    /// Replaces a reservation made at `at` with the real count.
+    pub fn settle(&mut self, at: Instant, reserved: u64, actual: u64, now: Instant) {
+        self.expire(now);
+        if let Some(entry) = self
+            .entries
+            .iter_mut()
+            .find(|(t, n)| *t == at && *n == reserved)
+        {
+            entry.1 = actual;
+            self.total = self.total - reserved + actual;
+        }
+    }
+
+    pub fn next_free(&mut self, needed: u64, now: Instant) -> Instant {
+        self.expire(now);
+        let mut total = self.total;
+        for &(at, n) in &self.entries {
+            if self.limit.saturating_sub(total) >= needed.max(1) {
+                break;
+            }
+            total -= n;
+            if self.limit.saturating_sub(total) >= needed.max(1) {
+                return at + self.window;
+            }
+        }
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Drives the limiter greedily at `step` intervals and returns grant times.
+    fn greedy(
+        lim: &mut RollingLimiter,
+        start: Instant,
+        total: Duration,
+        step: Duration,
+    ) -> Vec<Instant> {
+        let mut out = Vec::new();
+        let mut now = start;
+        while now < start + total {
+            while lim.remaining(now) > 0 {
+                lim.record(now);
+                out.push(now);
+            }
+            now += step;
+        }
+        out
+    }
+
+    fn max_in_any_window(times: &[Instant], window: Duration) -> usize {
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..times.len() {
+            while times[hi] - times[lo] >= window {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    #[test]
+    fn never_more_than_limit_in_any_window() {
+        let t0 = Instant::now();
+        let window = ms(60_000);
+        let mut lim = RollingLimiter::new(40, 40, window, t0);
+        let grants = greedy(&mut lim, t0, ms(300_000), ms(7));
+        assert!(max_in_any_window(&grants, window) <= 40);
+        // Full budget is spent: 5 windows → 5 × 40 grants.
+        assert_eq!(grants.len(), 200);
+    }
+
+    #[test]
+    fn burst_is_bounded_and_refills_at_rate() {
+        let t0 = Instant::now();
+        let mut lim = RollingLimiter::new(40, 10, ms(60_000), t0);
+        assert_eq!(lim.remaining(t0), 10);
+        for _ in 0..10 {
+            lim.record(t0);
+        }
+        assert_eq!(lim.remaining(t0), 0);
+        // 40 per 60 s refills one token every 1.5 s.
+        assert_eq!(lim.next_free(t0), t0 + ms(1500));
+        assert_eq!(lim.remaining(t0 + ms(1499)), 0);
+        assert_eq!(lim.remaining(t0 + ms(1500)), 1);
+    }
+
+    #[test]
+    fn next_free_points_at_window_exit_when_full() {
+        let t0 = Instant::now();
+        let mut lim = RollingLimiter::new(2, 2, ms(1000), t0);
+        lim.record(t0);
+        lim.record(t0 + ms(100));
+        assert_eq!(lim.remaining(t0 + ms(500)), 0);
+        assert_eq!(lim.next_free(t0 + ms(500)), t0 + ms(1000));
+        assert_eq!(lim.remaining(t0 + ms(1000)), 1);
+    }
+
+    #[test]
+    fn lowering_limit_applies_to_grants_already_in_window() {
+        let t0 = Instant::now();
+        let mut lim = RollingLimiter::new(10, 10, ms(1000), t0);
+        for _ in 0..6 {
+            lim.record(t0);
+        }
+        lim.set_limit(5, 5, t0 + ms(10));
+        assert_eq!(lim.remaining(t0 + ms(10)), 0);
+        assert_eq!(lim.next_free(t0 + ms(10)), t0 + ms(1000));
+    }
+
+    #[test]
+    fn unrecord_gives_the_slot_back() {
+        let t0 = Instant::now();
+        let mut lim = RollingLimiter::new(1, 1, ms(1000), t0);
+        lim.record(t0);
+        assert_eq!(lim.remaining(t0), 0);
+        lim.unrecord(t0, t0);
+        assert_eq!(lim.remaining(t0), 1);
+    }
+
+    #[test]
+    fn token_window_reserves_and_settles() {
+        let t0 = Instant::now();
+        let mut tw = TokenWindow::new(1000, ms(1000));
+        tw.add(t0, 600, t0);
+        assert_eq!(tw.remaining(t0), 400);
+        tw.settle(t0, 600, 100, t0 + ms(1));
+        assert_eq!(tw.remaining(t0 + ms(1)), 900);
+        tw.add(t0 + ms(2), 900, t0 + ms(2));
+        assert_eq!(tw.remaining(t0 + ms(3)), 0);
+        assert_eq!(tw.next_free(500, t0 + ms(3)), t0 + ms(1002));
+        assert_eq!(tw.remaining(t0 + ms(1000)), 100);
+    }
+}

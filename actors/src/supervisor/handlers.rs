@@ -1,0 +1,122 @@
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use slog::info;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::queue::Waiter;
+use super::{retry_after, Decision, Need, PoolSupervisor};
+use crate::messages::{
+    Acquire, AcquireError, BackendUpdate, GetSnapshot, ListModels, Ping, PoolSnapshot, Reconfigure,
+    RemoveBackend, Shutdown, Ticket, UpsertBackend,
+};
+
+impl Handler<Acquire> for PoolSupervisor {
+    type Result = Result<Ticket, AcquireError>;
+
+    fn handle(&mut self, msg: Acquire, _ctx: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        // Waiters first: what they can use is theirs, whatever this request's
+        // priority; what is left no waiter can use.
+        self.drain(now);
+        let need = Need {
+            model: msg.model,
+            exclude: msg.exclude,
+            est_tokens: msg.est_tokens,
+        };
+        match self.decide(&need, now) {
+            Decision::Grant { index, emergency } => {
+                Ok(Ticket::Ready(self.grant(index, emergency, &need, now)))
+            }
+            Decision::Wait { at, all_cooling } => {
+                let deadline = now + self.queue_timeout();
+                if at > deadline {
+                    return Err(Self::too_late(at, all_cooling, now));
+                }
+                if self.queue.is_full() {
+                    return Err(AcquireError::QueueFull {
+                        retry_after: retry_after(at, now),
+                    });
+                }
+                let (tx, rx) = oneshot::channel();
+                self.queue.push(msg.priority, Waiter { need, deadline, tx });
+                Ok(Ticket::Queued(rx))
+            }
+            Decision::Fail(err) => Err(err),
+        }
+    }
+}
+
+impl Handler<BackendUpdate> for PoolSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: BackendUpdate, _ctx: &mut Self::Context) {
+        self.apply_update(msg.0);
+        self.drain(Instant::now());
+    }
+}
+
+impl Handler<GetSnapshot> for PoolSupervisor {
+    type Result = MessageResult<GetSnapshot>;
+    fn handle(&mut self, _msg: GetSnapshot, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(PoolSnapshot {
+            backends: self.entries.iter().map(|e| e.view.clone()).collect(),
+            queue_depth: self.queue.depth(),
+            emergency_grants: self.emergency_grants,
+        })
+    }
+}
+
+impl Handler<ListModels> for PoolSupervisor {
+    type Result = MessageResult<ListModels>;
+    fn handle(&mut self, _msg: ListModels, _ctx: &mut Self::Context) -> Self::Result {
+        let models: BTreeSet<Arc<str>> = self
+            .entries
+            .iter()
+            .filter(|e| e.spec.enabled)
+            .flat_map(|e| e.spec.models.keys().cloned())
+            .collect();
+        MessageResult(models.into_iter().collect())
+    }
+}
+
+impl Handler<UpsertBackend> for PoolSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: UpsertBackend, ctx: &mut Self::Context) {
+        let spec = msg.0;
+        match self.entry_index(spec.id) {
+            Some(i) => {
+                let spec = Arc::new(spec);
+                self.entries[i].spec = spec.clone();
+                self.entries[i].addr.do_send(Reconfigure(spec));
+                info!(self.log, "backend updated"; "backend" => self.entries[i].spec.name.to_string());
+            }
+            None => {
+                info!(self.log, "backend added"; "backend" => spec.name.to_string());
+                self.start_backend(spec, ctx);
+            }
+        }
+        self.drain(Instant::now());
+    }
+}
+
+impl Handler<RemoveBackend> for PoolSupervisor {
+    type Result = bool;
+    fn handle(&mut self, msg: RemoveBackend, _ctx: &mut Self::Context) -> bool {
+        match self.entry_index(msg.0) {
+            Some(i) => {
+                let e = self.entries.remove(i);
+                e.addr.do_send(Shutdown);
+                info!(self.log, "backend removed"; "backend" => e.spec.name.to_string());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Handler<Ping> for PoolSupervisor {
+    type Result = ();
+    fn handle(&mut self, _msg: Ping, _ctx: &mut Self::Context) {}
+}

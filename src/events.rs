@@ -1,0 +1,63 @@
+//! Things worth logging, one struct per event (as vector's internal_events):
+//! each knows how to log itself, and is the seam where metrics and the stats
+//! actor will count it. Never a key, never prompt text.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use slog::{info, warn, Logger};
+
+use crate::upstream::usage::Usage;
+
+/// One client request, finished (answered, failed, or its stream ended).
+#[derive(Debug, Clone, Default)]
+pub struct RequestFinished {
+    pub request_id: Arc<str>,
+    pub endpoint: &'static str,
+    pub model: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
+    pub status: u16,
+    pub latency: Duration,
+    pub queued: Duration,
+    pub ttft: Option<Duration>,
+    pub attempts: u32,
+    pub stream: bool,
+    pub usage: Option<Usage>,
+    pub cost: f64,
+    pub error_code: Option<&'static str>,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+impl RequestFinished {
+    pub fn emit(&self, log: &Logger) {
+        let model = self.model.as_deref().unwrap_or("-").to_string();
+        let backend = self.backend.as_deref().unwrap_or("-").to_string();
+        let usage = self.usage.unwrap_or_default();
+        // slog prints pairs last-first; listed in reverse so the line reads id first.
+        let kv = slog::o!(
+            "error" => self.error_code,
+            "cost_usd" => self.cost,
+            "completion_tokens" => usage.completion_tokens,
+            "prompt_tokens" => usage.prompt_tokens,
+            "stream" => self.stream,
+            "attempts" => self.attempts,
+            "ttft_ms" => self.ttft.map(ms),
+            "queued_ms" => ms(self.queued),
+            "latency_ms" => ms(self.latency),
+            "status" => self.status,
+            "backend" => backend,
+            "model" => model,
+            "endpoint" => self.endpoint,
+            "request_id" => self.request_id.to_string(),
+        );
+        let log = log.new(kv);
+        if self.status >= 500 {
+            warn!(log, "request");
+        } else {
+            info!(log, "request");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! sidecar: an OpenAI-compatible gateway that pools many rate-limited LLM API
+//! keys behind one endpoint. The actors live in the `sidecar-actors` crate;
+//! this crate is the HTTP edge, configuration, the simulated upstream and the CLI.
+
+pub mod client_keys;
+pub mod configuration;
+pub mod demo;
+pub mod error;
+pub mod events;
+pub mod mock_upstream;
+pub mod routes;
+pub mod startup;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,4 @@
+pub mod health;
+pub mod models;
+pub mod proxy;
+pub mod stream;

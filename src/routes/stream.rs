@@ -1,0 +1,203 @@
+//! Streaming responses: upstream chunks go to the client as they arrive.
+//! The stream reports its outcome to the backend and writes the request's log
+//! line when it ends, fails, or the client goes away.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::LocalBoxStream;
+use futures_util::{Future, Stream, StreamExt};
+use sidecar_actors::{Lease, Outcome};
+use slog::Logger;
+use tokio::time::{Instant, Sleep};
+
+use super::proxy::Trace;
+use crate::upstream::sse::SseFilter;
+
+pub type UpstreamBody = LocalBoxStream<'static, Result<Bytes, awc::error::PayloadError>>;
+
+/// Waits for the first non-empty chunk: until it arrives the request can
+/// still be retried on another backend.
+pub async fn first_chunk(
+    body: &mut UpstreamBody,
+    timeout: Duration,
+) -> Result<Bytes, (Outcome, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) if chunk.is_empty() => continue,
+            Ok(Some(Ok(chunk))) => return Ok(chunk),
+            Ok(Some(Err(e))) => {
+                return Err((
+                    Outcome::Connect,
+                    format!("stream failed before the first byte: {e}"),
+                ))
+            }
+            Ok(None) => {
+                return Err((
+                    Outcome::ServerError { status: 200 },
+                    "stream ended before the first byte".into(),
+                ))
+            }
+            Err(_) => {
+                return Err((
+                    Outcome::Timeout,
+                    "timed out waiting for the first byte".into(),
+                ))
+            }
+        }
+    }
+}
+
+pub struct StreamContext {
+    pub lease: Lease,
+    pub log: Logger,
+    pub trace: Trace,
+    pub attempt_start: Instant,
+    pub ttft: Duration,
+}
+
+pub struct PassThrough {
+    upstream: UpstreamBody,
+    first: Option<Bytes>,
+    filter: SseFilter,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    ctx: Option<StreamContext>,
+    /// A truncated stream's last bytes went out; the cut follows.
+    cut_next: bool,
+}
+
+impl PassThrough {
+    pub fn new(
+        upstream: UpstreamBody,
+        first: Bytes,
+        strip_usage: bool,
+        ctx: StreamContext,
+    ) -> Self {
+        let mut filter = SseFilter::new(strip_usage);
+        let first = filter.push(&first);
+        let idle = ctx.lease.timeout;
+        Self {
+            upstream,
+            first: Some(first),
+            filter,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            ctx: Some(ctx),
+            cut_next: false,
+        }
+    }
+
+    /// Reports the stream's end to the backend and logs the request once.
+    fn conclude(&mut self, outcome: Outcome, status: u16, detail: Option<String>) {
+        let Some(mut ctx) = self.ctx.take() else {
+            return;
+        };
+        let usage = self.filter.usage;
+        let rec = &mut ctx.trace.record;
+        rec.usage = usage;
+        if let Some(u) = usage {
+            rec.cost = u.cost(ctx.lease.price_in, ctx.lease.price_out);
+        }
+        rec.status = status;
+        rec.latency = ctx.trace.started.elapsed();
+        rec.error_code = match &outcome {
+            Outcome::Success { .. } => None,
+            Outcome::Cancelled => Some("client_disconnected"),
+            _ => Some("stream_broken"),
+        };
+        rec.emit(&ctx.log);
+        let latency = ctx.attempt_start.elapsed();
+        ctx.lease.finish(outcome, latency, Some(ctx.ttft), detail);
+    }
+}
+
+/// The client sees a broken stream as a cut connection, which is what it is.
+fn stream_error(msg: &str) -> actix_web::Error {
+    actix_web::error::ErrorBadGateway(msg.to_string())
+}
+
+impl Stream for PassThrough {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.cut_next {
+            this.cut_next = false;
+            return Poll::Ready(Some(Err(stream_error("upstream stream was cut"))));
+        }
+        if let Some(first) = this.first.take() {
+            if !first.is_empty() {
+                return Poll::Ready(Some(Ok(first)));
+            }
+        }
+        if this.ctx.is_none() {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.upstream.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.idle_timer.as_mut().reset(Instant::now() + this.idle);
+                    let out = this.filter.push(&chunk);
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(out)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let detail = format!("stream broke after the first byte: {e}");
+                    this.conclude(Outcome::StreamBroken, 502, Some(detail));
+                    return Poll::Ready(Some(Err(stream_error("upstream stream broke"))));
+                }
+                Poll::Ready(None) => {
+                    let rest = this.filter.finish();
+                    if !this.filter.saw_done {
+                        // awc reports a connection closed mid-body as a clean
+                        // end; an OpenAI stream that really ended says [DONE].
+                        let detail = "upstream stream ended without [DONE]".to_string();
+                        this.conclude(Outcome::StreamBroken, 502, Some(detail));
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Err(stream_error("upstream stream was cut"))));
+                        }
+                        this.cut_next = true;
+                        return Poll::Ready(Some(Ok(rest)));
+                    }
+                    let usage = this.filter.usage;
+                    this.conclude(
+                        Outcome::Success {
+                            prompt_tokens: usage.and_then(|u| u.prompt_tokens),
+                            completion_tokens: usage.and_then(|u| u.completion_tokens),
+                        },
+                        200,
+                        None,
+                    );
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(rest)));
+                }
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                        this.conclude(
+                            Outcome::StreamBroken,
+                            504,
+                            Some("stream idle past the timeout".into()),
+                        );
+                        return Poll::Ready(Some(Err(stream_error("upstream stream stalled"))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PassThrough {
+    fn drop(&mut self) {
+        // Still open: the client went away before the end.
+        self.conclude(Outcome::Cancelled, 499, None);
+    }
+}

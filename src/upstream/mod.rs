@@ -1,0 +1,215 @@
+//! Talking to upstream providers with awc: one client per worker thread
+//! (awc's client is not `Send`), header hygiene, and error classification.
+
+pub mod sse;
+pub mod usage;
+
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderMap, HeaderName};
+use awc::error::SendRequestError;
+use sidecar_actors::Outcome;
+
+/// Builds the per-worker upstream client. Timeouts are set per request from
+/// the backend's settings; connection reuse keeps added latency low.
+pub fn build_client() -> awc::Client {
+    let connector = awc::Connector::new()
+        .timeout(Duration::from_secs(10))
+        .conn_keep_alive(Duration::from_secs(60))
+        .conn_lifetime(Duration::from_secs(300))
+        .limit(4096);
+    awc::Client::builder()
+        .connector(connector)
+        .disable_timeout()
+        .no_default_headers()
+        .finish()
+}
+
+/// Installs the process-wide TLS crypto provider awc's rustls needs.
+pub fn install_crypto_provider() {
+    // Err means one is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// plus the ones the gateway sets itself or must never forward.
+fn is_dropped_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "authorization"
+            | "x-api-key"
+            | "api-key"
+            | "cookie"
+            | "accept-encoding"
+            | "x-priority"
+            | "x-request-id"
+    )
+}
+
+fn is_dropped_response_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "content-encoding"
+            | "set-cookie"
+            | "x-request-id"
+    )
+}
+
+/// Names listed in the `Connection` header are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The client's headers that may travel upstream.
+pub fn forwardable_request_headers(headers: &HeaderMap) -> Vec<(HeaderName, header::HeaderValue)> {
+    let listed = connection_listed(headers);
+    headers
+        .iter()
+        .filter(|(n, _)| !is_dropped_request_header(n) && !listed.iter().any(|l| l == n.as_str()))
+        .filter(|(n, _)| *n != header::CONTENT_TYPE)
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect()
+}
+
+/// The upstream's headers that may travel back to the client.
+pub fn forwardable_response_headers(headers: &HeaderMap) -> Vec<(HeaderName, header::HeaderValue)> {
+    let listed = connection_listed(headers);
+    headers
+        .iter()
+        .filter(|(n, _)| !is_dropped_response_header(n) && !listed.iter().any(|l| l == n.as_str()))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect()
+}
+
+/// Reads `retry-after-ms` (OpenAI) or `Retry-After` (seconds or HTTP date).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Some(Duration::from_secs_f64(secs.min(86_400.0 * 7.0)));
+        }
+        return None;
+    }
+    let when: std::time::SystemTime = v.parse::<header::HttpDate>().ok()?.into();
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// What an attempt's transport failure means for the backend.
+pub fn classify_send_error(e: &SendRequestError) -> (Outcome, String) {
+    match e {
+        SendRequestError::Timeout => (
+            Outcome::Timeout,
+            "timed out waiting for the upstream".to_string(),
+        ),
+        SendRequestError::Connect(c) => (Outcome::Connect, format!("connect: {c}")),
+        SendRequestError::Url(u) => (Outcome::Connect, format!("bad upstream URL: {u}")),
+        other => (Outcome::Connect, format!("upstream transport: {other}")),
+    }
+}
+
+/// What a non-2xx upstream status means.
+pub enum StatusClass {
+    Success,
+    RateLimited,
+    BadKey,
+    /// Retry elsewhere: 5xx, 408.
+    Retryable,
+    /// The client's fault: pass through unchanged.
+    ClientError,
+}
+
+pub fn classify_status(status: u16) -> StatusClass {
+    match status {
+        200..=399 => StatusClass::Success,
+        429 => StatusClass::RateLimited,
+        401 | 403 => StatusClass::BadKey,
+        408 | 500..=599 => StatusClass::Retryable,
+        _ => StatusClass::ClientError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::header::HeaderValue;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            HeaderName::from_static("retry-after-ms"),
+            HeaderValue::from_static("1500"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_secrets_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-custom-hop"),
+        );
+        h.insert(
+            HeaderName::from_static("x-custom-hop"),
+            HeaderValue::from_static("1"),
+        );
+        h.insert(
+            HeaderName::from_static("x-keep"),
+            HeaderValue::from_static("1"),
+        );
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let out = forwardable_request_headers(&h);
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+}

@@ -1,0 +1,37 @@
+//! Token usage as OpenAI-compatible upstreams report it.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default)]
+    pub completion_tokens: Option<u64>,
+}
+
+impl Usage {
+    pub fn cost(&self, price_in: f64, price_out: f64) -> f64 {
+        (self.prompt_tokens.unwrap_or(0) as f64 * price_in
+            + self.completion_tokens.unwrap_or(0) as f64 * price_out)
+            / 1_000_000.0
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// Usage from a whole (non-streaming) response body, if it has one.
+pub fn from_body(body: &[u8]) -> Option<Usage> {
+    if !contains(body, b"\"usage\"") {
+        return None;
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

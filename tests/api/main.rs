@@ -1,0 +1,11 @@
+//! Integration tests: the real gateway on 127.0.0.1:0 against the project's
+//! simulated upstream. They assert behaviour at the edges: counts at the
+//! upstream, status codes, headers, bodies and timing bounds.
+
+mod bad_input;
+mod config;
+mod failover;
+mod helpers;
+mod priority;
+mod rate_limits;
+mod streaming;
