@@ -225,7 +225,14 @@ impl Settings {
             .file
             .as_ref()
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "<built-in>".to_string());
+            .unwrap_or_else(|| {
+                if sources.env {
+                    "environment"
+                } else {
+                    "<built-in>"
+                }
+                .to_string()
+            });
         let mut builder = config::Config::builder();
         if let Some(path) = &sources.file {
             let text = std::fs::read_to_string(path).map_err(|e| {

@@ -97,20 +97,53 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     })
 }
 
+/// What `check-config` shows: the effective settings after layering, keys masked.
+fn print_settings(s: &Settings) {
+    let t = &s.tuning;
+    println!(
+        "{}: ok — {} backend(s), {} client key(s), listening on {}:{}",
+        s.source,
+        s.backends.len(),
+        s.client_keys.len(),
+        s.host,
+        s.port
+    );
+    println!(
+        "window {:?} (+{:?} margin), cooldown {:?}..{:?}, queue {} for up to {:?}, max_attempts {}",
+        t.window,
+        t.window_margin,
+        t.cooldown_base,
+        t.cooldown_max,
+        t.queue_max,
+        t.queue_timeout,
+        s.max_attempts
+    );
+    for b in &s.backends {
+        let mut models: Vec<String> = b
+            .models
+            .iter()
+            .map(|(c, r)| format!("{c}→{}", r.native))
+            .collect();
+        models.sort();
+        println!(
+            "  {} [{}] {} key {} rpm {} burst {}{} models {}",
+            b.name,
+            b.pool.as_str(),
+            b.base_url,
+            b.api_key.masked(),
+            b.rpm_limit,
+            b.burst,
+            if b.enabled { "" } else { " (disabled)" },
+            models.join(", ")
+        );
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
-        Command::CheckConfig { config } => load(config).map(|s| {
-            println!(
-                "{}: ok — {} backend(s), {} client key(s), listening on {}:{}",
-                s.source,
-                s.backends.len(),
-                s.client_keys.len(),
-                s.host,
-                s.port
-            );
-        }),
+        Command::CheckConfig { config } => load(config).map(|s| print_settings(&s)),
         Command::Demo { port, rps } => {
             let log = telemetry::build_logger(slog::Level::Info, false);
             actix_web::rt::System::new().block_on(demo::run(DemoOptions { port, rps }, log))

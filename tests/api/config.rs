@@ -133,3 +133,44 @@ fn single_key_environment_form_yields_one_backend() {
         "https://integrate.api.nvidia.com/v1"
     );
 }
+
+#[test]
+fn environment_layers_over_defaults_in_the_binary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .arg("check-config")
+        .current_dir(std::env::temp_dir())
+        .env("SIDECAR_API_KEY", "nvapi-abcdefgh12345678")
+        .env("SIDECAR_UPSTREAM", "https://integrate.api.nvidia.com/v1")
+        .env("SIDECAR_MODELS", "meta/llama-3.1-8b-instruct")
+        .env("SIDECAR_RATE_RPM", "35")
+        .env("SIDECAR_QUEUE_TIMEOUT", "7")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("rpm 35") && stdout.contains("up to 7s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("nvapi-****5678") && !stdout.contains("abcdefgh"),
+        "key masked: {stdout}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .arg("check-config")
+        .current_dir(std::env::temp_dir())
+        .env("SIDECAR_PORT", "abc")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("environment") && stderr.contains("port"),
+        "{stderr}"
+    );
+}

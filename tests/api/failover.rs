@@ -167,3 +167,52 @@ async fn no_retry_after_first_byte() {
     assert_eq!(v.in_flight, 0, "lease released");
     app.stop().await;
 }
+
+/// Consecutive failures mark a backend down; the active probe brings it back
+/// only after consecutive good probes.
+#[actix_web::test]
+async fn down_backend_recovers_through_health_probes() {
+    let mock = MockConfig {
+        keys: vec![
+            MockKey::new("k-flaky", None).with_fault(Fault::Status(500)),
+            MockKey::new("k-ok", None),
+        ],
+        ..Default::default()
+    };
+    let toml = format!(
+        "failure_threshold = 2\nrecovery_threshold = 2\nhealth_interval = 0.1\n{}{}",
+        backend("flaky", "k-flaky", "primary", 1000, "weight = 10.0"),
+        backend("ok", "k-ok", "primary", 1000, "")
+    );
+    let app = spawn_app(mock, &toml).await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.chat(&chat_body("m")).await.backend().as_deref(),
+            Some("ok")
+        );
+    }
+    assert_eq!(app.view("flaky").await.status, Status::Down);
+    // Down: no traffic, though probes (GET /models) still fail.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.chat(&chat_body("m")).await.backend().as_deref(),
+        Some("ok")
+    );
+    assert_eq!(app.mock.state.key_stats("k-flaky").requests, 2);
+    assert_eq!(app.view("flaky").await.status, Status::Down);
+
+    app.mock.state.set_fault("k-flaky", Fault::None);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while app.view("flaky").await.status != Status::Healthy {
+        assert!(
+            Instant::now() < deadline,
+            "probe did not bring the backend back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.chat(&chat_body("m")).await.backend().as_deref(),
+        Some("flaky")
+    );
+    app.stop().await;
+}

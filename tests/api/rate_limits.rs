@@ -288,3 +288,56 @@ async fn adaptive_retreat_learns_a_lower_real_limit() {
     assert!(statuses.iter().all(|&s| s == 200 || s == 503));
     app.stop().await;
 }
+
+/// `max_concurrency` caps requests in flight at one key.
+#[actix_web::test]
+async fn max_concurrency_caps_in_flight_requests() {
+    let mock = MockConfig {
+        keys: vec![MockKey::new("k-c", None)],
+        latency: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let toml = format!(
+        "queue_timeout = 5\n{}",
+        backend("c", "k-c", "primary", 1000, "max_concurrency = 1")
+    );
+    let app = spawn_app(mock, &toml).await;
+    let body = chat_body("m");
+    let replies = join_all((0..4).map(|_| app.chat(&body))).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    let arrivals = app.mock.state.arrivals("k-c");
+    assert_eq!(arrivals.len(), 4);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(140),
+            "one at a time: gap {gap:?}"
+        );
+    }
+    app.stop().await;
+}
+
+/// A client key's own RPM is enforced at the edge, with Retry-After.
+#[actix_web::test]
+async fn client_key_rpm_is_enforced() {
+    let mock = MockConfig {
+        keys: vec![MockKey::new("k-1", None)],
+        ..Default::default()
+    };
+    let key_hash = hex::encode(sidecar::client_keys::sha256("ck-1"));
+    let toml = format!(
+        "{}[[client_keys]]\nname = \"small\"\nkey_sha256 = \"{key_hash}\"\nrpm = 2\n",
+        backend("b", "k-1", "primary", 1000, "")
+    );
+    let app = spawn_app(mock, &toml).await;
+    let auth = [("authorization", "Bearer ck-1")];
+    for _ in 0..2 {
+        assert_eq!(app.chat_with(&chat_body("m"), &auth).await.status, 200);
+    }
+    let r = app.chat_with(&chat_body("m"), &auth).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.error_code(), Some("rate_limit_exceeded"));
+    assert!(r.retry_after().is_some_and(|s| (1..=60).contains(&s)));
+    assert_eq!(app.mock.state.key_stats("k-1").requests, 2);
+    app.stop().await;
+}
