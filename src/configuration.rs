@@ -68,6 +68,12 @@ pub struct RawSettings {
     /// Default upstream timeout in seconds.
     pub timeout: f64,
     pub workers: Option<usize>,
+    /// Seconds between stats flushes to SQLite.
+    pub stats_flush_interval: f64,
+    pub usage_retention_days: u32,
+    /// Seconds between backups (default one day).
+    pub backup_interval: f64,
+    pub backup_retention_days: u32,
     pub allow_unauthenticated: bool,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
@@ -107,6 +113,10 @@ impl Default for RawSettings {
             max_body_bytes: 10 * 1024 * 1024,
             timeout: 120.0,
             workers: None,
+            stats_flush_interval: 5.0,
+            usage_retention_days: 90,
+            backup_interval: 86_400.0,
+            backup_retention_days: 7,
             allow_unauthenticated: false,
             log_level: None,
             log_format: None,
@@ -197,6 +207,12 @@ pub struct Settings {
     pub db_path: PathBuf,
     pub backup_dir: PathBuf,
     pub admin_token: Option<String>,
+    pub encryption_key: Option<String>,
+    pub encryption_key_file: Option<PathBuf>,
+    pub stats_flush_interval: Duration,
+    pub usage_retention_days: u32,
+    pub backup_interval: Duration,
+    pub backup_retention_days: u32,
     pub max_attempts: u32,
     pub max_body_bytes: usize,
     pub workers: Option<usize>,
@@ -207,6 +223,14 @@ pub struct Settings {
     pub client_keys: Vec<ClientKey>,
     pub allow_unauthenticated: bool,
     pub source: String,
+    pub default_rpm: u32,
+}
+
+impl Settings {
+    /// `rpm_limit` for backends that set none (`SIDECAR_RATE_RPM`).
+    pub fn tuning_default_rpm(&self) -> u32 {
+        self.default_rpm
+    }
 }
 
 /// Where settings come from.
@@ -499,6 +523,7 @@ impl RawSettings {
                     timeout: default_timeout,
                     models,
                     enabled: true,
+                    initial: Default::default(),
                 });
             }
             (Some(_), None) => {
@@ -589,6 +614,19 @@ impl RawSettings {
             db_path: PathBuf::from(&self.db_path),
             backup_dir: PathBuf::from(&self.backup_dir),
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            encryption_key: self.encryption_key.filter(|k| !k.trim().is_empty()),
+            encryption_key_file: self
+                .encryption_key_file
+                .filter(|k| !k.is_empty())
+                .map(PathBuf::from),
+            stats_flush_interval: positive_secs(
+                src,
+                "stats_flush_interval",
+                self.stats_flush_interval,
+            )?,
+            usage_retention_days: self.usage_retention_days.max(1),
+            backup_interval: positive_secs(src, "backup_interval", self.backup_interval)?,
+            backup_retention_days: self.backup_retention_days.max(1),
             max_attempts: self.max_attempts,
             max_body_bytes: self.max_body_bytes,
             workers: self.workers,
@@ -599,6 +637,7 @@ impl RawSettings {
             client_keys,
             allow_unauthenticated: self.allow_unauthenticated,
             source: src.to_string(),
+            default_rpm: self.rate_rpm.max(1),
         })
     }
 }
@@ -755,6 +794,7 @@ impl RawBackend {
             timeout,
             models,
             enabled: self.enabled,
+            initial: Default::default(),
         })
     }
 }

@@ -59,7 +59,7 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
             settings.host, settings.port
         )
     })?;
-    let app = Application::build(&settings, listener, log.clone())?;
+    let app = Application::build(&settings, listener, log.clone()).await?;
     let port = app.port();
     let supervisor = app.supervisor();
     let base = format!("http://127.0.0.1:{port}");

@@ -5,6 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::Addr;
+use sidecar_actors::stats::{RecordUsage, StatsActor};
+use sidecar_actors::BackendId;
 use slog::{info, warn, Logger};
 
 use crate::upstream::usage::Usage;
@@ -16,6 +19,7 @@ pub struct RequestFinished {
     pub endpoint: &'static str,
     pub model: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
+    pub backend_id: Option<BackendId>,
     pub status: u16,
     pub latency: Duration,
     pub queued: Duration,
@@ -31,8 +35,37 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
+/// Where events go: the log, and the stats actor (which only ever gets a
+/// `do_send`: the request path never waits on it).
+#[derive(Clone)]
+pub struct EventSink {
+    pub log: Logger,
+    pub stats: Option<Addr<StatsActor>>,
+}
+
 impl RequestFinished {
-    pub fn emit(&self, log: &Logger) {
+    pub fn emit(&self, sink: &EventSink) {
+        self.log_line(&sink.log);
+        if let (Some(stats), Some(backend_id), Some(model)) =
+            (&sink.stats, self.backend_id, &self.model)
+        {
+            let usage = self.usage.unwrap_or_default();
+            stats.do_send(RecordUsage {
+                backend_id,
+                model: model.to_string(),
+                at_ms: sidecar_actors::db::now_ms(),
+                success: self.status < 400,
+                prompt_tokens: usage.prompt_tokens.unwrap_or(0),
+                completion_tokens: usage.completion_tokens.unwrap_or(0),
+                cost: self.cost,
+                latency: self.latency,
+                ttft: self.ttft,
+                attempts: self.attempts,
+            });
+        }
+    }
+
+    fn log_line(&self, log: &Logger) {
         let model = self.model.as_deref().unwrap_or("-").to_string();
         let backend = self.backend.as_deref().unwrap_or("-").to_string();
         let usage = self.usage.unwrap_or_default();

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,8 @@ use sidecar::configuration::{Settings, Sources};
 use sidecar::demo::{self, DemoOptions};
 use sidecar::mock_upstream::{MockConfig, MockKey, MockUpstream};
 use sidecar::startup::Application;
-use sidecar::telemetry;
+use sidecar::{keys, telemetry};
+use sidecar_actors::db::{self, KeyRing};
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +73,36 @@ enum Command {
     },
     /// Print the SHA-256 of a client key, for `[[client_keys]] key_sha256`.
     HashKey { key: String },
+    /// Print a new random encryption key (64 hex characters).
+    Keygen,
+    /// Re-encrypt every stored API key under a new encryption key, in one transaction.
+    RotateKey {
+        #[arg(long, short, env = "SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// File holding the new key (64 hex characters; `sidecar keygen > FILE`).
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+    /// Import the old provisioning list (providers.yaml); running it twice changes nothing.
+    Import {
+        file: PathBuf,
+        #[arg(long, short, env = "SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// Extra models for every imported backend, CANONICAL=NATIVE, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+    },
+    /// Write a checked backup of the database now.
+    Backup {
+        #[arg(long, short, env = "SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Replace the database with a backup (stop the gateway first).
+    Restore {
+        file: PathBuf,
+        #[arg(long, short, env = "SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load(config: Option<PathBuf>) -> anyhow::Result<Settings> {
@@ -85,13 +117,83 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Settings> {
     })?)
 }
 
+/// Opens the database with the configured key, proving it with the canary.
+fn open_db(settings: &Settings) -> anyhow::Result<(diesel::SqliteConnection, KeyRing)> {
+    let (ring, source) = keys::resolve(settings)?;
+    let mut conn = db::open(&settings.db_path)?;
+    ring.check_canary(&mut conn)
+        .map_err(|e| anyhow::anyhow!("{e} (key from {})", source.describe()))?;
+    Ok((conn, ring))
+}
+
+fn rotate_key(config: Option<PathBuf>, new_key_file: &std::path::Path) -> anyhow::Result<()> {
+    let settings = load(config)?;
+    let (mut conn, old) = open_db(&settings)?;
+    let text = std::fs::read_to_string(new_key_file)
+        .with_context(|| format!("cannot read {}", new_key_file.display()))?;
+    let new =
+        KeyRing::from_hex(&text).map_err(|e| anyhow::anyhow!("{}: {e}", new_key_file.display()))?;
+    let n = db::backends::rotate_key(&mut conn, &old, &new)?;
+    println!(
+        "re-encrypted {n} key(s) under the key in {}. Start sidecar with that key from now on \
+         (SIDECAR_ENCRYPTION_KEY_FILE={} or the systemd credential); the old key no longer opens this database.",
+        new_key_file.display(),
+        new_key_file.display()
+    );
+    Ok(())
+}
+
+fn import(
+    config: Option<PathBuf>,
+    file: &std::path::Path,
+    models: &[String],
+) -> anyhow::Result<()> {
+    let settings = load(config)?;
+    let mut extra = BTreeMap::new();
+    for m in models {
+        let (c, n) = m
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--models takes CANONICAL=NATIVE, got {m:?}"))?;
+        extra.insert(c.trim().to_string(), n.trim().to_string());
+    }
+    let backends = sidecar::import::parse(file, settings.tuning_default_rpm(), &extra)?;
+    let (mut conn, ring) = open_db(&settings)?;
+    let r = sidecar::import::import(&mut conn, &ring, &backends)?;
+    println!(
+        "{}: {} added, {} updated, {} unchanged (database {})",
+        file.display(),
+        r.added,
+        r.updated,
+        r.unchanged,
+        settings.db_path.display()
+    );
+    Ok(())
+}
+
+fn backup(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = load(config)?;
+    let mut conn = db::open(&settings.db_path)?;
+    let r = db::backup::backup(
+        &mut conn,
+        &settings.backup_dir,
+        settings.backup_retention_days,
+    )?;
+    println!(
+        "backup {} ({} bytes, integrity ok, {} old copies removed)",
+        r.path.display(),
+        r.bytes,
+        r.removed.len()
+    );
+    Ok(())
+}
+
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config)?;
     let log = telemetry::build_logger(settings.log_level, settings.log_json);
     actix_web::rt::System::new().block_on(async move {
         let listener = TcpListener::bind((settings.host, settings.port))
             .with_context(|| format!("cannot listen on {}:{}", settings.host, settings.port))?;
-        let app = Application::build(&settings, listener, log)?;
+        let app = Application::build(&settings, listener, log).await?;
         app.run_until_stopped().await?;
         Ok(())
     })
@@ -176,6 +278,25 @@ fn main() -> ExitCode {
                 mock.base_url().replace("127.0.0.1", &host)
             );
             mock.run().await?;
+            Ok(())
+        }),
+        Command::Keygen => {
+            println!("{}", KeyRing::generate_hex());
+            Ok(())
+        }
+        Command::RotateKey {
+            config,
+            new_key_file,
+        } => rotate_key(config, &new_key_file),
+        Command::Import {
+            file,
+            config,
+            models,
+        } => import(config, &file, &models),
+        Command::Backup { config } => backup(config),
+        Command::Restore { file, config } => load(config).and_then(|s| {
+            sidecar_actors::db::backup::restore(&file, &s.db_path)?;
+            println!("restored {} into {}", file.display(), s.db_path.display());
             Ok(())
         }),
         Command::HashKey { key } => {

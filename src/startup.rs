@@ -11,12 +11,17 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpMessage, HttpServer};
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
+use sidecar_actors::backup::BackupActor;
+use sidecar_actors::stats::{Flush, StatsActor};
+use sidecar_actors::store::DbExecutor;
 use sidecar_actors::{BackendSpec, PoolSupervisor, Prober};
 use slog::{info, Logger};
 
 use crate::client_keys::ClientKeys;
 use crate::configuration::Settings;
 use crate::error::ApiError;
+use crate::events::EventSink;
+use crate::persistence;
 use crate::routes::{health, models, proxy};
 use crate::upstream;
 
@@ -28,6 +33,7 @@ pub struct AppState {
     pub max_attempts: u32,
     pub max_body_bytes: usize,
     pub queue_timeout: Duration,
+    pub events: EventSink,
     pub log: Logger,
 }
 
@@ -76,30 +82,57 @@ pub struct Application {
     port: u16,
     server: Server,
     supervisor: Addr<PoolSupervisor>,
+    stats: Addr<StatsActor>,
+    backup: Addr<BackupActor>,
+    log: Logger,
 }
 
 impl Application {
-    /// Starts the actors in the current actix system and binds the HTTP edge
-    /// to `listener`. Run the returned server with [`Application::run_until_stopped`].
-    pub fn build(
+    /// Opens the database, starts the actors in the current actix system and
+    /// binds the HTTP edge to `listener`. Run the returned server with
+    /// [`Application::run_until_stopped`].
+    pub async fn build(
         settings: &Settings,
         listener: TcpListener,
         log: Logger,
-    ) -> std::io::Result<Application> {
+    ) -> anyhow::Result<Application> {
         upstream::install_crypto_provider();
         let port = listener.local_addr()?.port();
+        // diesel is synchronous: startup's database work runs off the async threads.
+        let boot = {
+            let (settings, log) = (settings.clone(), log.clone());
+            actix_web::rt::task::spawn_blocking(move || persistence::boot(&settings, &log))
+                .await??
+        };
+        let db = DbExecutor::start(settings.db_path.clone(), log.clone());
+        let stats = {
+            let (db, log) = (db.clone(), log.clone());
+            let (every, keep) = (settings.stats_flush_interval, settings.usage_retention_days);
+            actix::Supervisor::start(move |_| StatsActor::new(db, every, keep, log))
+        };
+        let backup = {
+            let (db, log, dir) = (db.clone(), log.clone(), settings.backup_dir.clone());
+            let (every, keep) = (settings.backup_interval, settings.backup_retention_days);
+            actix::Supervisor::start(move |_| BackupActor::new(db, dir, every, keep, log))
+        };
         let prober: Arc<dyn Prober> = Arc::new(HttpProber);
-        let specs = settings.backends.clone();
+        let specs: Vec<BackendSpec> = boot.backends;
         let tuning = settings.tuning.clone();
         let sup_log = log.clone();
-        let supervisor =
-            actix::Supervisor::start(move |_| PoolSupervisor::new(specs, tuning, prober, sup_log));
+        let store = Some(db.clone());
+        let supervisor = actix::Supervisor::start(move |_| {
+            PoolSupervisor::new(specs, tuning, prober, store, sup_log)
+        });
         let state = web::Data::new(AppState {
             supervisor: supervisor.clone(),
             client_keys: ClientKeys::new(&settings.client_keys, settings.tuning.window),
             max_attempts: settings.max_attempts,
             max_body_bytes: settings.max_body_bytes,
             queue_timeout: settings.tuning.queue_timeout,
+            events: EventSink {
+                log: log.clone(),
+                stats: Some(stats.clone()),
+            },
             log: log.clone(),
         });
         let mut server = HttpServer::new(move || {
@@ -134,11 +167,14 @@ impl Application {
         if let Some(w) = settings.workers {
             server = server.workers(w.max(1));
         }
-        info!(log, "gateway listening"; "port" => port, "backends" => settings.backends.len());
+        info!(log, "gateway listening"; "port" => port);
         Ok(Application {
             port,
             server: server.run(),
             supervisor,
+            stats,
+            backup,
+            log,
         })
     }
 
@@ -154,8 +190,26 @@ impl Application {
         self.server.handle()
     }
 
+    pub fn stats(&self) -> Addr<StatsActor> {
+        self.stats.clone()
+    }
+
+    pub fn backup(&self) -> Addr<BackupActor> {
+        self.backup.clone()
+    }
+
+    /// Serves until stopped (SIGTERM/SIGINT drain in-flight requests), then
+    /// writes every counted request to the database.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let served = self.server.await;
+        match tokio::time::timeout(Duration::from_secs(15), self.stats.send(Flush)).await {
+            Ok(Ok(Ok(rows))) => info!(self.log, "stats flushed at shutdown"; "rows" => rows),
+            Ok(Ok(Err(e))) => {
+                slog::error!(self.log, "stats flush at shutdown failed"; "error" => e.to_string())
+            }
+            _ => slog::error!(self.log, "stats actor did not answer at shutdown"),
+        }
+        served
     }
 }
 

@@ -3,16 +3,20 @@
 //! No HTTP server lives here; the gateway binary drives these actors.
 
 pub mod backend;
+pub mod backup;
 pub mod cooldown;
+pub mod db;
 pub mod limiter;
 pub mod messages;
 pub mod probe;
 pub mod retreat;
 pub mod spec;
+pub mod stats;
+pub mod store;
 pub mod supervisor;
 
 pub use backend::BackendActor;
 pub use messages::*;
 pub use probe::{AlwaysHealthy, Prober};
-pub use spec::{ApiKey, BackendId, BackendSpec, ModelRoute, Pool, Tuning};
+pub use spec::{ApiKey, BackendId, BackendSpec, InitialState, ModelRoute, Pool, Tuning};
 pub use supervisor::PoolSupervisor;

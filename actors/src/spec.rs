@@ -95,9 +95,41 @@ pub struct BackendSpec {
     /// Canonical model name → route.
     pub models: HashMap<Arc<str>, ModelRoute>,
     pub enabled: bool,
+    /// State restored from the database at start.
+    pub initial: InitialState,
+}
+
+/// What a backend was doing when the gateway last stopped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InitialState {
+    /// Wall-clock end of a cooldown, Unix milliseconds.
+    pub cooldown_until_ms: Option<i64>,
+    pub consecutive_429: u32,
+    /// The key was rejected (401/403): stays out of rotation.
+    pub error: Option<String>,
+    pub down: bool,
 }
 
 impl BackendSpec {
+    /// How this backend serves a canonical model: an exact entry, or a
+    /// prefix entry (`"nvidia/*"`) whose native id is the model itself with
+    /// the entry's native prefix (`"nvidia/*" = "nvidia/*"` passes through).
+    pub fn route(&self, model: &str) -> Option<ModelRoute> {
+        if let Some(r) = self.models.get(model) {
+            return Some(r.clone());
+        }
+        self.models.iter().find_map(|(k, r)| {
+            let prefix = k.strip_suffix('*')?;
+            let rest = model.strip_prefix(prefix)?;
+            let native_prefix = r.native.strip_suffix('*').unwrap_or(&r.native);
+            Some(ModelRoute {
+                native: Arc::from(format!("{native_prefix}{rest}")),
+                price_in: r.price_in,
+                price_out: r.price_out,
+            })
+        })
+    }
+
     pub fn default_burst(rpm_limit: u32) -> u32 {
         rpm_limit.div_ceil(4).max(1)
     }

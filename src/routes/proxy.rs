@@ -108,7 +108,7 @@ async fn proxy(
         Ok(Reply::Done(res)) => {
             trace.record.status = res.status().as_u16();
             trace.record.latency = trace.started.elapsed();
-            trace.record.emit(&state.log);
+            trace.record.emit(&state.events);
             res
         }
         Err(err) => {
@@ -116,7 +116,7 @@ async fn proxy(
             trace.record.status = res.status().as_u16();
             trace.record.latency = trace.started.elapsed();
             trace.record.error_code = Some(err.code());
-            trace.record.emit(&state.log);
+            trace.record.emit(&state.events);
             res
         }
     }
@@ -321,6 +321,7 @@ async fn handle(
         };
         trace.record.attempts += 1;
         trace.record.backend = Some(lease.name.clone());
+        trace.record.backend_id = Some(lease.backend);
         exclude.push(lease.backend);
 
         json.insert(
@@ -413,7 +414,7 @@ async fn handle(
                     let started = trace.started;
                     let ctx = StreamContext {
                         lease,
-                        log: state.log.clone(),
+                        events: state.events.clone(),
                         trace: std::mem::replace(
                             trace,
                             Trace {

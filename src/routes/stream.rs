@@ -10,10 +10,10 @@ use bytes::Bytes;
 use futures_util::stream::LocalBoxStream;
 use futures_util::{Future, Stream, StreamExt};
 use sidecar_actors::{Lease, Outcome};
-use slog::Logger;
 use tokio::time::{Instant, Sleep};
 
 use super::proxy::Trace;
+use crate::events::EventSink;
 use crate::upstream::sse::SseFilter;
 
 pub type UpstreamBody = LocalBoxStream<'static, Result<Bytes, awc::error::PayloadError>>;
@@ -53,7 +53,7 @@ pub async fn first_chunk(
 
 pub struct StreamContext {
     pub lease: Lease,
-    pub log: Logger,
+    pub events: EventSink,
     pub trace: Trace,
     pub attempt_start: Instant,
     pub ttft: Duration,
@@ -109,7 +109,7 @@ impl PassThrough {
             Outcome::Cancelled => Some("client_disconnected"),
             _ => Some("stream_broken"),
         };
-        rec.emit(&ctx.log);
+        rec.emit(&ctx.events);
         let latency = ctx.attempt_start.elapsed();
         ctx.lease.finish(outcome, latency, Some(ctx.ttft), detail);
     }

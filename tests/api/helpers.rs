@@ -11,6 +11,8 @@ use serde_json::Value;
 use sidecar::configuration::{Settings, Sources};
 use sidecar::mock_upstream::{MockConfig, MockUpstream};
 use sidecar::startup::Application;
+use sidecar_actors::backup::BackupActor;
+use sidecar_actors::stats::StatsActor;
 use sidecar_actors::{BackendView, GetSnapshot, PoolSnapshot, PoolSupervisor};
 use slog::{o, Drain, Logger};
 
@@ -18,10 +20,18 @@ pub struct TestApp {
     pub base: String,
     pub mock: MockUpstream,
     pub supervisor: actix::Addr<PoolSupervisor>,
+    pub stats: actix::Addr<StatsActor>,
+    pub backup: actix::Addr<BackupActor>,
     pub client: awc::Client,
     pub logs: SharedLog,
+    pub dir: Arc<tempfile::TempDir>,
+    pub settings: Settings,
     handle: ServerHandle,
+    served: actix_web::rt::task::JoinHandle<std::io::Result<()>>,
 }
+
+/// The key every test database is encrypted with.
+pub const TEST_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 /// Log output captured for assertions (and printed with `TEST_LOG=1`).
 #[derive(Clone, Default)]
@@ -68,29 +78,63 @@ pub fn settings_from(toml: &str) -> Settings {
     .expect("test config is valid")
 }
 
+/// The settings a test gateway runs with: its own database in `dir`.
+pub fn test_settings(toml: &str, mock: &MockUpstream, dir: &std::path::Path) -> Settings {
+    let mut settings = settings_from(&toml.replace("{MOCK_URL}", &mock.base_url()));
+    settings.workers = Some(2);
+    settings.db_path = dir.join("sidecar.db");
+    if !toml.contains("backup_dir") {
+        settings.backup_dir = dir.join("backups");
+    }
+    if settings.encryption_key.is_none() {
+        settings.encryption_key = Some(TEST_KEY.to_string());
+    }
+    if !toml.contains("stats_flush_interval") {
+        settings.stats_flush_interval = Duration::from_millis(200);
+    }
+    settings
+}
+
 /// `toml` is the gateway config; `{MOCK_URL}` becomes the mock's base URL.
 pub async fn spawn_app(mock: MockConfig, toml: &str) -> TestApp {
     let mock = MockUpstream::spawn(mock).expect("mock upstream starts");
-    let mut settings = settings_from(&toml.replace("{MOCK_URL}", &mock.base_url()));
-    settings.workers = Some(2);
+    let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+    let settings = test_settings(toml, &mock, dir.path());
+    start_gateway(mock, dir, settings)
+        .await
+        .expect("gateway starts")
+}
+
+/// Starts a gateway on `settings` in front of an existing mock.
+pub async fn start_gateway(
+    mock: MockUpstream,
+    dir: Arc<tempfile::TempDir>,
+    settings: Settings,
+) -> anyhow::Result<TestApp> {
     let logs = SharedLog::default();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let app =
-        Application::build(&settings, listener, logger(logs.clone())).expect("gateway starts");
+    let app = Application::build(&settings, listener, logger(logs.clone())).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
     let supervisor = app.supervisor();
+    let stats = app.stats();
+    let backup = app.backup();
     let handle = app.handle();
-    actix_web::rt::spawn(app.run_until_stopped());
-    TestApp {
+    let served = actix_web::rt::spawn(app.run_until_stopped());
+    Ok(TestApp {
         base,
         mock,
         supervisor,
+        stats,
+        backup,
         client: awc::Client::builder()
             .timeout(Duration::from_secs(30))
             .finish(),
         logs,
+        dir,
+        settings,
         handle,
-    }
+        served,
+    })
 }
 
 pub struct Reply {
@@ -183,6 +227,29 @@ impl TestApp {
             .into_iter()
             .find(|b| &*b.name == name)
             .unwrap_or_else(|| panic!("no backend {name}"))
+    }
+
+    /// Stops the gateway gracefully (stats flushed) and starts a new one on
+    /// the same database and mock.
+    pub async fn restart(self) -> TestApp {
+        self.handle.stop(true).await;
+        let _ = self.served.await;
+        let settings = self.settings.clone();
+        start_gateway(self.mock, self.dir, settings)
+            .await
+            .expect("gateway restarts")
+    }
+
+    /// A connection to this app's database, for assertions.
+    pub fn db(&self) -> diesel::SqliteConnection {
+        sidecar_actors::db::connect(&self.settings.db_path).expect("db opens")
+    }
+
+    /// Stops the gateway gracefully and hands back the mock.
+    pub async fn handle_stop_keep_mock(self) -> MockUpstream {
+        self.handle.stop(true).await;
+        let _ = self.served.await;
+        self.mock
     }
 
     pub async fn stop(self) {

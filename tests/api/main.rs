@@ -6,6 +6,7 @@ mod bad_input;
 mod config;
 mod failover;
 mod helpers;
+mod persistence;
 mod priority;
 mod rate_limits;
 mod streaming;

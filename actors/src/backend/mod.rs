@@ -14,11 +14,15 @@ use slog::{info, warn, Logger};
 use tokio::time::Instant;
 
 use crate::cooldown::Backoff;
+use crate::db::backends::PersistedState;
+use crate::db::now_ms;
+use crate::db::usage::CooldownRecord;
 use crate::limiter::{RollingLimiter, TokenWindow};
 use crate::messages::{BackendUpdate, BackendView, Outcome, Status, Totals};
 use crate::probe::Prober;
 use crate::retreat::{Retreat, RetreatPolicy};
 use crate::spec::{BackendSpec, Tuning};
+use crate::store::{DbExecutor, RecordCooldown, SaveState};
 
 /// Health apart from `enabled`, as Pingora keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,11 @@ pub struct BackendActor {
     /// Removed from the pool: serve the leases still out, arm no timers, and
     /// let the actor end when the last address is dropped.
     retired: bool,
+    /// Where state that must survive a restart goes (off the request path).
+    store: Option<Addr<DbExecutor>>,
+    /// Wall-clock end of the current cooldown, as persisted.
+    cooling_until_ms: Option<i64>,
+    persisted: Option<PersistedState>,
 }
 
 const EWMA_ALPHA: f64 = 0.2;
@@ -82,9 +91,24 @@ impl BackendActor {
         tuning: Arc<Tuning>,
         supervisor: Recipient<BackendUpdate>,
         prober: Arc<dyn Prober>,
+        store: Option<Addr<DbExecutor>>,
         log: Logger,
     ) -> Self {
         let now = Instant::now();
+        // A restart never re-hammers a cooling key or retries a rejected one.
+        let init = spec.initial.clone();
+        let left_ms = init
+            .cooldown_until_ms
+            .map(|until| until - now_ms())
+            .filter(|&l| l > 0);
+        let cooling_until = left_ms.map(|l| now + Duration::from_millis(l as u64));
+        let health = if init.error.is_some() {
+            Health::Error
+        } else if init.down {
+            Health::Down
+        } else {
+            Health::Healthy
+        };
         let window = tuning.window + tuning.window_margin;
         let mut policy = RetreatPolicy::standard(tuning.window);
         policy.recovery = tuning.retreat_recovery;
@@ -99,9 +123,9 @@ impl BackendActor {
             ),
             tokens: spec.tpm_limit.map(|l| TokenWindow::new(l, window)),
             retreat: Retreat::new(spec.rpm_limit, policy, now),
-            health: Health::Healthy,
-            cooling_until: None,
-            consecutive_429: 0,
+            health,
+            cooling_until,
+            consecutive_429: init.consecutive_429,
             consecutive_failures: 0,
             consecutive_probe_ok: 0,
             probing: false,
@@ -111,10 +135,13 @@ impl BackendActor {
             seen_tokens: 0,
             latency_ms: None,
             ttft_ms: None,
-            last_error: None,
+            last_error: init.error.clone(),
             totals: Totals::default(),
             wake_at: None,
             retired: false,
+            store,
+            cooling_until_ms: left_ms.and(init.cooldown_until_ms),
+            persisted: None,
             spec,
             tuning,
             log,
@@ -194,6 +221,10 @@ impl BackendActor {
             return;
         }
         let now = Instant::now();
+        if self.cooling_until.is_some_and(|u| u <= now) {
+            self.end_cooldown();
+        }
+        self.persist();
         let view = self.view(now);
         let mut wake: Option<Instant> = None;
         if view.remaining == 0 {
@@ -208,6 +239,46 @@ impl BackendActor {
         self.supervisor.do_send(BackendUpdate(view));
         if let Some(at) = wake {
             self.wake_at_time(at, ctx);
+        }
+    }
+
+    fn health_str(&self) -> &'static str {
+        match self.health {
+            Health::Healthy => "healthy",
+            Health::Down => "down",
+            Health::Error => "error",
+        }
+    }
+
+    /// Sends the state that must survive a restart, when it changed.
+    fn persist(&mut self) {
+        let Some(store) = &self.store else { return };
+        let state = PersistedState {
+            backend_id: self.spec.id,
+            status: self.health_str(),
+            cooldown_until_ms: self.cooling_until_ms,
+            consecutive_429: self.consecutive_429,
+            consecutive_failures: self.consecutive_failures,
+            effective_rpm: self.retreat.effective(),
+            latency_ms: None,
+            last_error: self.last_error.clone(),
+        };
+        if self.persisted.as_ref() != Some(&state) {
+            let mut sent = state.clone();
+            sent.latency_ms = self.latency_ms;
+            store.do_send(SaveState(sent));
+            self.persisted = Some(state);
+        }
+    }
+
+    fn end_cooldown(&mut self) {
+        self.cooling_until = None;
+        self.cooling_until_ms = None;
+        if let Some(store) = &self.store {
+            store.do_send(RecordCooldown(CooldownRecord::Ended {
+                backend_id: self.spec.id,
+                at_ms: now_ms(),
+            }));
         }
     }
 
@@ -315,8 +386,25 @@ impl BackendActor {
                 self.consecutive_429 += 1;
                 let pause = self.backoff().duration(self.consecutive_429, *retry_after);
                 let until = now + pause;
-                self.cooling_until = Some(self.cooling_until.map_or(until, |u| u.max(until)));
+                let until = self.cooling_until.map_or(until, |u| u.max(until));
+                self.cooling_until = Some(until);
+                let until_ms = now_ms() + until.saturating_duration_since(now).as_millis() as i64;
+                self.cooling_until_ms = Some(until_ms);
                 self.totals.cooldowns += 1;
+                if let Some(store) = &self.store {
+                    store.do_send(RecordCooldown(CooldownRecord::Started {
+                        backend_id: self.spec.id,
+                        at_ms: now_ms(),
+                        until_ms,
+                        consecutive_429: self.consecutive_429,
+                        retry_after_ms: retry_after.map(|d| d.as_millis() as i64),
+                        reason: if rec.emergency {
+                            "emergency probe got 429".into()
+                        } else {
+                            "upstream 429".into()
+                        },
+                    }));
+                }
                 self.last_error = Some("upstream 429".to_string());
                 info!(self.log, "cooldown started";
                     "consecutive_429" => self.consecutive_429,
@@ -367,7 +455,7 @@ impl BackendActor {
             if emergency {
                 info!(self.log, "emergency probe succeeded; cooldown ended early");
             }
-            self.cooling_until = None;
+            self.end_cooldown();
         }
         if self.health == Health::Down {
             self.health = Health::Healthy;

@@ -75,7 +75,7 @@ impl Handler<ListModels> for PoolSupervisor {
             .entries
             .iter()
             .filter(|e| e.spec.enabled)
-            .flat_map(|e| e.spec.models.keys().cloned())
+            .flat_map(|e| e.spec.models.keys().filter(|m| !m.ends_with('*')).cloned())
             .collect();
         MessageResult(models.into_iter().collect())
     }

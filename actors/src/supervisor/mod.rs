@@ -18,6 +18,7 @@ use crate::backend::BackendActor;
 use crate::messages::{AcquireError, BackendView, Lease, LeaseTaken, Status};
 use crate::probe::Prober;
 use crate::spec::{BackendId, BackendSpec, Pool, Tuning};
+use crate::store::DbExecutor;
 
 pub use queue::WaitQueue;
 
@@ -97,6 +98,7 @@ pub struct PoolSupervisor {
     next_lease: u64,
     emergency_grants: u64,
     started_once: bool,
+    store: Option<Addr<DbExecutor>>,
 }
 
 /// A truthful `Retry-After`: whole seconds, at least one.
@@ -117,6 +119,7 @@ impl PoolSupervisor {
         backends: Vec<BackendSpec>,
         tuning: Tuning,
         prober: Arc<dyn Prober>,
+        store: Option<Addr<DbExecutor>>,
         log: Logger,
     ) -> Self {
         let queue = WaitQueue::new(tuning.queue_max);
@@ -130,6 +133,7 @@ impl PoolSupervisor {
             next_lease: 0,
             emergency_grants: 0,
             started_once: false,
+            store,
         }
     }
 
@@ -140,6 +144,7 @@ impl PoolSupervisor {
             self.tuning.clone(),
             ctx.address().recipient(),
             self.prober.clone(),
+            self.store.clone(),
             self.log.clone(),
         );
         let view = actor.view(Instant::now());
@@ -168,10 +173,7 @@ impl PoolSupervisor {
         for pool in [Pool::Primary, Pool::Fallback] {
             let mut best: Option<(usize, f64, f64)> = None;
             for (index, e) in self.entries.iter().enumerate() {
-                if e.spec.pool != pool
-                    || !e.spec.enabled
-                    || !e.spec.models.contains_key(&need.model)
-                {
+                if e.spec.pool != pool || !e.spec.enabled || e.spec.route(&need.model).is_none() {
                     continue;
                 }
                 known = true;
@@ -275,7 +277,7 @@ impl PoolSupervisor {
             emergency,
             est_tokens: need.est_tokens,
         });
-        let route = e.spec.models.get(&need.model);
+        let route = e.spec.route(&need.model);
         Lease {
             id,
             backend: e.spec.id,
@@ -283,9 +285,11 @@ impl PoolSupervisor {
             pool: e.spec.pool,
             base_url: e.spec.base_url.clone(),
             api_key: e.spec.api_key.clone(),
-            native_model: route.map_or_else(|| need.model.clone(), |r| r.native.clone()),
-            price_in: route.map_or(0.0, |r| r.price_in),
-            price_out: route.map_or(0.0, |r| r.price_out),
+            native_model: route
+                .as_ref()
+                .map_or_else(|| need.model.clone(), |r| r.native.clone()),
+            price_in: route.as_ref().map_or(0.0, |r| r.price_in),
+            price_out: route.as_ref().map_or(0.0, |r| r.price_out),
             timeout: e.spec.timeout,
             emergency,
             granted_at: now,

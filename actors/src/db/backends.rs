@@ -1,0 +1,445 @@
+//! Backends in SQLite: keys encrypted, config-file backends synced in at
+//! start, imported and API-added ones kept, and the state that must survive
+//! a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use serde::{Deserialize, Serialize};
+
+use super::schema::{backend_health, backends};
+use super::{now_ms, DbError, KeyRing};
+use crate::spec::{ApiKey, BackendId, BackendSpec, InitialState, ModelRoute, Pool};
+
+/// Who manages a backend: the config file (read-only elsewhere), the admin
+/// API, or `sidecar import`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Config,
+    Api,
+    Import,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+            Source::Import => "import",
+        }
+    }
+
+    fn parse(s: &str) -> Source {
+        match s {
+            "config" => Source::Config,
+            "import" => Source::Import,
+            _ => Source::Api,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelJson {
+    pub native: String,
+    #[serde(default)]
+    pub price_in: f64,
+    #[serde(default)]
+    pub price_out: f64,
+}
+
+/// A backend's settings, as written by the config sync, import or the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSettings {
+    pub name: String,
+    pub base_url: String,
+    pub api_key: String,
+    pub pool: Pool,
+    pub rpm_limit: u32,
+    pub burst: Option<u32>,
+    pub tpm_limit: Option<u64>,
+    pub max_concurrency: Option<u32>,
+    pub weight: f64,
+    pub timeout_secs: f64,
+    pub models: BTreeMap<String, ModelJson>,
+    pub enabled: bool,
+    pub source: Source,
+    pub notes: Option<String>,
+}
+
+impl BackendSettings {
+    pub fn from_spec(spec: &BackendSpec, source: Source) -> Self {
+        Self {
+            name: spec.name.to_string(),
+            base_url: spec.base_url.to_string(),
+            api_key: spec.api_key.expose().to_string(),
+            pool: spec.pool,
+            rpm_limit: spec.rpm_limit,
+            burst: Some(spec.burst),
+            tpm_limit: spec.tpm_limit,
+            max_concurrency: spec.max_concurrency,
+            weight: spec.weight,
+            timeout_secs: spec.timeout.as_secs_f64(),
+            models: spec
+                .models
+                .iter()
+                .map(|(k, r)| {
+                    (
+                        k.to_string(),
+                        ModelJson {
+                            native: r.native.to_string(),
+                            price_in: r.price_in,
+                            price_out: r.price_out,
+                        },
+                    )
+                })
+                .collect(),
+            enabled: spec.enabled,
+            source,
+            notes: None,
+        }
+    }
+}
+
+/// A stored backend with its key decrypted and its persisted state.
+#[derive(Debug, Clone)]
+pub struct BackendRecord {
+    pub id: BackendId,
+    pub settings: BackendSettings,
+    pub status: String,
+    pub cooldown_until_ms: Option<i64>,
+    pub consecutive_429: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = backends)]
+struct Row {
+    id: i32,
+    name: String,
+    base_url: String,
+    api_key_enc: Vec<u8>,
+    pool: String,
+    rpm_limit: i32,
+    burst: Option<i32>,
+    tpm_limit: Option<i64>,
+    max_concurrency: Option<i32>,
+    weight: f64,
+    timeout_secs: f64,
+    models: String,
+    enabled: bool,
+    source: String,
+    notes: Option<String>,
+    status: String,
+    cooldown_until: Option<i64>,
+    consecutive_429_count: i32,
+    last_error: Option<String>,
+}
+
+impl Row {
+    fn decode(self, ring: &KeyRing) -> Result<BackendRecord, DbError> {
+        let api_key = ring.decrypt_string(&self.api_key_enc)?;
+        let models: BTreeMap<String, ModelJson> = serde_json::from_str(&self.models)
+            .map_err(|e| DbError::Invalid(format!("backend {}: models column: {e}", self.name)))?;
+        Ok(BackendRecord {
+            id: self.id as BackendId,
+            settings: BackendSettings {
+                name: self.name,
+                base_url: self.base_url,
+                api_key,
+                pool: if self.pool == "fallback" {
+                    Pool::Fallback
+                } else {
+                    Pool::Primary
+                },
+                rpm_limit: self.rpm_limit.max(1) as u32,
+                burst: self.burst.map(|b| b.max(1) as u32),
+                tpm_limit: self.tpm_limit.map(|t| t.max(1) as u64),
+                max_concurrency: self.max_concurrency.map(|c| c.max(1) as u32),
+                weight: self.weight,
+                timeout_secs: self.timeout_secs,
+                models,
+                enabled: self.enabled,
+                source: Source::parse(&self.source),
+                notes: self.notes,
+            },
+            status: self.status,
+            cooldown_until_ms: self.cooldown_until,
+            consecutive_429: self.consecutive_429_count.max(0) as u32,
+            last_error: self.last_error,
+        })
+    }
+}
+
+impl BackendRecord {
+    /// The actor's spec, with the persisted state to restore.
+    pub fn to_spec(&self) -> BackendSpec {
+        let s = &self.settings;
+        let models: HashMap<Arc<str>, ModelRoute> = s
+            .models
+            .iter()
+            .map(|(k, m)| {
+                (
+                    Arc::from(k.as_str()),
+                    ModelRoute {
+                        native: Arc::from(m.native.as_str()),
+                        price_in: m.price_in,
+                        price_out: m.price_out,
+                    },
+                )
+            })
+            .collect();
+        BackendSpec {
+            id: self.id,
+            name: Arc::from(s.name.as_str()),
+            base_url: Arc::from(s.base_url.trim_end_matches('/')),
+            api_key: ApiKey::new(s.api_key.as_str()),
+            pool: s.pool,
+            rpm_limit: s.rpm_limit,
+            burst: s
+                .burst
+                .unwrap_or_else(|| BackendSpec::default_burst(s.rpm_limit))
+                .min(s.rpm_limit),
+            tpm_limit: s.tpm_limit,
+            max_concurrency: s.max_concurrency,
+            weight: s.weight,
+            timeout: Duration::from_secs_f64(s.timeout_secs.max(0.001)),
+            models,
+            enabled: s.enabled,
+            initial: InitialState {
+                cooldown_until_ms: self.cooldown_until_ms,
+                consecutive_429: self.consecutive_429,
+                error: (self.status == "error").then(|| {
+                    self.last_error
+                        .clone()
+                        .unwrap_or_else(|| "key rejected".into())
+                }),
+                down: self.status == "down",
+            },
+        }
+    }
+}
+
+pub fn load_all(
+    conn: &mut SqliteConnection,
+    ring: &KeyRing,
+) -> Result<Vec<BackendRecord>, DbError> {
+    let rows: Vec<Row> = backends::table
+        .select(Row::as_select())
+        .order(backends::id.asc())
+        .load(conn)?;
+    rows.into_iter().map(|r| r.decode(ring)).collect()
+}
+
+pub fn find_by_name(
+    conn: &mut SqliteConnection,
+    ring: &KeyRing,
+    name: &str,
+) -> Result<Option<BackendRecord>, DbError> {
+    let row: Option<Row> = backends::table
+        .select(Row::as_select())
+        .filter(backends::name.eq(name))
+        .first(conn)
+        .optional()?;
+    row.map(|r| r.decode(ring)).transpose()
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    Added(BackendId),
+    Updated(BackendId),
+    Unchanged(BackendId),
+}
+
+impl Upsert {
+    pub fn id(self) -> BackendId {
+        match self {
+            Upsert::Added(id) | Upsert::Updated(id) | Upsert::Unchanged(id) => id,
+        }
+    }
+}
+
+fn models_json(s: &BackendSettings) -> Result<String, DbError> {
+    serde_json::to_string(&s.models).map_err(|e| DbError::Invalid(e.to_string()))
+}
+
+/// Adds a backend by name or updates its settings; state columns are kept.
+/// Writes nothing when nothing differs, so importing twice changes nothing.
+pub fn upsert(
+    conn: &mut SqliteConnection,
+    ring: &KeyRing,
+    s: &BackendSettings,
+) -> Result<Upsert, DbError> {
+    let now = now_ms();
+    let hint = ApiKey::new(s.api_key.as_str()).masked();
+    let models = models_json(s)?;
+    if let Some(existing) = find_by_name(conn, ring, &s.name)? {
+        if existing.settings == *s {
+            return Ok(Upsert::Unchanged(existing.id));
+        }
+        let key_changed = existing.settings.api_key != s.api_key;
+        diesel::update(backends::table.filter(backends::id.eq(existing.id as i32)))
+            .set((
+                backends::base_url.eq(&s.base_url),
+                backends::key_hint.eq(&hint),
+                backends::pool.eq(s.pool.as_str()),
+                backends::rpm_limit.eq(s.rpm_limit as i32),
+                backends::burst.eq(s.burst.map(|b| b as i32)),
+                backends::tpm_limit.eq(s.tpm_limit.map(|t| t as i64)),
+                backends::max_concurrency.eq(s.max_concurrency.map(|c| c as i32)),
+                backends::weight.eq(s.weight),
+                backends::timeout_secs.eq(s.timeout_secs),
+                backends::models.eq(&models),
+                backends::enabled.eq(s.enabled),
+                backends::source.eq(s.source.as_str()),
+                backends::notes.eq(&s.notes),
+                backends::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+        if key_changed {
+            // A new key gets a fresh start: no inherited error or cooldown.
+            diesel::update(backends::table.filter(backends::id.eq(existing.id as i32)))
+                .set((
+                    backends::api_key_enc.eq(ring.encrypt(s.api_key.as_bytes())),
+                    backends::status.eq("healthy"),
+                    backends::cooldown_until.eq(None::<i64>),
+                    backends::consecutive_429_count.eq(0),
+                    backends::last_error.eq(None::<String>),
+                ))
+                .execute(conn)?;
+        }
+        return Ok(Upsert::Updated(existing.id));
+    }
+    let id: i32 = diesel::insert_into(backends::table)
+        .values((
+            backends::name.eq(&s.name),
+            backends::base_url.eq(&s.base_url),
+            backends::api_key_enc.eq(ring.encrypt(s.api_key.as_bytes())),
+            backends::key_hint.eq(&hint),
+            backends::pool.eq(s.pool.as_str()),
+            backends::rpm_limit.eq(s.rpm_limit as i32),
+            backends::burst.eq(s.burst.map(|b| b as i32)),
+            backends::tpm_limit.eq(s.tpm_limit.map(|t| t as i64)),
+            backends::max_concurrency.eq(s.max_concurrency.map(|c| c as i32)),
+            backends::weight.eq(s.weight),
+            backends::timeout_secs.eq(s.timeout_secs),
+            backends::models.eq(&models),
+            backends::enabled.eq(s.enabled),
+            backends::source.eq(s.source.as_str()),
+            backends::notes.eq(&s.notes),
+            backends::created_at.eq(now),
+            backends::updated_at.eq(now),
+        ))
+        .returning(backends::id)
+        .get_result(conn)?;
+    Ok(Upsert::Added(id as BackendId))
+}
+
+/// Syncs the config file's backends in (source = config) and removes
+/// config-managed ones the file no longer declares. Returns their ids in
+/// file order.
+pub fn sync_config(
+    conn: &mut SqliteConnection,
+    ring: &KeyRing,
+    specs: &[BackendSpec],
+) -> Result<Vec<BackendId>, DbError> {
+    conn.immediate_transaction(|conn| {
+        let mut ids = Vec::with_capacity(specs.len());
+        for spec in specs {
+            ids.push(
+                upsert(
+                    conn,
+                    ring,
+                    &BackendSettings::from_spec(spec, Source::Config),
+                )?
+                .id(),
+            );
+        }
+        let names: Vec<&str> = specs.iter().map(|s| &*s.name).collect();
+        diesel::delete(
+            backends::table
+                .filter(backends::source.eq(Source::Config.as_str()))
+                .filter(backends::name.ne_all(names)),
+        )
+        .execute(conn)?;
+        Ok(ids)
+    })
+}
+
+pub fn delete(conn: &mut SqliteConnection, id: BackendId) -> Result<bool, DbError> {
+    Ok(diesel::delete(backends::table.filter(backends::id.eq(id as i32))).execute(conn)? > 0)
+}
+
+/// The state a backend actor persists when it changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersistedState {
+    pub backend_id: BackendId,
+    /// healthy | down | error
+    pub status: &'static str,
+    pub cooldown_until_ms: Option<i64>,
+    pub consecutive_429: u32,
+    pub consecutive_failures: u32,
+    pub effective_rpm: u32,
+    pub latency_ms: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+pub fn save_state(conn: &mut SqliteConnection, s: &PersistedState) -> Result<(), DbError> {
+    let now = now_ms();
+    let id = s.backend_id as i32;
+    diesel::update(backends::table.filter(backends::id.eq(id)))
+        .set((
+            backends::status.eq(s.status),
+            backends::cooldown_until.eq(s.cooldown_until_ms),
+            backends::consecutive_429_count.eq(s.consecutive_429 as i32),
+            backends::last_error.eq(&s.last_error),
+            backends::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    // The backend may have been deleted meanwhile; then there is nothing to record.
+    let exists: i64 = backends::table
+        .filter(backends::id.eq(id))
+        .count()
+        .get_result(conn)?;
+    if exists > 0 {
+        diesel::replace_into(backend_health::table)
+            .values((
+                backend_health::backend_id.eq(id),
+                backend_health::status.eq(s.status),
+                backend_health::consecutive_failures.eq(s.consecutive_failures as i32),
+                backend_health::effective_rpm.eq(Some(s.effective_rpm as i32)),
+                backend_health::latency_ms.eq(s.latency_ms),
+                backend_health::last_error.eq(&s.last_error),
+                backend_health::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Re-encrypts every stored key (and the canary) under `new`, in one
+/// transaction: all readable afterwards, or nothing changed.
+pub fn rotate_key(
+    conn: &mut SqliteConnection,
+    old: &KeyRing,
+    new: &KeyRing,
+) -> Result<usize, DbError> {
+    conn.immediate_transaction(|conn| {
+        old.check_canary(conn)?;
+        let rows: Vec<(i32, Vec<u8>)> = backends::table
+            .select((backends::id, backends::api_key_enc))
+            .load(conn)?;
+        for (id, blob) in &rows {
+            let plain = old.decrypt(blob)?;
+            diesel::update(backends::table.filter(backends::id.eq(id)))
+                .set(backends::api_key_enc.eq(new.encrypt(&plain)))
+                .execute(conn)?;
+        }
+        new.write_canary(conn)?;
+        Ok(rows.len())
+    })
+}

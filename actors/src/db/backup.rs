@@ -1,0 +1,158 @@
+//! Consistent copies of the database: `VACUUM INTO` a new file, an integrity
+//! check of the copy, and retention of the last N days.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use serde::Serialize;
+
+use super::{connect, integrity_check, DbError};
+
+const PREFIX: &str = "sidecar-";
+const SUFFIX: &str = ".db";
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BackupReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub removed: Vec<PathBuf>,
+    pub millis: u64,
+}
+
+fn stamp(now: SystemTime) -> String {
+    // 2026-11-22T02:53:07Z → 2026-11-22T02-53-07Z: no colons in file names.
+    humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .replace(':', "-")
+}
+
+/// Writes a copy of the open database into `dir`, checks it, and deletes
+/// copies older than `retention_days`.
+pub fn backup(
+    conn: &mut SqliteConnection,
+    dir: &Path,
+    retention_days: u32,
+) -> Result<BackupReport, DbError> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(dir)?;
+    let now = SystemTime::now();
+    let mut path = dir.join(format!("{PREFIX}{}{SUFFIX}", stamp(now)));
+    let mut n = 1;
+    while path.exists() {
+        path = dir.join(format!("{PREFIX}{}-{n}{SUFFIX}", stamp(now)));
+        n += 1;
+    }
+    let target = path
+        .to_str()
+        .ok_or_else(|| DbError::Invalid("backup path is not UTF-8".into()))?;
+    diesel::sql_query("VACUUM INTO ?")
+        .bind::<diesel::sql_types::Text, _>(target)
+        .execute(conn)?;
+    let checked = connect(&path).and_then(|mut copy| integrity_check(&mut copy));
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    let bytes = std::fs::metadata(&path)?.len();
+    let removed = prune(dir, retention_days, &path)?;
+    Ok(BackupReport {
+        path,
+        bytes,
+        removed,
+        millis: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Backup files in `dir`, newest first, with their modification times.
+pub fn list(dir: &Path) -> Vec<(PathBuf, SystemTime)> {
+    let mut out: Vec<(PathBuf, SystemTime)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(PREFIX) && name.ends_with(SUFFIX)
+        })
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.modified().ok()?)))
+        .collect();
+    out.sort_by_key(|e| std::cmp::Reverse(e.1));
+    out
+}
+
+fn prune(dir: &Path, retention_days: u32, keep: &Path) -> Result<Vec<PathBuf>, DbError> {
+    let max_age = Duration::from_secs(retention_days as u64 * 86_400);
+    let now = SystemTime::now();
+    let mut removed = Vec::new();
+    for (path, modified) in list(dir) {
+        if path != keep && now.duration_since(modified).unwrap_or_default() > max_age {
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// Puts a backup in place of the database (the gateway must be stopped):
+/// checks the copy first, then replaces the file and drops the old WAL.
+pub fn restore(backup: &Path, db_path: &Path) -> Result<(), DbError> {
+    let mut copy = connect(backup)?;
+    integrity_check(&mut copy)?;
+    drop(copy);
+    if let Some(parent) = db_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = db_path.with_extension("restore-tmp");
+    std::fs::copy(backup, &tmp)?;
+    for ext in ["-wal", "-shm"] {
+        let mut side = db_path.as_os_str().to_owned();
+        side.push(ext);
+        let _ = std::fs::remove_file(PathBuf::from(side));
+    }
+    std::fs::rename(&tmp, db_path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::open;
+
+    #[test]
+    fn backup_checks_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("live.db")).unwrap();
+        crate::db::set_config(&mut conn, "k", "v").unwrap();
+        let out = dir.path().join("backups");
+        std::fs::create_dir_all(&out).unwrap();
+        // An old copy past retention.
+        let old = out.join("sidecar-2000-01-01T00-00-00Z.db");
+        std::fs::write(&old, b"old").unwrap();
+        let past = SystemTime::now() - Duration::from_secs(10 * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+
+        let r = backup(&mut conn, &out, 7).unwrap();
+        assert!(r.path.exists() && r.bytes > 0);
+        assert_eq!(r.removed, vec![old.clone()]);
+        let mut copy = connect(&r.path).unwrap();
+        assert_eq!(
+            crate::db::get_config(&mut copy, "k").unwrap().as_deref(),
+            Some("v")
+        );
+
+        let restored = dir.path().join("restored.db");
+        restore(&r.path, &restored).unwrap();
+        let mut c = connect(&restored).unwrap();
+        assert_eq!(
+            crate::db::get_config(&mut c, "k").unwrap().as_deref(),
+            Some("v")
+        );
+    }
+}

@@ -1,0 +1,150 @@
+use std::time::Duration;
+
+use actix::prelude::*;
+use slog::{debug, warn};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::StatsActor;
+use crate::db::usage::{flush, hour_of, UsageDelta};
+use crate::db::{now_ms, DbError};
+use crate::spec::BackendId;
+use crate::store;
+
+/// One finished request that reached a backend.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct RecordUsage {
+    pub backend_id: BackendId,
+    /// Canonical model name (always a configured one: unknown models never
+    /// reach a backend, so the key space stays bounded).
+    pub model: String,
+    pub at_ms: i64,
+    pub success: bool,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: f64,
+    pub latency: Duration,
+    pub ttft: Option<Duration>,
+    pub attempts: u32,
+}
+
+impl Handler<RecordUsage> for StatsActor {
+    type Result = ();
+    fn handle(&mut self, r: RecordUsage, _ctx: &mut Self::Context) {
+        self.add(UsageDelta {
+            backend_id: r.backend_id,
+            model: r.model,
+            hour: hour_of(r.at_ms),
+            requests: 1,
+            errors: i64::from(!r.success),
+            prompt_tokens: r.prompt_tokens as i64,
+            completion_tokens: r.completion_tokens as i64,
+            cost: r.cost,
+            latency_ms_sum: r.latency.as_secs_f64() * 1000.0,
+            ttft_ms_sum: r.ttft.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+            ttft_count: i64::from(r.ttft.is_some()),
+            attempts: r.attempts as i64,
+        });
+    }
+}
+
+/// Writes everything pending now (also used at shutdown); answers with the
+/// number of rows written.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "Result<usize, DbError>")]
+pub struct Flush;
+
+impl Handler<Flush> for StatsActor {
+    type Result = ResponseFuture<Result<usize, DbError>>;
+    fn handle(&mut self, _msg: Flush, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.flush(ctx, Some(tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(DbError::ExecutorGone)) })
+    }
+}
+
+/// The flush status, for metrics.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "super::FlushStatus")]
+pub struct GetFlushStatus;
+
+impl Handler<GetFlushStatus> for StatsActor {
+    type Result = MessageResult<GetFlushStatus>;
+    fn handle(&mut self, _msg: GetFlushStatus, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.status.clone())
+    }
+}
+
+type Done = oneshot::Sender<Result<usize, DbError>>;
+
+impl StatsActor {
+    pub(crate) fn flush(&mut self, ctx: &mut Context<Self>, done: Option<Done>) {
+        if self.flushing {
+            // One flush at a time; an explicit request waits for the next tick.
+            if let Some(done) = done {
+                ctx.run_later(Duration::from_millis(20), move |act, ctx| {
+                    act.flush(ctx, Some(done))
+                });
+            }
+            return;
+        }
+        if self.pending.is_empty() {
+            if let Some(done) = done {
+                let _ = done.send(Ok(0));
+            }
+            return;
+        }
+        let batch: Vec<UsageDelta> = self.pending.drain().map(|(_, v)| v).collect();
+        let retention = self.retention_days;
+        let db = self.db.clone();
+        self.flushing = true;
+        let started = Instant::now();
+        let rows = batch.len();
+        let keep = batch.clone();
+        let fut = async move { store::run(&db, move |conn| flush(conn, &batch, retention)).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _ctx| {
+            act.flushing = false;
+            act.status.last_flush = Some(Instant::now());
+            act.status.last_duration = Some(started.elapsed());
+            let answer = match res {
+                Ok(()) => {
+                    act.status.flushes += 1;
+                    act.status.rows_written += rows as u64;
+                    act.status.last_error = None;
+                    debug!(act.log, "stats flushed"; "rows" => rows, "ms" => started.elapsed().as_secs_f64() * 1000.0);
+                    Ok(rows)
+                }
+                Err(e) => {
+                    // Keep the batch for the next attempt: nothing counted is dropped.
+                    for d in keep {
+                        act.add(d);
+                    }
+                    act.status.failures += 1;
+                    act.status.last_error = Some(e.to_string());
+                    warn!(act.log, "stats flush failed; will retry"; "error" => e.to_string());
+                    Err(e)
+                }
+            };
+            if let Some(done) = done {
+                let _ = done.send(answer);
+            }
+        }));
+    }
+}
+
+/// For tests and callers that record without a clock of their own.
+pub fn usage_now(backend_id: BackendId, model: &str, success: bool) -> RecordUsage {
+    RecordUsage {
+        backend_id,
+        model: model.to_string(),
+        at_ms: now_ms(),
+        success,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cost: 0.0,
+        latency: Duration::ZERO,
+        ttft: None,
+        attempts: 1,
+    }
+}
