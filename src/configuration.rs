@@ -542,14 +542,6 @@ impl RawSettings {
             }
             (None, None) => {}
         }
-        if backends.is_empty() {
-            return Err(ConfigError::new(
-                src,
-                "backends",
-                "no backends: declare [[backends]] or set SIDECAR_API_KEY + SIDECAR_UPSTREAM + SIDECAR_MODELS",
-            ));
-        }
-
         let mut client_keys = Vec::new();
         for (i, k) in self.client_keys.iter().enumerate() {
             let key = |f: &str| format!("client_keys[{i}].{f}");

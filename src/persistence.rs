@@ -31,6 +31,10 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
     backends::sync_config(&mut conn, &ring, &settings.backends)?;
     let records = backends::load_all(&mut conn, &ring)?;
     let specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
+    if specs.is_empty() {
+        warn!(log, "no backends: declare [[backends]] in the config file, set SIDECAR_API_KEY + SIDECAR_UPSTREAM + \
+                    SIDECAR_MODELS, or `sidecar import providers.yaml`; every model answers 404 until then");
+    }
     info!(log, "database ready";
         "path" => settings.db_path.display().to_string(),
         "migrations_applied" => migrations.len(),

@@ -54,11 +54,6 @@ fn config_errors_name_file_key_and_problem() {
             "unknown variant",
         ),
         (
-            "host = \"127.0.0.1\"\n".to_string(),
-            "backends",
-            "no backends",
-        ),
-        (
             format!("host = \"0.0.0.0\"\n{GOOD_BACKEND}"),
             "host",
             "allow_unauthenticated",

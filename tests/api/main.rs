@@ -8,5 +8,6 @@ mod failover;
 mod helpers;
 mod persistence;
 mod priority;
+mod process;
 mod rate_limits;
 mod streaming;

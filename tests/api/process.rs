@@ -1,0 +1,296 @@
+//! Tests against the real binary: signals, crash safety and the CLI.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use sidecar::mock_upstream::{MockConfig, MockKey, MockUpstream};
+use sidecar_actors::db::{self, backends, usage, KeyRing};
+use tokio::time::Instant;
+
+use crate::helpers::{chat_body, TEST_KEY};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sidecar");
+
+struct Gateway {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn write_config(dir: &Path, mock: &MockUpstream, flush_secs: f64) -> std::path::PathBuf {
+    let path = dir.join("sidecar.toml");
+    let text = format!(
+        "port = 0\ndb_path = \"{db}\"\nbackup_dir = \"{dir}/backups\"\nstats_flush_interval = {flush_secs}\nworkers = 2\n\
+         [[backends]]\nname = \"b\"\nbase_url = \"{url}\"\napi_key = \"k-1\"\nrpm_limit = 100000\nmodels = {{ \"m\" = \"native-m\" }}\n",
+        db = dir.join("sidecar.db").display(),
+        dir = dir.display(),
+        url = mock.base_url()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts `sidecar serve` and waits for its "gateway listening" line.
+fn spawn_gateway(config: &Path) -> Gateway {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["msg"] == "gateway listening" {
+                    let _ = tx.send(v["port"].as_u64().unwrap_or(0));
+                }
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("gateway started");
+    Gateway {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        log,
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Sends requests from `workers` loops until `stop_at`; returns the
+/// completion time of every 200.
+async fn load(base: &str, workers: usize, stop_at: Instant) -> Vec<Instant> {
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let loops = (0..workers).map(|_| {
+        let (done, base) = (done.clone(), base.to_string());
+        async move {
+            let client = awc::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .finish();
+            while Instant::now() < stop_at {
+                match client
+                    .post(format!("{base}/v1/chat/completions"))
+                    .send_json(&chat_body("m"))
+                    .await
+                {
+                    Ok(mut r) if r.status() == 200 => {
+                        if r.body().await.is_ok() {
+                            done.lock().unwrap().push(Instant::now());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(loops).await;
+    let v = done.lock().unwrap().clone();
+    v
+}
+
+fn requests_in_db(path: &Path) -> i64 {
+    let mut conn = db::connect(path).unwrap();
+    db::integrity_check(&mut conn).expect("integrity_check ok");
+    usage::hourly_usage(&mut conn, None, 2)
+        .unwrap()
+        .iter()
+        .map(|r| r.requests)
+        .sum()
+}
+
+/// SIGTERM during load: in-flight requests finish, every finished request is
+/// in the database, and the process exits 0.
+#[actix_web::test]
+async fn sigterm_during_load_flushes_every_finished_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::spawn(MockConfig {
+        keys: vec![MockKey::new("k-1", None)],
+        latency: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .unwrap();
+    let gw = spawn_gateway(&write_config(dir.path(), &mock, 5.0));
+    let start = Instant::now();
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        signal(&gw.child, "-TERM");
+    };
+    let (done, ()) = tokio::join!(load(&gw.base, 8, start + Duration::from_secs(3)), killer);
+    let mut child = gw.child;
+    let status = actix_web::rt::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "clean exit: {status:?}\n{}",
+        gw.log.lock().unwrap().join("\n")
+    );
+    let stored = requests_in_db(&dir.path().join("sidecar.db"));
+    eprintln!(
+        "SIGTERM: {} requests answered 200, {stored} in the database",
+        done.len()
+    );
+    assert!(done.len() > 20, "load ran");
+    assert_eq!(
+        stored,
+        done.len() as i64,
+        "every finished request is in the database"
+    );
+}
+
+/// kill -9 during load: the database opens cleanly and loses at most what
+/// finished within one flush interval before the kill.
+#[actix_web::test]
+async fn kill_9_loses_at_most_one_flush_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::spawn(MockConfig {
+        keys: vec![MockKey::new("k-1", None)],
+        latency: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .unwrap();
+    let interval = Duration::from_millis(500);
+    let gw = spawn_gateway(&write_config(dir.path(), &mock, interval.as_secs_f64()));
+    let start = Instant::now();
+    let kill_at = start + Duration::from_millis(2300);
+    let killer = async {
+        tokio::time::sleep_until(kill_at).await;
+        signal(&gw.child, "-KILL");
+    };
+    let (done, ()) = tokio::join!(load(&gw.base, 8, start + Duration::from_secs(3)), killer);
+    let mut child = gw.child;
+    let _ = actix_web::rt::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap();
+    let stored = requests_in_db(&dir.path().join("sidecar.db"));
+    let finished = done.iter().filter(|&&t| t <= kill_at).count() as i64;
+    // Slack for message delivery and the flush transaction itself.
+    let durable_before = kill_at - interval - Duration::from_millis(150);
+    let must_have = done.iter().filter(|&&t| t <= durable_before).count() as i64;
+    eprintln!(
+        "kill -9: {finished} finished before the kill, {stored} in the database, lost {} (≤ {} finished in the last {:?} + 150 ms)",
+        finished - stored,
+        finished - must_have,
+        interval
+    );
+    assert!(stored <= finished);
+    assert!(
+        stored >= must_have,
+        "lost more than one flush interval: {stored} < {must_have}"
+    );
+}
+
+/// `sidecar import` of an 11-key provisioning list, twice: the second run
+/// changes nothing; `rotate-key` keeps every key readable under the new key.
+#[test]
+fn import_twice_then_rotate_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut yaml = String::from("providers:\n");
+    for i in 1..=11 {
+        let pool = if i <= 8 { "main" } else { "fallback" };
+        yaml += &format!(
+            "  - account: team{i}\n    email: team{i}@example.com\n    api_key: fake-key-{i:02}-abcdefghijkl\n    \
+             endpoint_url: https://integrate.api.nvidia.com/v1\n    model_prefix: \"nvidia/\"\n    pool: {pool}\n    \
+             rpm_limit: 40\n    notes: \"\"\n"
+        );
+    }
+    let file = dir.path().join("providers.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "db_path = \"{}\"\n",
+            dir.path().join("sidecar.db").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let file_arg = file.to_str().unwrap();
+    assert!(run(&["import", file_arg]).contains("11 added, 0 updated, 0 unchanged"));
+    assert!(run(&["import", file_arg]).contains("0 added, 0 updated, 11 unchanged"));
+
+    let db_path = dir.path().join("sidecar.db");
+    let ring = KeyRing::from_hex(TEST_KEY).unwrap();
+    let mut conn = db::open(&db_path).unwrap();
+    let records = backends::load_all(&mut conn, &ring).unwrap();
+    assert_eq!(records.len(), 11);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.settings.pool == sidecar_actors::Pool::Fallback)
+            .count(),
+        3
+    );
+    let spec = records[0].to_spec();
+    assert_eq!(
+        spec.route("nvidia/llama-3.1-nemotron-70b")
+            .map(|r| r.native.to_string())
+            .as_deref(),
+        Some("nvidia/llama-3.1-nemotron-70b")
+    );
+    assert!(spec.route("meta/llama").is_none());
+    drop(conn);
+
+    let new_key = KeyRing::generate_hex();
+    let key_file = dir.path().join("new.key");
+    std::fs::File::create(&key_file)
+        .unwrap()
+        .write_all(new_key.as_bytes())
+        .unwrap();
+    assert!(
+        run(&["rotate-key", "--new-key-file", key_file.to_str().unwrap()])
+            .contains("re-encrypted 11 key(s)")
+    );
+    let mut conn = db::open(&db_path).unwrap();
+    assert!(
+        ring.check_canary(&mut conn).is_err(),
+        "old key no longer opens it"
+    );
+    let new_ring = KeyRing::from_hex(&new_key).unwrap();
+    new_ring.check_canary(&mut conn).unwrap();
+    let keys: Vec<String> = backends::load_all(&mut conn, &new_ring)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.settings.api_key)
+        .collect();
+    assert_eq!(keys.len(), 11);
+    assert!(keys.iter().all(|k| k.starts_with("fake-key-")));
+}
