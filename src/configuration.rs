@@ -224,6 +224,8 @@ pub struct Settings {
     pub allow_unauthenticated: bool,
     pub source: String,
     pub default_rpm: u32,
+    /// Where these settings were read from, for reloads.
+    pub origin: Sources,
 }
 
 impl Settings {
@@ -285,7 +287,9 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| config_crate_error(&source_name, e))?;
-        raw.validate(&source_name, sources.env)
+        let mut settings = raw.validate(&source_name, sources.env)?;
+        settings.origin = sources.clone();
+        Ok(settings)
     }
 }
 
@@ -630,6 +634,7 @@ impl RawSettings {
             allow_unauthenticated: self.allow_unauthenticated,
             source: src.to_string(),
             default_rpm: self.rate_rpm.max(1),
+            origin: Sources::default(),
         })
     }
 }
@@ -651,7 +656,7 @@ fn check_url(src: &str, key: &str, value: &str) -> Result<(), ConfigError> {
 }
 
 impl RawBackend {
-    fn validate(
+    pub fn validate(
         &self,
         src: &str,
         i: usize,

@@ -38,6 +38,33 @@ pub enum ApiError {
     Upstream { message: String, timeout: bool },
     #[error("internal error: {0}")]
     Internal(String),
+    /// Admin API answers: status, code and message chosen by the handler.
+    #[error("{message}")]
+    Admin {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
+}
+
+impl ApiError {
+    pub fn admin(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Admin {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::admin(StatusCode::NOT_FOUND, "not_found", what)
+    }
+}
+
+impl From<sidecar_actors::db::DbError> for ApiError {
+    fn from(e: sidecar_actors::db::DbError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
 }
 
 impl ApiError {
@@ -64,6 +91,15 @@ impl ApiError {
             ApiError::Upstream { timeout: true, .. } => ("server_error", "upstream_timeout"),
             ApiError::Upstream { .. } => ("server_error", "upstream_error"),
             ApiError::Internal(_) => ("server_error", "internal_error"),
+            ApiError::Admin { status, code, .. } => (
+                match status.as_u16() {
+                    401 => "authentication_error",
+                    403 => "permission_error",
+                    400..=499 => "invalid_request_error",
+                    _ => "server_error",
+                },
+                code,
+            ),
         }
     }
 
@@ -97,6 +133,7 @@ impl ResponseError for ApiError {
             ApiError::Upstream { timeout: true, .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Admin { status, .. } => *status,
         }
     }
 

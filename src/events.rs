@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use actix::Addr;
 use sidecar_actors::stats::{RecordUsage, StatsActor};
-use sidecar_actors::BackendId;
+use sidecar_actors::{BackendId, Pool};
+
+use crate::metrics::{status_class, Metrics};
 use slog::{info, warn, Logger};
 
 use crate::upstream::usage::Usage;
@@ -20,6 +22,7 @@ pub struct RequestFinished {
     pub model: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
     pub backend_id: Option<BackendId>,
+    pub pool: Option<Pool>,
     pub status: u16,
     pub latency: Duration,
     pub queued: Duration,
@@ -41,11 +44,15 @@ fn ms(d: Duration) -> f64 {
 pub struct EventSink {
     pub log: Logger,
     pub stats: Option<Addr<StatsActor>>,
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl RequestFinished {
     pub fn emit(&self, sink: &EventSink) {
         self.log_line(&sink.log);
+        if let Some(m) = &sink.metrics {
+            self.count(m);
+        }
         if let (Some(stats), Some(backend_id), Some(model)) =
             (&sink.stats, self.backend_id, &self.model)
         {
@@ -62,6 +69,33 @@ impl RequestFinished {
                 ttft: self.ttft,
                 attempts: self.attempts,
             });
+        }
+    }
+
+    fn count(&self, m: &Metrics) {
+        let pool = self.pool.map_or("none", Pool::as_str);
+        let backend = self.backend.as_deref().unwrap_or("none");
+        m.requests
+            .with_label_values(&[pool, backend, status_class(self.status)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[pool])
+            .observe(self.latency.as_secs_f64());
+        m.queue_wait.observe(self.queued.as_secs_f64());
+        if let (Some(t), Some(b)) = (self.ttft, &self.backend) {
+            m.ttft.with_label_values(&[b]).observe(t.as_secs_f64());
+        }
+        if let (Some(b), Some(model), Some(u)) = (&self.backend, &self.model, self.usage) {
+            let model = m.model_label(model);
+            m.tokens
+                .with_label_values(&[b, model, "prompt"])
+                .inc_by(u.prompt_tokens.unwrap_or(0));
+            m.tokens
+                .with_label_values(&[b, model, "completion"])
+                .inc_by(u.completion_tokens.unwrap_or(0));
+            if self.cost > 0.0 {
+                m.cost.with_label_values(&[b, model]).inc_by(self.cost);
+            }
         }
     }
 

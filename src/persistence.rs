@@ -14,6 +14,8 @@ pub struct Boot {
     pub source: KeySource,
     pub backends: Vec<BackendSpec>,
     pub migrations: Vec<String>,
+    /// Runtime settings changed through the admin API, if any.
+    pub runtime_json: Option<String>,
 }
 
 pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
@@ -30,6 +32,7 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
         .map_err(|e| anyhow::anyhow!("{e} (key from {})", source.describe()))?;
     backends::sync_config(&mut conn, &ring, &settings.backends)?;
     let records = backends::load_all(&mut conn, &ring)?;
+    let runtime_json = db::get_config(&mut conn, crate::admin::runtime::CONFIG_KEY)?;
     let specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
     if specs.is_empty() {
         warn!(log, "no backends: declare [[backends]] in the config file, set SIDECAR_API_KEY + SIDECAR_UPSTREAM + \
@@ -45,5 +48,6 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
         source,
         backends: specs,
         migrations,
+        runtime_json,
     })
 }

@@ -1,8 +1,11 @@
-//! Builds the gateway on a `TcpListener` (port 0 in tests): actors first, then
-//! the HTTP edge that messages them.
+//! Builds the gateway on a `TcpListener` (port 0 in tests): database and
+//! actors first, then the HTTP edge that messages them, then the metrics
+//! listener beside it.
 
 use std::net::TcpListener;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -12,18 +15,22 @@ use actix_web::{web, App, HttpMessage, HttpServer};
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 use sidecar_actors::backup::BackupActor;
+use sidecar_actors::db::KeyRing;
+use sidecar_actors::messages::ListModels;
 use sidecar_actors::stats::{Flush, StatsActor};
 use sidecar_actors::store::DbExecutor;
-use sidecar_actors::{BackendSpec, PoolSupervisor, Prober};
-use slog::{info, Logger};
+use sidecar_actors::{BackendSpec, PoolSupervisor, Prober, Tuning};
+use slog::{info, warn, Logger};
 
+use crate::admin::runtime::RuntimeConfig;
 use crate::client_keys::ClientKeys;
-use crate::configuration::Settings;
+use crate::configuration::{Settings, Sources};
+use crate::dashboard::{self, Snapshots};
 use crate::error::ApiError;
 use crate::events::EventSink;
-use crate::persistence;
+use crate::metrics::Metrics;
 use crate::routes::{health, models, proxy};
-use crate::upstream;
+use crate::{admin, metrics_server, notify, persistence, upstream};
 
 /// Shared by every worker. Holds only thread-safe handles; the awc client is
 /// per worker and lives in its own app data.
@@ -32,9 +39,57 @@ pub struct AppState {
     pub client_keys: ClientKeys,
     pub max_attempts: u32,
     pub max_body_bytes: usize,
-    pub queue_timeout: Duration,
     pub events: EventSink,
     pub log: Logger,
+    pub db: Addr<DbExecutor>,
+    pub ring: KeyRing,
+    pub stats: Addr<StatsActor>,
+    pub backup: Addr<BackupActor>,
+    pub admin_token: Option<String>,
+    pub origin: Sources,
+    pub settings_source: String,
+    pub default_timeout: Duration,
+    pub base_tuning: Tuning,
+    pub metrics: Arc<Metrics>,
+    pub snapshots: Arc<Snapshots>,
+    pub test_hooks: bool,
+    pub db_path: PathBuf,
+    runtime: Mutex<RuntimeConfig>,
+    queue_timeout_ms: AtomicU64,
+}
+
+impl AppState {
+    pub fn runtime(&self) -> RuntimeConfig {
+        match self.runtime.lock() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_runtime(&self, r: RuntimeConfig) {
+        self.queue_timeout_ms
+            .store((r.queue_timeout * 1000.0) as u64, Ordering::Relaxed);
+        match self.runtime.lock() {
+            Ok(mut g) => *g = r,
+            Err(p) => *p.into_inner() = r,
+        }
+    }
+
+    pub fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn default_rpm(&self) -> u32 {
+        self.runtime().default_rpm
+    }
+
+    /// Refreshes the set of models metrics may use as label values.
+    pub async fn refresh_models(&self) {
+        if let Ok(models) = self.supervisor.send(ListModels).await {
+            self.metrics
+                .set_known_models(models.iter().map(|m| m.to_string()));
+        }
+    }
 }
 
 /// The id of one request, taken from the client's `x-request-id` when it is
@@ -78,9 +133,30 @@ impl Prober for HttpProber {
     }
 }
 
+/// Stops the gateway: STOPPING=1, live streams closed, in-flight requests
+/// drained (graceful) or cut, the metrics listener stopped.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    server: ServerHandle,
+    metrics: ServerHandle,
+    snapshots: Arc<Snapshots>,
+}
+
+impl GatewayHandle {
+    pub async fn stop(&self, graceful: bool) {
+        notify::stopping();
+        self.snapshots.close();
+        self.server.stop(graceful).await;
+        self.metrics.stop(graceful).await;
+    }
+}
+
 pub struct Application {
     port: u16,
+    metrics_port: u16,
     server: Server,
+    metrics: Server,
+    handle: GatewayHandle,
     supervisor: Addr<PoolSupervisor>,
     stats: Addr<StatsActor>,
     backup: Addr<BackupActor>,
@@ -89,8 +165,7 @@ pub struct Application {
 
 impl Application {
     /// Opens the database, starts the actors in the current actix system and
-    /// binds the HTTP edge to `listener`. Run the returned server with
-    /// [`Application::run_until_stopped`].
+    /// binds the HTTP edge to `listener` and metrics to `metrics_port`.
     pub async fn build(
         settings: &Settings,
         listener: TcpListener,
@@ -104,6 +179,17 @@ impl Application {
             actix_web::rt::task::spawn_blocking(move || persistence::boot(&settings, &log))
                 .await??
         };
+        let mut runtime = RuntimeConfig::from_tuning(&settings.tuning, settings.default_rpm);
+        if let Some(saved) = boot.runtime_json.as_deref() {
+            match serde_json::from_str::<RuntimeConfig>(saved) {
+                Ok(r) => runtime = r,
+                Err(e) => {
+                    warn!(log, "ignoring unreadable saved runtime settings"; "error" => e.to_string())
+                }
+            }
+        }
+        let tuning = runtime.apply(&settings.tuning);
+
         let db = DbExecutor::start(settings.db_path.clone(), log.clone());
         let stats = {
             let (db, log) = (db.clone(), log.clone());
@@ -115,29 +201,56 @@ impl Application {
             let (every, keep) = (settings.backup_interval, settings.backup_retention_days);
             actix::Supervisor::start(move |_| BackupActor::new(db, dir, every, keep, log))
         };
-        let prober: Arc<dyn Prober> = Arc::new(HttpProber);
-        let specs: Vec<BackendSpec> = boot.backends;
-        let tuning = settings.tuning.clone();
-        let sup_log = log.clone();
-        let store = Some(db.clone());
-        let supervisor = actix::Supervisor::start(move |_| {
-            PoolSupervisor::new(specs, tuning, prober, store, sup_log)
-        });
+        let supervisor = {
+            let prober: Arc<dyn Prober> = Arc::new(HttpProber);
+            let (specs, tuning, log, store) =
+                (boot.backends, tuning.clone(), log.clone(), Some(db.clone()));
+            actix::Supervisor::start(move |_| {
+                PoolSupervisor::new(specs, tuning, prober, store, log)
+            })
+        };
+        let metrics = Metrics::new();
+        let snapshots = Snapshots::new();
+        snapshots.spawn_publisher(supervisor.clone(), metrics.clone());
+        if settings.admin_token.is_none() {
+            warn!(log, "SIDECAR_ADMIN_TOKEN is not set: the admin API and dashboard answer loopback clients only");
+        }
         let state = web::Data::new(AppState {
             supervisor: supervisor.clone(),
             client_keys: ClientKeys::new(&settings.client_keys, settings.tuning.window),
             max_attempts: settings.max_attempts,
             max_body_bytes: settings.max_body_bytes,
-            queue_timeout: settings.tuning.queue_timeout,
             events: EventSink {
                 log: log.clone(),
                 stats: Some(stats.clone()),
+                metrics: Some(metrics.clone()),
             },
             log: log.clone(),
+            db: db.clone(),
+            ring: boot.ring,
+            stats: stats.clone(),
+            backup: backup.clone(),
+            admin_token: settings.admin_token.clone(),
+            origin: settings.origin.clone(),
+            settings_source: settings.source.clone(),
+            default_timeout: settings
+                .backends
+                .first()
+                .map_or(Duration::from_secs(120), |b| b.timeout),
+            base_tuning: settings.tuning.clone(),
+            metrics: metrics.clone(),
+            snapshots: snapshots.clone(),
+            test_hooks: std::env::var("SIDECAR_TEST_HOOKS").is_ok_and(|v| v == "1"),
+            db_path: settings.db_path.clone(),
+            queue_timeout_ms: AtomicU64::new((runtime.queue_timeout * 1000.0) as u64),
+            runtime: Mutex::new(runtime),
         });
+        state.refresh_models().await;
+        admin::reload::spawn_sighup(state.clone());
+        let app_state = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
-                .app_data(state.clone())
+                .app_data(app_state.clone())
                 .app_data(web::Data::new(upstream::build_client()))
                 .wrap_fn(|req, srv| {
                     let id = request_id_from(&req);
@@ -160,17 +273,33 @@ impl Application {
                         .route("/embeddings", web::post().to(proxy::embeddings))
                         .route("/models", web::get().to(models::list_models)),
                 )
+                .configure(admin::configure)
+                .configure(dashboard::configure)
                 .default_service(web::to(not_found))
         })
         .shutdown_timeout(30)
+        .disable_signals()
         .listen(listener)?;
         if let Some(w) = settings.workers {
             server = server.workers(w.max(1));
         }
-        info!(log, "gateway listening"; "port" => port);
+        let metrics_listener = TcpListener::bind((settings.host, settings.metrics_port))?;
+        let metrics_port = metrics_listener.local_addr()?.port();
+        let metrics_srv = metrics_server::run(metrics_listener, state.clone())?;
+        let server = server.run();
+        let handle = GatewayHandle {
+            server: server.handle(),
+            metrics: metrics_srv.handle(),
+            snapshots,
+        };
+        notify::spawn_watchdog(supervisor.clone(), log.clone());
+        info!(log, "gateway listening"; "port" => port, "metrics_port" => metrics_port);
         Ok(Application {
             port,
-            server: server.run(),
+            metrics_port,
+            server,
+            metrics: metrics_srv,
+            handle,
             supervisor,
             stats,
             backup,
@@ -182,12 +311,12 @@ impl Application {
         self.port
     }
 
-    pub fn supervisor(&self) -> Addr<PoolSupervisor> {
-        self.supervisor.clone()
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
     }
 
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    pub fn supervisor(&self) -> Addr<PoolSupervisor> {
+        self.supervisor.clone()
     }
 
     pub fn stats(&self) -> Addr<StatsActor> {
@@ -198,9 +327,32 @@ impl Application {
         self.backup.clone()
     }
 
-    /// Serves until stopped (SIGTERM/SIGINT drain in-flight requests), then
-    /// writes every counted request to the database.
+    pub fn handle(&self) -> GatewayHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until stopped — SIGTERM/SIGINT drain in-flight requests up to
+    /// 30 s — then writes every counted request to the database.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.handle.clone();
+        let log = self.log.clone();
+        actix_web::rt::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                warn!(log, "cannot listen for SIGTERM/SIGINT");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!(log, "SIGTERM: draining in-flight requests"),
+                _ = int.recv() => info!(log, "SIGINT: draining in-flight requests"),
+            }
+            handle.stop(true).await;
+        });
+        actix_web::rt::spawn(self.metrics);
+        notify::ready();
         let served = self.server.await;
         match tokio::time::timeout(Duration::from_secs(15), self.stats.send(Flush)).await {
             Ok(Ok(Ok(rows))) => info!(self.log, "stats flushed at shutdown"; "rows" => rows),

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::backend::BackendActor;
-use crate::spec::{ApiKey, BackendId, BackendSpec, Pool};
+use crate::spec::{ApiKey, BackendId, BackendSpec, Pool, Tuning};
 
 /// Queue priority from `X-Priority`; lower value is served first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -126,6 +126,8 @@ pub struct BackendView {
     pub ttft_ms: Option<f64>,
     pub last_error: Option<String>,
     pub totals: Totals,
+    /// Times this backend's actor was restarted by its supervisor.
+    pub restarts: u32,
     pub updated: Instant,
 }
 
@@ -397,3 +399,44 @@ pub struct Shutdown;
 #[derive(Message, Debug, Default)]
 #[rtype(result = "()")]
 pub struct Ping;
+
+/// A backend's restarts by its supervisor, for the actors view.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "u32")]
+pub struct GetRestarts;
+
+/// New runtime settings (admin `PATCH /config`): applied at once.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct UpdateTuning(pub Tuning);
+
+/// Supervisor → backend: the new settings.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Retune(pub std::sync::Arc<Tuning>);
+
+/// Ends a backend's cooldown now (admin `reset-cooldown`); also clears an
+/// error state so a fixed key is tried again.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "bool")]
+pub struct ResetCooldown(pub BackendId);
+
+/// Test-only fault injection: the backend actor stops itself as it would on
+/// an internal failure; its supervisor restarts it with its state intact.
+#[doc(hidden)]
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "bool")]
+pub struct TestCrashBackend(pub BackendId);
+
+/// Test-only: the supervisor stops answering `Ping` for a while, as a stuck
+/// supervisor would, so the systemd watchdog can be seen to stop.
+#[doc(hidden)]
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct TestFreeze(pub Duration);
+
+/// Backend (self): restarted by its supervisor.
+#[doc(hidden)]
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Crash;

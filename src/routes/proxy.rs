@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::stream::{first_chunk, PassThrough, StreamContext};
 use crate::error::ApiError;
 use crate::events::RequestFinished;
+use crate::metrics::Metrics;
 use crate::startup::{AppState, RequestId};
 use crate::upstream::{self, classify_send_error, classify_status, usage, StatusClass};
 
@@ -127,6 +128,7 @@ struct Failures {
     count: u32,
     max: u32,
     last: Option<ApiError>,
+    metrics: Arc<Metrics>,
 }
 
 impl Failures {
@@ -140,6 +142,14 @@ impl Failures {
         attempt_start: Instant,
     ) -> bool {
         let timeout = outcome == Outcome::Timeout;
+        let code = match &outcome {
+            Outcome::ServerError { status } | Outcome::AuthFailed { status } => status.to_string(),
+            other => other.label().to_string(),
+        };
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&*lease.name, code.as_str()])
+            .inc();
         self.last = Some(ApiError::Upstream {
             message: format!("backend {}: {detail}", lease.name),
             timeout,
@@ -255,7 +265,7 @@ async fn acquire(
         Ticket::Queued(rx) => {
             // The supervisor answers every waiter by its deadline; the slack
             // only guards against a supervisor that stopped answering.
-            let guard = state.queue_timeout + Duration::from_secs(5);
+            let guard = state.queue_timeout() + Duration::from_secs(5);
             match tokio::time::timeout(guard, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(AcquireError::SupervisorGone),
@@ -306,6 +316,7 @@ async fn handle(
         count: 0,
         max: state.max_attempts,
         last: None,
+        metrics: state.metrics.clone(),
     };
     loop {
         let queue_start = Instant::now();
@@ -322,6 +333,7 @@ async fn handle(
         trace.record.attempts += 1;
         trace.record.backend = Some(lease.name.clone());
         trace.record.backend_id = Some(lease.backend);
+        trace.record.pool = Some(lease.pool);
         exclude.push(lease.backend);
 
         json.insert(
@@ -362,6 +374,16 @@ async fn handle(
         match classify_status(status) {
             StatusClass::RateLimited => {
                 let retry_after = upstream::retry_after(res.headers());
+                state
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[&lease.name, "429"])
+                    .inc();
+                state
+                    .metrics
+                    .cooldowns
+                    .with_label_values(&[&lease.name])
+                    .inc();
                 lease
                     .settle(
                         Outcome::RateLimited { retry_after },

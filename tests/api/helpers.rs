@@ -5,12 +5,12 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
 use awc::http::header::HeaderMap;
 use serde_json::Value;
 use sidecar::configuration::{Settings, Sources};
 use sidecar::mock_upstream::{MockConfig, MockUpstream};
 use sidecar::startup::Application;
+use sidecar::startup::GatewayHandle;
 use sidecar_actors::backup::BackupActor;
 use sidecar_actors::stats::StatsActor;
 use sidecar_actors::{BackendView, GetSnapshot, PoolSnapshot, PoolSupervisor};
@@ -18,6 +18,7 @@ use slog::{o, Drain, Logger};
 
 pub struct TestApp {
     pub base: String,
+    pub metrics_base: String,
     pub mock: MockUpstream,
     pub supervisor: actix::Addr<PoolSupervisor>,
     pub stats: actix::Addr<StatsActor>,
@@ -26,7 +27,7 @@ pub struct TestApp {
     pub logs: SharedLog,
     pub dir: Arc<tempfile::TempDir>,
     pub settings: Settings,
-    handle: ServerHandle,
+    handle: GatewayHandle,
     served: actix_web::rt::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -89,6 +90,7 @@ pub fn test_settings(toml: &str, mock: &MockUpstream, dir: &std::path::Path) -> 
     if settings.encryption_key.is_none() {
         settings.encryption_key = Some(TEST_KEY.to_string());
     }
+    settings.metrics_port = 0;
     if !toml.contains("stats_flush_interval") {
         settings.stats_flush_interval = Duration::from_millis(200);
     }
@@ -115,6 +117,7 @@ pub async fn start_gateway(
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let app = Application::build(&settings, listener, logger(logs.clone())).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
+    let metrics_base = format!("http://127.0.0.1:{}", app.metrics_port());
     let supervisor = app.supervisor();
     let stats = app.stats();
     let backup = app.backup();
@@ -122,6 +125,7 @@ pub async fn start_gateway(
     let served = actix_web::rt::spawn(app.run_until_stopped());
     Ok(TestApp {
         base,
+        metrics_base,
         mock,
         supervisor,
         stats,
@@ -210,6 +214,43 @@ impl TestApp {
         }
     }
 
+    /// An admin API call with an optional bearer token.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> Reply {
+        let url = format!("{}/api/admin{}", self.base, path);
+        let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self.client.request(method, url);
+        if let Some(t) = token {
+            req = req.insert_header(("authorization", format!("Bearer {t}")));
+        }
+        let mut res = match body {
+            Some(b) => req.send_json(&b).await,
+            None => req.send().await,
+        }
+        .expect("gateway answers");
+        let bytes = res.body().limit(1 << 24).await.expect("body");
+        Reply {
+            status: res.status().as_u16(),
+            headers: res.headers().clone(),
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    pub async fn scrape(&self) -> String {
+        let mut res = self
+            .client
+            .get(format!("{}/metrics", self.metrics_base))
+            .send()
+            .await
+            .expect("metrics answer");
+        String::from_utf8(res.body().limit(1 << 24).await.expect("body").to_vec()).expect("utf-8")
+    }
+
     pub async fn snapshot(&self) -> PoolSnapshot {
         self.supervisor
             .send(GetSnapshot)
@@ -253,7 +294,7 @@ impl TestApp {
     }
 
     pub async fn stop(self) {
-        self.handle.stop(false).await;
+        self.handle.stop(true).await;
         self.mock.handle().stop(false).await;
     }
 }

@@ -2,6 +2,7 @@
 //! simulated upstream. They assert behaviour at the edges: counts at the
 //! upstream, status codes, headers, bodies and timing bounds.
 
+mod admin;
 mod bad_input;
 mod config;
 mod failover;

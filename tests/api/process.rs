@@ -24,7 +24,7 @@ struct Gateway {
 fn write_config(dir: &Path, mock: &MockUpstream, flush_secs: f64) -> std::path::PathBuf {
     let path = dir.join("sidecar.toml");
     let text = format!(
-        "port = 0\ndb_path = \"{db}\"\nbackup_dir = \"{dir}/backups\"\nstats_flush_interval = {flush_secs}\nworkers = 2\n\
+        "port = 0\nmetrics_port = 0\ndb_path = \"{db}\"\nbackup_dir = \"{dir}/backups\"\nstats_flush_interval = {flush_secs}\nworkers = 2\n\
          [[backends]]\nname = \"b\"\nbase_url = \"{url}\"\napi_key = \"k-1\"\nrpm_limit = 100000\nmodels = {{ \"m\" = \"native-m\" }}\n",
         db = dir.join("sidecar.db").display(),
         dir = dir.display(),
@@ -36,9 +36,14 @@ fn write_config(dir: &Path, mock: &MockUpstream, flush_secs: f64) -> std::path::
 
 /// Starts `sidecar serve` and waits for its "gateway listening" line.
 fn spawn_gateway(config: &Path) -> Gateway {
+    spawn_gateway_with(config, &[])
+}
+
+fn spawn_gateway_with(config: &Path, envs: &[(&str, &str)]) -> Gateway {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
+        .envs(envs.iter().copied())
         .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
@@ -293,4 +298,104 @@ fn import_twice_then_rotate_key() {
         .collect();
     assert_eq!(keys.len(), 11);
     assert!(keys.iter().all(|k| k.starts_with("fake-key-")));
+}
+
+/// systemd: READY=1 once listening, WATCHDOG=1 while the supervisor
+/// answers (and not while it is made unresponsive), STOPPING=1 on SIGTERM.
+#[actix_web::test]
+async fn sd_notify_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::spawn(MockConfig {
+        keys: vec![MockKey::new("k-1", None)],
+        ..Default::default()
+    })
+    .unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let got: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let sink = got.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                sink.lock().unwrap().push((Instant::now(), msg));
+            }
+        }
+    });
+    let config = write_config(dir.path(), &mock, 5.0);
+    let gw = spawn_gateway_with(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "300000"),
+            ("SIDECAR_TEST_HOOKS", "1"),
+        ],
+    );
+    let count = |what: &str, from: Instant, to: Instant| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, m)| m.contains(what) && *t >= from && *t <= to)
+            .count()
+    };
+    let t0 = Instant::now() - Duration::from_secs(30);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        count("READY=1", t0, Instant::now()),
+        1,
+        "READY=1 once listening"
+    );
+    assert!(
+        count("WATCHDOG=1", t0, Instant::now()) >= 3,
+        "pings while healthy"
+    );
+
+    let client = awc::Client::default();
+    let r = client
+        .post(format!("{}/api/admin/test/freeze?seconds=1.5", gw.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let frozen = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let during = count(
+        "WATCHDOG=1",
+        frozen + Duration::from_millis(350),
+        frozen + Duration::from_millis(1300),
+    );
+    assert_eq!(
+        during, 0,
+        "no WATCHDOG=1 while the supervisor does not answer"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        count(
+            "WATCHDOG=1",
+            frozen + Duration::from_millis(1600),
+            Instant::now()
+        ) >= 1,
+        "pings resume"
+    );
+
+    signal(&gw.child, "-TERM");
+    let mut child = gw.child;
+    let status = actix_web::rt::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        count("STOPPING=1", t0, Instant::now()),
+        1,
+        "STOPPING=1 on shutdown"
+    );
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
 }

@@ -16,8 +16,13 @@ impl Actor for BackendActor {
             return;
         }
         // Timers are set here so that a restart arms them again.
-        let health_every = self.tuning.health_interval.max(Duration::from_millis(50));
-        ctx.run_interval(health_every, |act, ctx| {
+        // A short tick that checks when the next probe is due, so a new
+        // health interval (admin PATCH) applies without re-arming timers.
+        let tick = self
+            .tuning
+            .health_interval
+            .clamp(Duration::from_millis(50), Duration::from_millis(500));
+        ctx.run_interval(tick, |act, ctx| {
             if act.needs_probe() {
                 act.probing = true;
                 let fut = act.prober.probe(&act.spec);
@@ -43,6 +48,7 @@ impl Actor for BackendActor {
 
 impl Supervised for BackendActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restarts += 1;
         // State (limiter, cooldown, leases) is kept: the supervisor restarts
         // this same value, so a restart never forgets a cooling key.
         warn!(self.log, "backend actor restarting");

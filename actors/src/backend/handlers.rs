@@ -1,7 +1,9 @@
 use actix::prelude::*;
 
 use super::BackendActor;
-use crate::messages::{Finish, LeaseTaken, Ping, Reconfigure, Shutdown};
+use crate::messages::{
+    Crash, Finish, GetRestarts, LeaseTaken, Ping, Reconfigure, ResetCooldown, Retune, Shutdown,
+};
 
 impl Handler<LeaseTaken> for BackendActor {
     type Result = ();
@@ -44,4 +46,37 @@ impl Handler<Shutdown> for BackendActor {
 impl Handler<Ping> for BackendActor {
     type Result = ();
     fn handle(&mut self, _msg: Ping, _ctx: &mut Self::Context) {}
+}
+
+impl Handler<Retune> for BackendActor {
+    type Result = ();
+    fn handle(&mut self, msg: Retune, ctx: &mut Self::Context) {
+        self.retune(msg.0);
+        self.publish(ctx);
+    }
+}
+
+impl Handler<ResetCooldown> for BackendActor {
+    type Result = bool;
+    fn handle(&mut self, _msg: ResetCooldown, ctx: &mut Self::Context) -> bool {
+        self.reset_cooldown();
+        self.publish(ctx);
+        true
+    }
+}
+
+impl Handler<Crash> for BackendActor {
+    type Result = ();
+    fn handle(&mut self, _msg: Crash, ctx: &mut Self::Context) {
+        // Stopping is how an actor reports a failure it cannot handle; the
+        // supervisor restarts this same value, so nothing is forgotten.
+        ctx.stop();
+    }
+}
+
+impl Handler<GetRestarts> for BackendActor {
+    type Result = u32;
+    fn handle(&mut self, _msg: GetRestarts, _ctx: &mut Self::Context) -> u32 {
+        self.restarts
+    }
 }

@@ -74,6 +74,8 @@ pub struct BackendActor {
     /// Wall-clock end of the current cooldown, as persisted.
     cooling_until_ms: Option<i64>,
     persisted: Option<PersistedState>,
+    next_probe: Instant,
+    pub(crate) restarts: u32,
 }
 
 const EWMA_ALPHA: f64 = 0.2;
@@ -142,6 +144,8 @@ impl BackendActor {
             store,
             cooling_until_ms: left_ms.and(init.cooldown_until_ms),
             persisted: None,
+            next_probe: now,
+            restarts: 0,
             spec,
             tuning,
             log,
@@ -210,6 +214,7 @@ impl BackendActor {
             ttft_ms: self.ttft_ms,
             last_error: self.last_error.clone(),
             totals: self.totals,
+            restarts: self.restarts,
             updated: now,
         }
     }
@@ -541,7 +546,37 @@ impl BackendActor {
         before != self.leases.len()
     }
 
-    pub(crate) fn needs_probe(&self) -> bool {
-        self.health == Health::Down && !self.probing && self.spec.enabled
+    pub(crate) fn needs_probe(&mut self) -> bool {
+        let now = Instant::now();
+        if self.health != Health::Down
+            || self.probing
+            || !self.spec.enabled
+            || now < self.next_probe
+        {
+            return false;
+        }
+        self.next_probe = now + self.tuning.health_interval;
+        true
+    }
+
+    pub(crate) fn retune(&mut self, tuning: Arc<Tuning>) {
+        self.tuning = tuning;
+        let now = Instant::now();
+        self.apply_effective(self.retreat.effective(), now);
+        self.next_probe = self.next_probe.min(now + self.tuning.health_interval);
+    }
+
+    /// Ends the cooldown and forgets the 429 streak; a key in error gets
+    /// another chance too (the operator says it is fixed).
+    pub(crate) fn reset_cooldown(&mut self) {
+        if self.cooling_until.is_some() {
+            self.end_cooldown();
+        }
+        self.consecutive_429 = 0;
+        if self.health == Health::Error {
+            self.health = Health::Healthy;
+            self.last_error = None;
+        }
+        info!(self.log, "cooldown reset by the operator");
     }
 }

@@ -443,3 +443,16 @@ pub fn rotate_key(
         Ok(rows.len())
     })
 }
+
+pub fn find_by_id(
+    conn: &mut SqliteConnection,
+    ring: &KeyRing,
+    id: BackendId,
+) -> Result<Option<BackendRecord>, DbError> {
+    let row: Option<Row> = backends::table
+        .select(Row::as_select())
+        .filter(backends::id.eq(id as i32))
+        .first(conn)
+        .optional()?;
+    row.map(|r| r.decode(ring)).transpose()
+}

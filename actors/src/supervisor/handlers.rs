@@ -9,8 +9,9 @@ use tokio::time::Instant;
 use super::queue::Waiter;
 use super::{retry_after, Decision, Need, PoolSupervisor};
 use crate::messages::{
-    Acquire, AcquireError, BackendUpdate, GetSnapshot, ListModels, Ping, PoolSnapshot, Reconfigure,
-    RemoveBackend, Shutdown, Ticket, UpsertBackend,
+    Acquire, AcquireError, BackendUpdate, Crash, GetSnapshot, ListModels, Ping, PoolSnapshot,
+    Reconfigure, RemoveBackend, ResetCooldown, Shutdown, TestCrashBackend, TestFreeze, Ticket,
+    UpdateTuning, UpsertBackend,
 };
 
 impl Handler<Acquire> for PoolSupervisor {
@@ -117,6 +118,56 @@ impl Handler<RemoveBackend> for PoolSupervisor {
 }
 
 impl Handler<Ping> for PoolSupervisor {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, _msg: Ping, _ctx: &mut Self::Context) -> Self::Result {
+        match self.frozen_until {
+            Some(until) if until > Instant::now() => {
+                Box::pin(tokio::time::sleep_until(until).into_actor(self))
+            }
+            _ => Box::pin(actix::fut::ready(())),
+        }
+    }
+}
+
+impl Handler<TestFreeze> for PoolSupervisor {
     type Result = ();
-    fn handle(&mut self, _msg: Ping, _ctx: &mut Self::Context) {}
+    fn handle(&mut self, msg: TestFreeze, _ctx: &mut Self::Context) {
+        self.frozen_until = Some(Instant::now() + msg.0);
+    }
+}
+
+impl Handler<UpdateTuning> for PoolSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: UpdateTuning, _ctx: &mut Self::Context) {
+        info!(self.log, "runtime settings changed"; "queue_max" => msg.0.queue_max,
+            "queue_timeout_s" => msg.0.queue_timeout.as_secs_f64(), "cooldown_base_s" => msg.0.cooldown_base.as_secs_f64());
+        self.retune(msg.0);
+        self.drain(Instant::now());
+    }
+}
+
+impl Handler<ResetCooldown> for PoolSupervisor {
+    type Result = ResponseFuture<bool>;
+    fn handle(&mut self, msg: ResetCooldown, _ctx: &mut Self::Context) -> Self::Result {
+        let addr = self.addr_of(msg.0);
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(msg).await.unwrap_or(false),
+                None => false,
+            }
+        })
+    }
+}
+
+impl Handler<TestCrashBackend> for PoolSupervisor {
+    type Result = bool;
+    fn handle(&mut self, msg: TestCrashBackend, _ctx: &mut Self::Context) -> bool {
+        match self.addr_of(msg.0) {
+            Some(a) => {
+                a.do_send(Crash);
+                true
+            }
+            None => false,
+        }
+    }
 }

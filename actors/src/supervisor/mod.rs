@@ -99,6 +99,8 @@ pub struct PoolSupervisor {
     emergency_grants: u64,
     started_once: bool,
     store: Option<Addr<DbExecutor>>,
+    /// Test hook: pings go unanswered until then.
+    pub(crate) frozen_until: Option<Instant>,
 }
 
 /// A truthful `Retry-After`: whole seconds, at least one.
@@ -134,6 +136,7 @@ impl PoolSupervisor {
             emergency_grants: 0,
             started_once: false,
             store,
+            frozen_until: None,
         }
     }
 
@@ -354,6 +357,21 @@ impl PoolSupervisor {
 
     pub fn tuning(&self) -> &Tuning {
         &self.tuning
+    }
+
+    pub(crate) fn retune(&mut self, tuning: Tuning) {
+        self.queue.set_max(tuning.queue_max);
+        self.tuning = Arc::new(tuning);
+        for e in &self.entries {
+            e.addr.do_send(crate::messages::Retune(self.tuning.clone()));
+        }
+    }
+
+    pub(crate) fn addr_of(&self, id: BackendId) -> Option<Addr<BackendActor>> {
+        self.entries
+            .iter()
+            .find(|e| e.spec.id == id)
+            .map(|e| e.addr.clone())
     }
 
     pub(crate) fn queue_timeout(&self) -> Duration {

@@ -1,0 +1,494 @@
+//! Backends CRUD. Writes go to SQLite through the DB executor, then reach
+//! the running actors at once (a new backend gets its actor, a deleted one's
+//! actor retires after its in-flight requests, an update reconfigures it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sidecar_actors::db::backends::{
+    self as db_backends, BackendRecord, BackendSettings, ModelJson, Source,
+};
+use sidecar_actors::messages::{
+    BackendView, GetSnapshot, RemoveBackend, ResetCooldown, UpsertBackend,
+};
+use sidecar_actors::store;
+use sidecar_actors::{ApiKey, BackendId, Pool};
+
+use super::authorize;
+use crate::configuration::{RawBackend, RawModel};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendIn {
+    name: String,
+    base_url: String,
+    api_key: String,
+    #[serde(default)]
+    pool: Option<Pool>,
+    rpm_limit: Option<u32>,
+    burst: Option<u32>,
+    tpm_limit: Option<u64>,
+    max_concurrency: Option<u32>,
+    weight: Option<f64>,
+    timeout: Option<f64>,
+    enabled: Option<bool>,
+    notes: Option<String>,
+    models: HashMap<String, RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPatch {
+    base_url: Option<String>,
+    api_key: Option<String>,
+    pool: Option<Pool>,
+    rpm_limit: Option<u32>,
+    burst: Option<u32>,
+    tpm_limit: Option<u64>,
+    max_concurrency: Option<u32>,
+    weight: Option<f64>,
+    timeout: Option<f64>,
+    enabled: Option<bool>,
+    notes: Option<String>,
+    models: Option<HashMap<String, RawModel>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteQuery {
+    #[serde(default)]
+    skip_test: bool,
+}
+
+fn view_json(v: Option<&BackendView>) -> Value {
+    let Some(v) = v else { return Value::Null };
+    let now = tokio::time::Instant::now();
+    json!({
+        "state": v.status.as_str(),
+        "requests_left": v.remaining,
+        "used_in_window": v.used_in_window,
+        "effective_rpm": v.effective_rpm,
+        "configured_rpm": v.configured_rpm,
+        "in_flight": v.in_flight,
+        "cooldown_remaining_s": v.cooling_until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
+        "consecutive_429": v.consecutive_429,
+        "consecutive_failures": v.consecutive_failures,
+        "latency_ms": v.latency_ms,
+        "ttft_ms": v.ttft_ms,
+        "last_error": v.last_error,
+        "tokens_left": v.tokens_remaining,
+        "restarts": v.restarts,
+        "totals": {
+            "requests": v.totals.requests, "successes": v.totals.successes, "failures": v.totals.failures,
+            "rate_limited": v.totals.rate_limited, "prompt_tokens": v.totals.prompt_tokens,
+            "completion_tokens": v.totals.completion_tokens, "cooldowns": v.totals.cooldowns,
+        },
+    })
+}
+
+/// A backend as the API shows it: the key masked, never in plain text.
+pub fn backend_json(r: &BackendRecord, live: Option<&BackendView>) -> Value {
+    let s = &r.settings;
+    json!({
+        "id": r.id,
+        "name": s.name,
+        "base_url": s.base_url,
+        "api_key": ApiKey::new(s.api_key.as_str()).masked(),
+        "pool": s.pool.as_str(),
+        "rpm_limit": s.rpm_limit,
+        "burst": s.burst,
+        "tpm_limit": s.tpm_limit,
+        "max_concurrency": s.max_concurrency,
+        "weight": s.weight,
+        "timeout": s.timeout_secs,
+        "models": s.models,
+        "enabled": s.enabled,
+        "source": s.source.as_str(),
+        "notes": s.notes,
+        "live": view_json(live),
+    })
+}
+
+async fn snapshot(state: &AppState) -> Vec<BackendView> {
+    state
+        .supervisor
+        .send(GetSnapshot)
+        .await
+        .map(|s| s.backends)
+        .unwrap_or_default()
+}
+
+async fn record(state: &AppState, id: BackendId) -> Result<BackendRecord, ApiError> {
+    let ring = state.ring.clone();
+    store::run(&state.db, move |c| db_backends::find_by_id(c, &ring, id))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no backend with id {id}")))
+}
+
+fn refuse_config(r: &BackendRecord, state: &AppState) -> Result<(), ApiError> {
+    if r.settings.source == Source::Config {
+        return Err(ApiError::admin(
+            StatusCode::CONFLICT,
+            "managed_by_config",
+            format!(
+                "backend {} is declared in the config file {}; change it there and reload",
+                r.settings.name, state.settings_source
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates through the same rules as the config file.
+fn validate(settings: &BackendSettings, state: &AppState) -> Result<(), ApiError> {
+    let raw = RawBackend {
+        name: settings.name.clone(),
+        base_url: settings.base_url.clone(),
+        api_key: Some(settings.api_key.clone()),
+        api_key_env: None,
+        pool: settings.pool,
+        rpm_limit: Some(settings.rpm_limit),
+        burst: settings.burst,
+        tpm_limit: settings.tpm_limit,
+        max_concurrency: settings.max_concurrency,
+        weight: settings.weight,
+        timeout: Some(settings.timeout_secs),
+        enabled: settings.enabled,
+        models: settings
+            .models
+            .iter()
+            .map(|(k, m)| {
+                (
+                    k.clone(),
+                    RawModel::Detailed {
+                        native: m.native.clone(),
+                        price_in: m.price_in,
+                        price_out: m.price_out,
+                    },
+                )
+            })
+            .collect(),
+    };
+    raw.validate("request", 0, state.default_rpm(), state.default_timeout, 0)
+        .map(|_| ())
+        .map_err(|e| {
+            let field = e.key.trim_start_matches("backends[0].").to_string();
+            ApiError::admin(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_backend",
+                format!("{field}: {}", e.problem),
+            )
+        })
+}
+
+fn models_of(raw: HashMap<String, RawModel>) -> BTreeMap<String, ModelJson> {
+    raw.into_iter()
+        .map(|(k, m)| {
+            let (native, price_in, price_out) = match m {
+                RawModel::Native(n) => (n, 0.0, 0.0),
+                RawModel::Detailed {
+                    native,
+                    price_in,
+                    price_out,
+                } => (native, price_in, price_out),
+            };
+            (
+                k,
+                ModelJson {
+                    native,
+                    price_in,
+                    price_out,
+                },
+            )
+        })
+        .collect()
+}
+
+/// One real call with the key: `GET {base_url}/models`. A key the upstream
+/// rejects (401/403) or an upstream that cannot be reached is refused with
+/// the reason; other answers (some providers have no /models) pass.
+pub async fn test_key(
+    client: &awc::Client,
+    base_url: &str,
+    key: &str,
+    timeout: Duration,
+) -> Result<Value, ApiError> {
+    let started = std::time::Instant::now();
+    let res = client
+        .get(format!("{}/models", base_url.trim_end_matches('/')))
+        .timeout(timeout)
+        .insert_header(("authorization", format!("Bearer {key}")))
+        .send()
+        .await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match res {
+        Err(e) => Err(ApiError::admin(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "key_test_failed",
+            format!("could not reach the upstream to test the key: {e} (use ?skip_test=true to save it anyway)"),
+        )),
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            if status == 401 || status == 403 {
+                let body = r.body().limit(2048).await.unwrap_or_default();
+                let text: String = String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(200).collect();
+                return Err(ApiError::admin(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "key_rejected",
+                    format!("the upstream rejected this key ({status}): {text}"),
+                ));
+            }
+            Ok(json!({"ok": status < 400, "status": status, "latency_ms": ms}))
+        }
+    }
+}
+
+async fn save_and_apply(
+    state: &AppState,
+    settings: BackendSettings,
+) -> Result<BackendRecord, ApiError> {
+    let ring = state.ring.clone();
+    let name = settings.name.clone();
+    let rec = store::run(&state.db, move |c| {
+        db_backends::upsert(c, &ring, &settings)?;
+        db_backends::find_by_name(c, &ring, &name)
+    })
+    .await?
+    .ok_or_else(|| ApiError::Internal("backend vanished after saving".into()))?;
+    state.supervisor.do_send(UpsertBackend(rec.to_spec()));
+    state.refresh_models().await;
+    Ok(rec)
+}
+
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let ring = state.ring.clone();
+    let records = store::run(&state.db, move |c| db_backends::load_all(c, &ring)).await?;
+    let live = snapshot(&state).await;
+    let out: Vec<Value> = records
+        .iter()
+        .map(|r| backend_json(r, live.iter().find(|v| v.id == r.id)))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"backends": out})))
+}
+
+pub async fn get(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let r = record(&state, path.into_inner()).await?;
+    let live = snapshot(&state).await;
+    Ok(HttpResponse::Ok().json(backend_json(&r, live.iter().find(|v| v.id == r.id))))
+}
+
+pub async fn create(
+    req: HttpRequest,
+    body: web::Json<BackendIn>,
+    q: web::Query<WriteQuery>,
+    state: web::Data<AppState>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let b = body.into_inner();
+    let rpm = b.rpm_limit.unwrap_or(state.default_rpm());
+    let settings = BackendSettings {
+        name: b.name.trim().to_string(),
+        base_url: b.base_url.trim().trim_end_matches('/').to_string(),
+        api_key: b.api_key.trim().to_string(),
+        pool: b.pool.unwrap_or(Pool::Primary),
+        rpm_limit: rpm,
+        burst: b.burst,
+        tpm_limit: b.tpm_limit,
+        max_concurrency: b.max_concurrency,
+        weight: b.weight.unwrap_or(1.0),
+        timeout_secs: b.timeout.unwrap_or(state.default_timeout.as_secs_f64()),
+        models: models_of(b.models),
+        enabled: b.enabled.unwrap_or(true),
+        source: Source::Api,
+        notes: b.notes,
+    };
+    validate(&settings, &state)?;
+    let ring = state.ring.clone();
+    let name = settings.name.clone();
+    if store::run(&state.db, move |c| {
+        db_backends::find_by_name(c, &ring, &name)
+    })
+    .await?
+    .is_some()
+    {
+        return Err(ApiError::admin(
+            StatusCode::CONFLICT,
+            "name_taken",
+            format!("a backend named {} exists", settings.name),
+        ));
+    }
+    let tested = if q.skip_test {
+        Value::Null
+    } else {
+        test_key(
+            &client,
+            &settings.base_url,
+            &settings.api_key,
+            Duration::from_secs(15),
+        )
+        .await?
+    };
+    let rec = save_and_apply(&state, settings).await?;
+    let mut out = backend_json(&rec, None);
+    out["key_test"] = tested;
+    Ok(HttpResponse::Created().json(out))
+}
+
+pub async fn update(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    body: web::Json<BackendPatch>,
+    q: web::Query<WriteQuery>,
+    state: web::Data<AppState>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let r = record(&state, path.into_inner()).await?;
+    refuse_config(&r, &state)?;
+    let p = body.into_inner();
+    let mut s = r.settings.clone();
+    let new_key = p.api_key.as_ref().is_some_and(|k| *k != s.api_key);
+    let new_url = p.base_url.as_ref().is_some_and(|u| *u != s.base_url);
+    if let Some(v) = p.base_url {
+        s.base_url = v.trim().trim_end_matches('/').to_string();
+    }
+    if let Some(v) = p.api_key {
+        s.api_key = v.trim().to_string();
+    }
+    if let Some(v) = p.pool {
+        s.pool = v;
+    }
+    if let Some(v) = p.rpm_limit {
+        s.rpm_limit = v;
+        if p.burst.is_none() {
+            s.burst = s.burst.map(|b| b.min(v));
+        }
+    }
+    if p.burst.is_some() {
+        s.burst = p.burst;
+    }
+    if p.tpm_limit.is_some() {
+        s.tpm_limit = p.tpm_limit;
+    }
+    if p.max_concurrency.is_some() {
+        s.max_concurrency = p.max_concurrency;
+    }
+    if let Some(v) = p.weight {
+        s.weight = v;
+    }
+    if let Some(v) = p.timeout {
+        s.timeout_secs = v;
+    }
+    if let Some(v) = p.enabled {
+        s.enabled = v;
+    }
+    if p.notes.is_some() {
+        s.notes = p.notes;
+    }
+    if let Some(m) = p.models {
+        s.models = models_of(m);
+    }
+    validate(&s, &state)?;
+    if (new_key || new_url) && !q.skip_test {
+        test_key(&client, &s.base_url, &s.api_key, Duration::from_secs(15)).await?;
+    }
+    let rec = save_and_apply(&state, s).await?;
+    let live = snapshot(&state).await;
+    Ok(HttpResponse::Ok().json(backend_json(&rec, live.iter().find(|v| v.id == rec.id))))
+}
+
+pub async fn delete(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let r = record(&state, path.into_inner()).await?;
+    refuse_config(&r, &state)?;
+    let id = r.id;
+    store::run(&state.db, move |c| db_backends::delete(c, id)).await?;
+    // In-flight requests finish on the retired actor; new ones go elsewhere.
+    let _ = state.supervisor.send(RemoveBackend(id)).await;
+    state.refresh_models().await;
+    Ok(HttpResponse::Ok().json(json!({"deleted": id, "name": r.settings.name})))
+}
+
+async fn set_enabled(
+    req: HttpRequest,
+    id: BackendId,
+    enabled: bool,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let r = record(&state, id).await?;
+    refuse_config(&r, &state)?;
+    let mut s = r.settings.clone();
+    s.enabled = enabled;
+    let rec = save_and_apply(&state, s).await?;
+    Ok(HttpResponse::Ok().json(backend_json(&rec, None)))
+}
+
+pub async fn enable(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    set_enabled(req, path.into_inner(), true, state).await
+}
+
+pub async fn disable(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    set_enabled(req, path.into_inner(), false, state).await
+}
+
+pub async fn test(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let r = record(&state, path.into_inner()).await?;
+    let timeout = Duration::from_secs_f64(r.settings.timeout_secs.clamp(1.0, 30.0));
+    let out = match test_key(&client, &r.settings.base_url, &r.settings.api_key, timeout).await {
+        Ok(v) => v,
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    };
+    Ok(HttpResponse::Ok().json(json!({"id": r.id, "name": r.settings.name, "test": out})))
+}
+
+pub async fn reset_cooldown(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let id = path.into_inner();
+    let done = state
+        .supervisor
+        .send(ResetCooldown(id))
+        .await
+        .map_err(|_| ApiError::Internal("supervisor unavailable".into()))?;
+    if !done {
+        return Err(ApiError::not_found(format!(
+            "no running backend with id {id}"
+        )));
+    }
+    Ok(HttpResponse::Ok().json(json!({"id": id, "reset": true})))
+}

@@ -1,0 +1,140 @@
+//! The admin API under `/api/admin`: `Authorization: Bearer
+//! $SIDECAR_ADMIN_TOKEN`, compared in constant time; without a token only
+//! loopback clients are served. Errors share the proxy's JSON shape, and
+//! request bodies with unknown fields are rejected naming them.
+
+mod backends;
+mod ops;
+pub mod reload;
+pub mod runtime;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+pub use ops::snapshot_json;
+
+/// Checks the caller. `?token=` is accepted too, for `EventSource`, which
+/// cannot send headers.
+pub fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().to_string());
+    let query =
+        web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("token").cloned());
+    let peer = req.peer_addr().map(|a| a.ip());
+    check(
+        state.admin_token.as_deref(),
+        header.or(query).as_deref(),
+        peer,
+    )
+}
+
+/// The decision itself: a configured token must match (constant time);
+/// without one, only loopback peers pass.
+pub fn check(
+    expected: Option<&str>,
+    given: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+) -> Result<(), ApiError> {
+    match expected {
+        Some(expected) => {
+            let given = given.ok_or_else(|| {
+                ApiError::admin(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_admin_token",
+                    "send Authorization: Bearer <SIDECAR_ADMIN_TOKEN>",
+                )
+            })?;
+            if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+                Ok(())
+            } else {
+                Err(ApiError::admin(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_admin_token",
+                    "invalid admin token",
+                ))
+            }
+        }
+        None if peer.is_some_and(|ip| ip.is_loopback()) => Ok(()),
+        None => Err(ApiError::admin(
+            StatusCode::FORBIDDEN,
+            "admin_loopback_only",
+            "no SIDECAR_ADMIN_TOKEN is set, so the admin API answers loopback clients only",
+        )),
+    }
+}
+
+/// JSON bodies: errors (unknown fields included) in the API's error shape.
+fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(1 << 20)
+        .error_handler(|err, _req| {
+            ApiError::admin(StatusCode::BAD_REQUEST, "invalid_body", err.to_string()).into()
+        })
+}
+
+fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|err, _req| {
+        ApiError::admin(StatusCode::BAD_REQUEST, "invalid_query", err.to_string()).into()
+    })
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/admin")
+            .app_data(json_config())
+            .app_data(query_config())
+            .route("/backends", web::get().to(backends::list))
+            .route("/backends", web::post().to(backends::create))
+            .route("/backends/{id}", web::get().to(backends::get))
+            .route("/backends/{id}", web::patch().to(backends::update))
+            .route("/backends/{id}", web::delete().to(backends::delete))
+            .route("/backends/{id}/enable", web::post().to(backends::enable))
+            .route("/backends/{id}/disable", web::post().to(backends::disable))
+            .route("/backends/{id}/test", web::post().to(backends::test))
+            .route(
+                "/backends/{id}/reset-cooldown",
+                web::post().to(backends::reset_cooldown),
+            )
+            .route("/pools", web::get().to(ops::pools))
+            .route("/stats/total", web::get().to(ops::stats_total))
+            .route("/stats/hourly", web::get().to(ops::stats_hourly))
+            .route("/stats/daily", web::get().to(ops::stats_daily))
+            .route("/stats/cooldowns", web::get().to(ops::stats_cooldowns))
+            .route("/config", web::get().to(runtime::get))
+            .route("/config", web::patch().to(runtime::patch))
+            .route("/reload", web::post().to(reload::reload_handler))
+            .route("/backup", web::post().to(ops::backup_now))
+            .route("/actors", web::get().to(ops::actors))
+            .route("/events", web::get().to(crate::dashboard::events))
+            .route("/test/freeze", web::post().to(ops::test_freeze))
+            .route("/test/crash/{id}", web::post().to(ops::test_crash)),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_and_loopback_rules() {
+        let lo = Some("127.0.0.1".parse().unwrap());
+        let remote = Some("10.1.2.3".parse().unwrap());
+        assert!(check(Some("t0k"), Some("t0k"), remote).is_ok());
+        assert!(check(Some("t0k"), Some("t0K"), lo).is_err());
+        assert!(check(Some("t0k"), Some("t0k-longer"), lo).is_err());
+        assert!(check(Some("t0k"), None, lo).is_err());
+        assert!(check(None, None, lo).is_ok());
+        let err = check(None, Some("anything"), remote).unwrap_err();
+        assert_eq!(err.code(), "admin_loopback_only");
+    }
+}

@@ -1,0 +1,273 @@
+//! Pools, stats, backup, the live actor states, and test-only hooks.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use prometheus::core::Collector;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sidecar_actors::backup::{BackupNow, GetBackupStatus};
+use sidecar_actors::db::usage;
+use sidecar_actors::messages::{GetSnapshot, PoolSnapshot, Status, TestCrashBackend, TestFreeze};
+use sidecar_actors::stats::GetFlushStatus;
+use sidecar_actors::{store, BackendId, Pool};
+
+use super::authorize;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::startup::AppState;
+
+/// The live picture the dashboard and `GET /actors` show.
+pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics) -> Value {
+    let now = tokio::time::Instant::now();
+    let backends: Vec<Value> = snap
+        .backends
+        .iter()
+        .map(|b| {
+            json!({
+                "id": b.id,
+                "name": &*b.name,
+                "pool": b.pool.as_str(),
+                "state": b.status.as_str(),
+                "requests_left": b.remaining,
+                "used_in_window": b.used_in_window,
+                "effective_rpm": b.effective_rpm,
+                "configured_rpm": b.configured_rpm,
+                "in_flight": b.in_flight,
+                "max_concurrency": b.max_concurrency,
+                "cooldown_remaining_s": b.cooling_until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
+                "consecutive_429": b.consecutive_429,
+                "consecutive_failures": b.consecutive_failures,
+                "latency_ms": b.latency_ms,
+                "ttft_ms": b.ttft_ms,
+                "last_error": b.last_error,
+                "tokens_left": b.tokens_remaining,
+                "tpm_limit": b.tpm_limit,
+                "restarts": b.restarts,
+                "requests": b.totals.requests,
+                "successes": b.totals.successes,
+                "failures": b.totals.failures,
+                "rate_limited": b.totals.rate_limited,
+                "prompt_tokens": b.totals.prompt_tokens,
+                "completion_tokens": b.totals.completion_tokens,
+            })
+        })
+        .collect();
+    let pools: Vec<Value> = [Pool::Primary, Pool::Fallback]
+        .iter()
+        .map(|p| {
+            let members: Vec<_> = snap.backends.iter().filter(|b| b.pool == *p).collect();
+            let count = |s: Status| members.iter().filter(|b| b.status == s).count();
+            json!({
+                "pool": p.as_str(),
+                "backends": members.len(),
+                "healthy": count(Status::Healthy),
+                "cooling": count(Status::Cooling),
+                "down": count(Status::Down),
+                "error": count(Status::Error),
+                "disabled": count(Status::Disabled),
+                "requests_left": members.iter().filter(|b| b.status == Status::Healthy).map(|b| b.remaining as u64).sum::<u64>(),
+                "effective_rpm": members.iter().filter(|b| b.status != Status::Disabled).map(|b| b.effective_rpm as u64).sum::<u64>(),
+                "in_flight": members.iter().map(|b| b.in_flight as u64).sum::<u64>(),
+            })
+        })
+        .collect();
+    let tokens: u64 = snap
+        .backends
+        .iter()
+        .map(|b| b.totals.prompt_tokens + b.totals.completion_tokens)
+        .sum();
+    let upstream_429: u64 = snap.backends.iter().map(|b| b.totals.rate_limited).sum();
+    let cost: f64 = metrics
+        .cost
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value())
+        .sum();
+    json!({
+        "ts": sidecar_actors::db::now_ms(),
+        "backends": backends,
+        "pools": pools,
+        "queue": {"urgent": snap.queue_depth[0], "high": snap.queue_depth[1], "normal": snap.queue_depth[2], "low": snap.queue_depth[3]},
+        "emergency_grants": snap.emergency_grants,
+        "counters": {
+            "requests_2xx": metrics.counter_sum("2xx"),
+            "requests_4xx": metrics.counter_sum("4xx"),
+            "requests_5xx": metrics.counter_sum("5xx"),
+            "upstream_429": upstream_429,
+            "tokens": tokens,
+            "cost_usd": cost,
+        },
+    })
+}
+
+async fn pool_snapshot(state: &AppState) -> Result<PoolSnapshot, ApiError> {
+    state
+        .supervisor
+        .send(GetSnapshot)
+        .await
+        .map_err(|_| ApiError::Internal("supervisor unavailable".into()))
+}
+
+pub async fn pools(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let snap = pool_snapshot(&state).await?;
+    let live = snapshot_json(&snap, &state.metrics);
+    let today = store::run(&state.db, usage::pool_summary).await?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"live": live["pools"], "today": today, "queue": live["queue"]})))
+}
+
+pub async fn stats_total(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok().json(store::run(&state.db, usage::total_stats).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HourlyQuery {
+    backend_id: Option<BackendId>,
+    #[serde(default = "default_hours")]
+    hours: u32,
+}
+fn default_hours() -> u32 {
+    24
+}
+
+pub async fn stats_hourly(
+    req: HttpRequest,
+    q: web::Query<HourlyQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let (id, hours) = (q.backend_id, q.hours.clamp(1, 24 * 90));
+    let rows = store::run(&state.db, move |c| usage::hourly_usage(c, id, hours)).await?;
+    Ok(HttpResponse::Ok().json(json!({"hours": hours, "rows": rows})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DailyQuery {
+    #[serde(default = "default_days")]
+    days: u32,
+}
+fn default_days() -> u32 {
+    30
+}
+
+pub async fn stats_daily(
+    req: HttpRequest,
+    q: web::Query<DailyQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let days = q.days.clamp(1, 3650);
+    let rows = store::run(&state.db, move |c| usage::daily_stats(c, days)).await?;
+    Ok(HttpResponse::Ok().json(json!({"days": days, "rows": rows})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CooldownQuery {
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+fn default_limit() -> u32 {
+    50
+}
+
+pub async fn stats_cooldowns(
+    req: HttpRequest,
+    q: web::Query<CooldownQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let limit = q.limit.clamp(1, 1000);
+    let rows = store::run(&state.db, move |c| usage::cooldown_history(c, limit)).await?;
+    Ok(HttpResponse::Ok().json(json!({"rows": rows})))
+}
+
+pub async fn backup_now(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    match state.backup.send(BackupNow).await {
+        Ok(Ok(report)) => Ok(HttpResponse::Ok().json(report)),
+        Ok(Err(e)) => Err(ApiError::admin(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backup_failed",
+            e,
+        )),
+        Err(_) => Err(ApiError::Internal("backup actor unavailable".into())),
+    }
+}
+
+pub async fn actors(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let snap = pool_snapshot(&state).await?;
+    let mut out = snapshot_json(&snap, &state.metrics);
+    let flush = state.stats.send(GetFlushStatus).await.ok();
+    let backup = state.backup.send(GetBackupStatus).await.ok();
+    out["stats_actor"] = match flush {
+        Some(f) => json!({
+            "flushes": f.flushes, "failures": f.failures, "rows_written": f.rows_written,
+            "last_flush_ms": f.last_duration.map(|d| d.as_secs_f64() * 1000.0), "last_error": f.last_error,
+        }),
+        None => json!({"error": "not answering"}),
+    };
+    out["backup_actor"] = serde_json::to_value(backup).unwrap_or(Value::Null);
+    Ok(HttpResponse::Ok().json(out))
+}
+
+fn hooks_enabled(state: &AppState) -> Result<(), ApiError> {
+    if state.test_hooks {
+        Ok(())
+    } else {
+        Err(ApiError::UnknownPath)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeQuery {
+    seconds: f64,
+}
+
+/// Test-only (SIDECAR_TEST_HOOKS=1): the supervisor stops answering pings.
+pub async fn test_freeze(
+    req: HttpRequest,
+    q: web::Query<FreezeQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    hooks_enabled(&state)?;
+    authorize(&req, &state)?;
+    state.supervisor.do_send(TestFreeze(Duration::from_secs_f64(
+        q.seconds.clamp(0.0, 600.0),
+    )));
+    Ok(HttpResponse::Ok().json(json!({"frozen_for_s": q.seconds})))
+}
+
+/// Test-only (SIDECAR_TEST_HOOKS=1): a backend actor fails and is restarted.
+pub async fn test_crash(
+    req: HttpRequest,
+    path: web::Path<BackendId>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    hooks_enabled(&state)?;
+    authorize(&req, &state)?;
+    let ok = state
+        .supervisor
+        .send(TestCrashBackend(path.into_inner()))
+        .await
+        .unwrap_or(false);
+    Ok(HttpResponse::Ok().json(json!({"crashed": ok})))
+}

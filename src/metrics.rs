@@ -1,0 +1,294 @@
+//! Prometheus metrics, served on their own listener (`SIDECAR_METRICS_PORT`).
+//! Counters move where events are logged (`events.rs`, the proxy); gauges of
+//! actor state are read from one supervisor snapshot per scrape. Labels are
+//! bounded: backend names come from configuration, and a model label is
+//! either a configured model or `other`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use sidecar_actors::messages::{PoolSnapshot, Status};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub cooldowns: IntCounterVec,
+    pub backend_state: IntGaugeVec,
+    pub requests_left: IntGaugeVec,
+    pub effective_rpm: IntGaugeVec,
+    pub in_flight: IntGaugeVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_wait: Histogram,
+    pub emergency: IntGauge,
+    pub tokens: IntCounterVec,
+    pub cost: prometheus::CounterVec,
+    pub backup_success: IntGauge,
+    pub backup_last: Gauge,
+    pub db_size: IntGauge,
+    pub wal_size: IntGauge,
+    pub stats_flush_seconds: Gauge,
+    /// Models that may appear as label values.
+    known_models: RwLock<HashSet<String>>,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+const STATES: [Status; 5] = [
+    Status::Healthy,
+    Status::Cooling,
+    Status::Down,
+    Status::Error,
+    Status::Disabled,
+];
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are fixed at compile time; a clash would be a programming error
+    // caught by the first test run, so it is logged rather than fatal here.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        eprintln!("metric registration failed: {e}");
+    }
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new_custom(Some("sidecar".into()), None).expect("valid registry");
+        let m = Metrics {
+            requests: counter_vec(
+                &r,
+                "requests_total",
+                "Client requests by pool, backend and status class.",
+                &["pool", "backend", "status"],
+            ),
+            request_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "request_duration_seconds",
+                        "Client request latency, queue wait included.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["pool"],
+                )
+                .expect("valid metric"),
+            ),
+            ttft: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ttft_seconds",
+                        "Time to first byte of streamed answers, per attempt.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["backend"],
+                )
+                .expect("valid metric"),
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "upstream_errors_total",
+                "Failed upstream attempts by backend and code.",
+                &["backend", "code"],
+            ),
+            cooldowns: counter_vec(
+                &r,
+                "cooldowns_started_total",
+                "Cooldowns started (upstream 429s) by backend.",
+                &["backend"],
+            ),
+            backend_state: gauge_vec(
+                &r,
+                "backend_state",
+                "1 for the state each backend is in.",
+                &["backend", "state"],
+            ),
+            requests_left: gauge_vec(
+                &r,
+                "backend_requests_left",
+                "Requests the backend may still take in its current window.",
+                &["backend"],
+            ),
+            effective_rpm: gauge_vec(
+                &r,
+                "backend_effective_rpm",
+                "Effective requests per window after adaptive retreat.",
+                &["backend"],
+            ),
+            in_flight: gauge_vec(
+                &r,
+                "backend_in_flight",
+                "Requests in flight per backend.",
+                &["backend"],
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "queue_depth",
+                "Requests waiting for capacity by priority.",
+                &["priority"],
+            ),
+            queue_wait: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("queue_wait_seconds", "Time requests waited for a lease.")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            ),
+            emergency: reg(
+                &r,
+                IntGauge::new(
+                    "emergency_grants",
+                    "Emergency-channel leases granted since start.",
+                )
+                .expect("valid metric"),
+            ),
+            tokens: counter_vec(
+                &r,
+                "tokens_total",
+                "Tokens by backend, model and kind (prompt/completion).",
+                &["backend", "model", "kind"],
+            ),
+            cost: reg(
+                &r,
+                prometheus::CounterVec::new(
+                    Opts::new("cost_usd_total", "Cost in USD by backend and model."),
+                    &["backend", "model"],
+                )
+                .expect("valid metric"),
+            ),
+            backup_success: reg(
+                &r,
+                IntGauge::new(
+                    "backup_last_success",
+                    "1 if the last backup succeeded, 0 if it failed.",
+                )
+                .expect("valid metric"),
+            ),
+            backup_last: reg(
+                &r,
+                Gauge::new(
+                    "backup_last_success_timestamp_seconds",
+                    "Unix time of the last good backup.",
+                )
+                .expect("valid metric"),
+            ),
+            db_size: reg(
+                &r,
+                IntGauge::new("db_size_bytes", "Size of the SQLite database file.")
+                    .expect("valid metric"),
+            ),
+            wal_size: reg(
+                &r,
+                IntGauge::new("db_wal_size_bytes", "Size of the SQLite WAL file.")
+                    .expect("valid metric"),
+            ),
+            stats_flush_seconds: reg(
+                &r,
+                Gauge::new(
+                    "stats_last_flush_seconds",
+                    "Duration of the last stats flush.",
+                )
+                .expect("valid metric"),
+            ),
+            registry: r,
+            known_models: RwLock::new(HashSet::new()),
+        };
+        Arc::new(m)
+    }
+
+    pub fn set_known_models<I: IntoIterator<Item = String>>(&self, models: I) {
+        if let Ok(mut k) = self.known_models.write() {
+            *k = models.into_iter().collect();
+        }
+    }
+
+    /// A model label that cannot grow without bound.
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        match self.known_models.read() {
+            Ok(k) if k.contains(model) => model,
+            _ => "other",
+        }
+    }
+
+    /// Updates the gauges that mirror actor state.
+    pub fn observe_snapshot(&self, snap: &PoolSnapshot) {
+        self.backend_state.reset();
+        for b in &snap.backends {
+            let name = &*b.name;
+            for s in STATES {
+                self.backend_state
+                    .with_label_values(&[name, s.as_str()])
+                    .set(i64::from(b.status == s));
+            }
+            self.requests_left
+                .with_label_values(&[name])
+                .set(b.remaining as i64);
+            self.effective_rpm
+                .with_label_values(&[name])
+                .set(b.effective_rpm as i64);
+            self.in_flight
+                .with_label_values(&[name])
+                .set(b.in_flight as i64);
+        }
+        for (i, p) in ["urgent", "high", "normal", "low"].iter().enumerate() {
+            self.queue_depth
+                .with_label_values(&[p])
+                .set(snap.queue_depth[i] as i64);
+        }
+        self.emergency.set(snap.emergency_grants as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    pub fn counter_sum(&self, status_class: &str) -> u64 {
+        self.requests
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "status" && l.value() == status_class)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+/// `2xx`, `4xx`, `5xx`…
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
