@@ -286,6 +286,11 @@ impl TestApp {
         sidecar_actors::db::connect(&self.settings.db_path).expect("db opens")
     }
 
+    /// Stops the gateway gracefully, keeping the mock running.
+    pub async fn handle_stop(&self) {
+        self.handle.stop(true).await;
+    }
+
     /// Stops the gateway gracefully and hands back the mock.
     pub async fn handle_stop_keep_mock(self) -> MockUpstream {
         self.handle.stop(true).await;

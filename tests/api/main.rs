@@ -5,6 +5,7 @@
 mod admin;
 mod bad_input;
 mod config;
+mod dashboard;
 mod failover;
 mod helpers;
 mod persistence;
