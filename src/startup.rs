@@ -361,6 +361,9 @@ impl Application {
             }
             _ => slog::error!(self.log, "stats actor did not answer at shutdown"),
         }
+        // Give slog-async a moment to hand over the last lines, then write them.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        crate::telemetry::flush();
         served
     }
 }

@@ -471,3 +471,74 @@ async fn metrics_after_traffic_and_bounded_labels() {
     );
     app.stop().await;
 }
+
+/// `POST /reload` re-reads the config file: a backend added to the file gets
+/// its actor and traffic, one removed retires.
+#[actix_web::test]
+async fn reload_applies_the_file_to_the_running_actors() {
+    use sidecar::configuration::{Settings, Sources};
+    let mock = sidecar::mock_upstream::MockUpstream::spawn(MockConfig {
+        keys: vec![MockKey::new("k-1", None), MockKey::new("k-2", None)],
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("sidecar.toml");
+    let one = backend("first", "k-1", "primary", 100, "").replace("{MOCK_URL}", &mock.base_url());
+    let two = backend("second", "k-2", "primary", 100, "weight = 10.0")
+        .replace("{MOCK_URL}", &mock.base_url());
+    std::fs::write(&file, &one).unwrap();
+    let mut settings = Settings::load(&Sources {
+        file: Some(file.clone()),
+        env: false,
+        inline: None,
+    })
+    .unwrap();
+    settings.db_path = dir.path().join("sidecar.db");
+    settings.backup_dir = dir.path().join("backups");
+    settings.encryption_key = Some(crate::helpers::TEST_KEY.into());
+    settings.metrics_port = 0;
+    let app = crate::helpers::start_gateway(mock, dir.clone(), settings)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.chat(&chat_body("m")).await.backend().as_deref(),
+        Some("first")
+    );
+
+    std::fs::write(&file, format!("{one}{two}")).unwrap();
+    let r = app.admin("POST", "/reload", None, None).await;
+    assert_eq!(
+        (r.status, r.body["backends"].as_u64()),
+        (200, Some(2)),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        app.chat(&chat_body("m")).await.backend().as_deref(),
+        Some("second")
+    );
+
+    std::fs::write(&file, &two).unwrap();
+    let r = app.admin("POST", "/reload", None, None).await;
+    assert_eq!(r.body["removed"], 1);
+    assert!(app
+        .snapshot()
+        .await
+        .backends
+        .iter()
+        .all(|b| &*b.name != "first"));
+
+    std::fs::write(&file, "port = \"x\"\n").unwrap();
+    let r = app.admin("POST", "/reload", None, None).await;
+    assert_eq!(
+        r.status, 422,
+        "a broken file is refused and the running set kept"
+    );
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("port"));
+    assert_eq!(app.chat(&chat_body("m")).await.status, 200);
+    app.stop().await;
+}

@@ -9,7 +9,12 @@ impl Handler<LeaseTaken> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: LeaseTaken, ctx: &mut Self::Context) {
         self.take_lease(msg.lease_id, msg.at, msg.emergency, msg.est_tokens);
-        self.publish(ctx);
+        // The supervisor counts its own grants, so a view after every lease
+        // adds nothing; one is needed when capacity just ran out, to arm the
+        // timer that reports its return.
+        if self.exhausted() {
+            self.publish(ctx);
+        }
     }
 }
 

@@ -302,6 +302,17 @@ impl BackendActor {
         });
     }
 
+    /// No request can be granted now (window, tokens or concurrency).
+    pub(crate) fn exhausted(&mut self) -> bool {
+        let now = Instant::now();
+        self.limiter.remaining(now) == 0
+            || self.tokens.as_mut().is_some_and(|t| t.remaining(now) == 0)
+            || self
+                .spec
+                .max_concurrency
+                .is_some_and(|m| self.leases.len() as u32 >= m)
+    }
+
     pub(crate) fn take_lease(
         &mut self,
         lease_id: u64,

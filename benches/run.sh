@@ -1,0 +1,333 @@
+#!/usr/bin/env bash
+# One command for sidecar's benchmarks, side by side with LiteLLM:
+#
+#   benches/run.sh [overhead|memory|goodput|all]
+#
+# Installs or checks its tools (wrk and nginx from Debian, LiteLLM from PyPI
+# in a venv under target/bench), builds the release binary and the load
+# generator, starts everything on loopback, runs, stops everything, and prints
+# a results table (markdown) to stdout and target/bench/results.md. Raw JSON
+# and logs stay in target/bench/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MODE=${1:-all}
+OUT=$ROOT/target/bench
+mkdir -p "$OUT"
+RESULTS=$OUT/results.md
+: > "$RESULTS"
+PIDS=()
+
+log() { echo "[bench] $*" >&2; }
+emit() { echo "$*" | tee -a "$RESULTS"; }
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+  pkill -f "$OUT/litellm-venv/bin/litellm" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# ---- tools -------------------------------------------------------------------
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+LITELLM_VERSION=${LITELLM_VERSION:-1.106.2}
+if [ ! -x "$OUT/litellm-venv/bin/litellm" ]; then
+  log "installing litellm[proxy]==$LITELLM_VERSION into $OUT/litellm-venv"
+  python3 -m venv "$OUT/litellm-venv"
+  "$OUT/litellm-venv/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION" || "$OUT/litellm-venv/bin/pip" install -q 'litellm[proxy]'
+fi
+LITELLM=$OUT/litellm-venv/bin/litellm
+# LiteLLM refuses to start without a master key; every client sends it (sidecar
+# and nginx ignore it).
+export LITELLM_MASTER_KEY=sk-bench-7f3a9c2e5b8d1f4a6c0e9b2d5f8a1c3e
+log "building release binary and load generator"
+cargo build --release --quiet --bin sidecar --example loadgen
+SIDECAR=$ROOT/target/release/sidecar
+LOADGEN=$ROOT/target/release/examples/loadgen
+
+wait_http() { # url
+  for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.2; done
+  log "timed out waiting for $1"; return 1
+}
+peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_tree_kb() { # pid: RSS of a process and all its descendant processes (not threads)
+  local total=0 p todo=("$1")
+  while [ ${#todo[@]} -gt 0 ]; do
+    p=${todo[0]}; todo=("${todo[@]:1}")
+    total=$((total + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+    for c in $(pgrep -P "$p" 2>/dev/null || true); do todo+=("$c"); done
+  done
+  echo "$total"
+}
+
+CANNED='{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"native-m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
+
+start_nginx() {
+  mkdir -p "$OUT/nginx/logs"
+  cat > "$OUT/nginx/nginx.conf" <<EOF
+worker_processes 1;
+error_log $OUT/nginx/logs/error.log warn;
+pid $OUT/nginx/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000;
+  client_body_temp_path $OUT/nginx/body;
+  server {
+    listen 127.0.0.1:18080;
+    location /v1/chat/completions { default_type application/json; return 200 '$CANNED'; }
+    location /v1/models { default_type application/json; return 200 '{"object":"list","data":[{"id":"native-m","object":"model"}]}'; }
+  }
+}
+EOF
+  nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx" -g 'daemon off;' &
+  PIDS+=($!)
+  wait_http http://127.0.0.1:18080/v1/models
+}
+
+start_sidecar() { # config-file port -> sets SIDECAR_PID
+  rm -rf "$OUT/sidecar-data"; mkdir -p "$OUT/sidecar-data"
+  SIDECAR_ENCRYPTION_KEY=$("$SIDECAR" keygen) LOG_FORMAT=json \
+    "$SIDECAR" serve --config "$1" > "$OUT/sidecar-$2.log" 2>&1 &
+  SIDECAR_PID=$!
+  PIDS+=("$SIDECAR_PID")
+  wait_http "http://127.0.0.1:$2/health"
+}
+
+start_litellm() { # config-file port -> sets LITELLM_PID
+  "$LITELLM" --config "$1" --host 127.0.0.1 --port "$2" --num_workers 2 > "$OUT/litellm-$2.log" 2>&1 &
+  LITELLM_PID=$!
+  PIDS+=("$LITELLM_PID")
+  wait_http "http://127.0.0.1:$2/health/liveliness"
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+post_lua() {
+  cat > "$OUT/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"model":"m","messages":[{"role":"user","content":"benchmark request"}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench-7f3a9c2e5b8d1f4a6c0e9b2d5f8a1c3e"
+EOF
+}
+
+wrk_run() { # label url conns -> prints "rps p50_ms p99_ms"
+  local out
+  out=$(wrk -t "$(( $3 < 2 ? 1 : 2 ))" -c "$3" -d "${WRK_SECS:-15}s" --latency -s "$OUT/post.lua" "$2/v1/chat/completions" 2>&1)
+  echo "$out" > "$OUT/wrk-$1-c$3.txt"
+  python3 - "$OUT/wrk-$1-c$3.txt" <<'EOF'
+import re, sys
+t = open(sys.argv[1]).read()
+def ms(v):
+    n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", t, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", t, re.M).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+errs = re.search(r"Socket errors: (.*)", t)
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {non2xx.group(1) if non2xx else 0}")
+EOF
+}
+
+# ---- overhead ----------------------------------------------------------------
+overhead() {
+  log "overhead: nginx direct vs sidecar vs LiteLLM (2 workers), c=1 and c=64, ${WRK_SECS:-15} s each"
+  start_nginx
+  post_lua
+  cat > "$OUT/overhead.toml" <<EOF
+port = 19190
+metrics_port = 19191
+db_path = "$OUT/sidecar-data/sidecar.db"
+backup_dir = "$OUT/sidecar-data/backups"
+queue_timeout = 5
+[[backends]]
+name = "nginx"
+base_url = "http://127.0.0.1:18080/v1"
+api_key = "sk-upstream"
+rpm_limit = 100000000
+burst = 100000000
+models = { "m" = "native-m" }
+EOF
+  cat > "$OUT/litellm-overhead.yaml" <<EOF
+model_list:
+  - model_name: m
+    litellm_params: { model: openai/native-m, api_base: "http://127.0.0.1:18080/v1", api_key: sk-upstream }
+litellm_settings: { drop_params: true, telemetry: false }
+general_settings: { disable_spend_logs: true }
+EOF
+  start_sidecar "$OUT/overhead.toml" 19190
+  start_litellm "$OUT/litellm-overhead.yaml" 14000
+  declare -A R
+  for c in 1 64; do
+    R[direct-$c]=$(wrk_run direct http://127.0.0.1:18080 "$c")
+    R[sidecar-$c]=$(wrk_run sidecar http://127.0.0.1:19190 "$c")
+    R[litellm-$c]=$(wrk_run litellm http://127.0.0.1:14000 "$c")
+  done
+  stop_pid "$LITELLM_PID"
+  emit ""
+  emit "### Overhead (non-streaming, ${WRK_SECS:-15} s per cell, wrk)"
+  emit ""
+  emit "| target | c | req/s | p50 ms | p99 ms | non-2xx | req/s vs direct | added p50 ms | added p99 ms |"
+  emit "|---|---|---|---|---|---|---|---|---|"
+  for c in 1 64; do
+    read -r drps dp50 dp99 dbad <<<"${R[direct-$c]}"
+    for t in direct sidecar litellm; do
+      read -r rps p50 p99 bad <<<"${R[$t-$c]}"
+      emit "$(python3 -c "print(f'| $t | $c | $rps | $p50 | $p99 | $bad | {$rps/$drps:.3f} | {$p50-$dp50:+.3f} | {$p99-$dp99:+.3f} |')")"
+    done
+  done
+  stop_pid "$SIDECAR_PID"
+
+  log "streaming: mock upstream (10 chunks, 20 ms apart) direct vs through sidecar"
+  "$SIDECAR" mock-upstream --port 18090 --keys "sk-upstream:0" --chunks 10 --chunk-ms 20 --models native-m > "$OUT/mock-stream.log" 2>&1 &
+  local mock=$!; PIDS+=("$mock")
+  wait_http http://127.0.0.1:18090/_mock/stats
+  sed 's|http://127.0.0.1:18080/v1|http://127.0.0.1:18090/v1|' "$OUT/overhead.toml" > "$OUT/stream.toml"
+  start_sidecar "$OUT/stream.toml" 19190
+  LOADGEN_KEY=sk-upstream "$LOADGEN" ttft --url http://127.0.0.1:18090 --n 300 --model native-m > "$OUT/ttft-direct.json"
+  "$LOADGEN" ttft --url http://127.0.0.1:19190 --n 300 > "$OUT/ttft-sidecar.json"
+  stop_pid "$SIDECAR_PID"; stop_pid "$mock"
+  emit ""
+  emit "### Streaming (300 sequential streams, 10 chunks 20 ms apart)"
+  emit ""
+  python3 - "$OUT/ttft-direct.json" "$OUT/ttft-sidecar.json" <<'EOF' | tee -a "$RESULTS"
+import json, sys
+d, s = (json.load(open(p)) for p in sys.argv[1:3])
+print("| target | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | failed |")
+print("|---|---|---|---|---|---|")
+for name, r in (("direct", d), ("sidecar", s)):
+    print(f"| {name} | {r['ttft']['p50_ms']:.3f} | {r['ttft']['p99_ms']:.3f} | {r['total']['p50_ms']:.3f} | {r['total']['p99_ms']:.3f} | {r['failed']} |")
+print(f"| **added by sidecar** | {s['ttft']['p50_ms']-d['ttft']['p50_ms']:+.3f} | {s['ttft']['p99_ms']-d['ttft']['p99_ms']:+.3f} | "
+      f"{s['total']['p50_ms']-d['total']['p50_ms']:+.3f} | {s['total']['p99_ms']-d['total']['p99_ms']:+.3f} | |")
+EOF
+}
+
+# ---- memory ------------------------------------------------------------------
+memory() {
+  log "memory: peak RSS idle with 11 backends, then with 1000 open streams"
+  "$SIDECAR" mock-upstream --port 18091 --keys "$(seq -s, -f 'sk-%02g:0' 1 11)" --chunks 40 --chunk-ms 250 --models native-m > "$OUT/mock-mem.log" 2>&1 &
+  local mock=$!; PIDS+=("$mock")
+  wait_http http://127.0.0.1:18091/_mock/stats
+  {
+    echo "port = 19192"; echo "metrics_port = 19193"
+    echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
+    for i in $(seq -f '%02g' 1 11); do
+      printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18091/v1"\napi_key = "sk-%s"\nrpm_limit = 100000\nmodels = { "m" = "native-m" }\n' "$i" "$i"
+    done
+  } > "$OUT/memory.toml"
+  start_sidecar "$OUT/memory.toml" 19192
+  sleep 3
+  local idle; idle=$(peak_rss_kb "$SIDECAR_PID")
+  "$LOADGEN" streams --url http://127.0.0.1:19192 --n 1000 > "$OUT/streams-1000.json"
+  local busy; busy=$(peak_rss_kb "$SIDECAR_PID")
+  stop_pid "$SIDECAR_PID"; stop_pid "$mock"
+  # LiteLLM idle, same 11 keys, for comparison.
+  {
+    echo "model_list:"
+    for i in $(seq -f '%02g' 1 11); do
+      echo "  - model_name: m"
+      echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18091/v1\", api_key: sk-$i, rpm: 100000 }"
+    done
+    echo "litellm_settings: { telemetry: false }"
+  } > "$OUT/litellm-memory.yaml"
+  start_litellm "$OUT/litellm-memory.yaml" 14001
+  sleep 3
+  local lidle; lidle=$(rss_tree_kb "$LITELLM_PID")
+  stop_pid "$LITELLM_PID"
+  emit ""
+  emit "### Memory"
+  emit ""
+  python3 - "$OUT/streams-1000.json" "$idle" "$busy" "$lidle" <<'EOF' | tee -a "$RESULTS"
+import json, sys
+s = json.load(open(sys.argv[1])); idle, busy, lidle = (int(x) / 1024 for x in sys.argv[2:5])
+print("| measurement | value |")
+print("|---|---|")
+print(f"| sidecar peak RSS, idle, 11 backends | {idle:.1f} MB |")
+print(f"| sidecar peak RSS, 1000 concurrent streams ({s['completed']}/{s['opened']} completed, 10 s each) | {busy:.1f} MB |")
+print(f"| LiteLLM RSS, idle, 11 deployments (proxy + 2 workers) | {lidle:.1f} MB |")
+EOF
+}
+
+# ---- goodput -----------------------------------------------------------------
+goodput() {
+  local L=20 W=10 KEYS=11 SECS=${GOODPUT_SECS:-40}
+  local cap; cap=$(python3 -c "print($KEYS*$L/$W)")
+  log "goodput: $KEYS keys x $L per ${W}s rolling window (capacity $cap req/s), ${SECS}s at 1.2x and 0.9x in bursts"
+  local keys; keys=$(seq -s, -f "sk-%02g:$L" 1 $KEYS)
+  {
+    echo "port = 19194"; echo "metrics_port = 19195"; echo "window_secs = $W"; echo "queue_timeout = 30"; echo "queue_max = 5000"
+    echo "cooldown_base = 2"; echo "cooldown_max = 30"
+    echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
+    for i in $(seq -f '%02g' 1 $KEYS); do
+      printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18092/v1"\napi_key = "sk-%s"\nrpm_limit = %s\nmodels = { "m" = "native-m" }\n' "$i" "$i" "$L"
+    done
+  } > "$OUT/goodput.toml"
+  # LiteLLM counts rpm per minute: the per-10 s limit scaled to a minute.
+  {
+    echo "model_list:"
+    for i in $(seq -f '%02g' 1 $KEYS); do
+      echo "  - model_name: m"
+      echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18092/v1\", api_key: sk-$i, rpm: $((L * 60 / W)) }"
+    done
+    echo "router_settings: { routing_strategy: usage-based-routing-v2, num_retries: 3, retry_after: 0, allowed_fails: 3, cooldown_time: 10 }"
+    echo "litellm_settings: { telemetry: false, num_retries: 3 }"
+  } > "$OUT/litellm-goodput.yaml"
+  : > "$OUT/goodput.jsonl"
+  for peer in sidecar litellm; do
+    for load in steady burst; do
+      "$SIDECAR" mock-upstream --port 18092 --keys "$keys" --window "$W" --chunks 1 --chunk-ms 0 --models native-m > "$OUT/mock-goodput.log" 2>&1 &
+      local mock=$!; PIDS+=("$mock")
+      wait_http http://127.0.0.1:18092/_mock/stats
+      local url
+      if [ "$peer" = sidecar ]; then start_sidecar "$OUT/goodput.toml" 19194; url=http://127.0.0.1:19194
+      else start_litellm "$OUT/litellm-goodput.yaml" 14002; url=http://127.0.0.1:14002; fi
+      local args
+      if [ "$load" = steady ]; then args=(--rps "$(python3 -c "print($cap*1.2)")" --secs "$SECS")
+      else args=(--burst-every 5 --burst "$(python3 -c "print(int($cap*0.9*5))")" --secs "$SECS"); fi
+      "$LOADGEN" rate --url "$url" --model m "${args[@]}" > "$OUT/goodput-$peer-$load.json"
+      curl -fsS http://127.0.0.1:18092/_mock/stats > "$OUT/goodput-$peer-$load-mock.json"
+      if [ "$peer" = sidecar ]; then stop_pid "$SIDECAR_PID"; else stop_pid "$LITELLM_PID"; fi
+      stop_pid "$mock"
+      python3 -c "import json;print(json.dumps({'peer':'$peer','load':'$load','client':json.load(open('$OUT/goodput-$peer-$load.json')),'mock':json.load(open('$OUT/goodput-$peer-$load-mock.json'))}))" >> "$OUT/goodput.jsonl"
+    done
+  done
+  emit ""
+  emit "### Goodput under rate limits ($KEYS keys x $L req per ${W} s rolling window = $cap req/s; ${SECS} s)"
+  emit ""
+  python3 - "$OUT/goodput.jsonl" "$L" "$W" "$KEYS" "$SECS" <<'EOF' | tee -a "$RESULTS"
+import json, sys
+L, W, K, S = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+print("| peer | load | sent | ok | ok / allowed | client 429 (with Retry-After) | client 503 (with Retry-After) | other | upstream 429s provoked | max per key per window (limit) | p50 ms | p99 ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line); c, m = r["client"], r["mock"]["keys"]
+    st, ra = c["status"], c["with_retry_after"]
+    # What the keys' rolling limits allow while load is offered (plus the queue drain).
+    elapsed = c["elapsed_s"]
+    allowed = min(c["sent"], K * L * (elapsed // W + 1))
+    other = sum(v for k, v in st.items() if k not in ("200", "429", "503"))
+    provoked = sum(k["rate_limited"] for k in m.values())
+    mx = max(k["max_in_window"] for k in m.values())
+    lat = c["latency_all"]
+    print(f"| {r['peer']} | {r['load']} | {c['sent']} | {c['ok']} | {c['ok']/allowed:.3f} | {st.get('429',0)} ({ra.get('429',0)}) | "
+          f"{st.get('503',0)} ({ra.get('503',0)}) | {other} | {provoked} | {mx} ({L}) | {lat['p50_ms']:.0f} | {lat['p99_ms']:.0f} |")
+EOF
+}
+
+case "$MODE" in
+  overhead) overhead ;;
+  memory) memory ;;
+  goodput) goodput ;;
+  all) overhead; memory; goodput ;;
+  *) echo "usage: benches/run.sh [overhead|memory|goodput|all]" >&2; exit 2 ;;
+esac
+log "results in $RESULTS"
