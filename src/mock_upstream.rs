@@ -453,7 +453,9 @@ fn stream_answer(
                 // One error ends the body; actix drops the connection.
                 return Some((Err::<Bytes, _>(actix_web::Error::from(err)), total));
             }
-            if i > 0 && !interval.is_zero() {
+            // Content chunks are paced; the usage chunk and [DONE] follow the
+            // last one at once, as real providers send them.
+            if i > 0 && (i as u32) < chunks && !interval.is_zero() {
                 tokio::time::sleep(interval).await;
             }
             Some((Ok(Bytes::from(events[i].clone())), i + 1))

@@ -263,8 +263,47 @@ impl Upsert {
     }
 }
 
-fn models_json(s: &BackendSettings) -> Result<String, DbError> {
-    serde_json::to_string(&s.models).map_err(|e| DbError::Invalid(e.to_string()))
+/// The columns a backend's settings occupy, written by insert and update alike.
+#[derive(Insertable, AsChangeset)]
+#[diesel(table_name = backends)]
+#[diesel(treat_none_as_null = true)]
+struct SettingsColumns<'a> {
+    base_url: &'a str,
+    key_hint: String,
+    pool: &'a str,
+    rpm_limit: i32,
+    burst: Option<i32>,
+    tpm_limit: Option<i64>,
+    max_concurrency: Option<i32>,
+    weight: f64,
+    timeout_secs: f64,
+    models: String,
+    enabled: bool,
+    source: &'a str,
+    notes: Option<&'a str>,
+    updated_at: i64,
+}
+
+impl<'a> SettingsColumns<'a> {
+    fn of(s: &'a BackendSettings, now: i64) -> Result<Self, DbError> {
+        Ok(Self {
+            base_url: &s.base_url,
+            key_hint: ApiKey::new(s.api_key.as_str()).masked(),
+            pool: s.pool.as_str(),
+            rpm_limit: s.rpm_limit as i32,
+            burst: s.burst.map(|b| b as i32),
+            tpm_limit: s.tpm_limit.map(|t| t as i64),
+            max_concurrency: s.max_concurrency.map(|c| c as i32),
+            weight: s.weight,
+            timeout_secs: s.timeout_secs,
+            models: serde_json::to_string(&s.models)
+                .map_err(|e| DbError::Invalid(e.to_string()))?,
+            enabled: s.enabled,
+            source: s.source.as_str(),
+            notes: s.notes.as_deref(),
+            updated_at: now,
+        })
+    }
 }
 
 /// Adds a backend by name or updates its settings; state columns are kept.
@@ -275,34 +314,16 @@ pub fn upsert(
     s: &BackendSettings,
 ) -> Result<Upsert, DbError> {
     let now = now_ms();
-    let hint = ApiKey::new(s.api_key.as_str()).masked();
-    let models = models_json(s)?;
+    let columns = SettingsColumns::of(s, now)?;
     if let Some(existing) = find_by_name(conn, ring, &s.name)? {
         if existing.settings == *s {
             return Ok(Upsert::Unchanged(existing.id));
         }
-        let key_changed = existing.settings.api_key != s.api_key;
-        diesel::update(backends::table.filter(backends::id.eq(existing.id as i32)))
-            .set((
-                backends::base_url.eq(&s.base_url),
-                backends::key_hint.eq(&hint),
-                backends::pool.eq(s.pool.as_str()),
-                backends::rpm_limit.eq(s.rpm_limit as i32),
-                backends::burst.eq(s.burst.map(|b| b as i32)),
-                backends::tpm_limit.eq(s.tpm_limit.map(|t| t as i64)),
-                backends::max_concurrency.eq(s.max_concurrency.map(|c| c as i32)),
-                backends::weight.eq(s.weight),
-                backends::timeout_secs.eq(s.timeout_secs),
-                backends::models.eq(&models),
-                backends::enabled.eq(s.enabled),
-                backends::source.eq(s.source.as_str()),
-                backends::notes.eq(&s.notes),
-                backends::updated_at.eq(now),
-            ))
-            .execute(conn)?;
-        if key_changed {
+        let row = backends::table.filter(backends::id.eq(existing.id as i32));
+        diesel::update(row).set(&columns).execute(conn)?;
+        if existing.settings.api_key != s.api_key {
             // A new key gets a fresh start: no inherited error or cooldown.
-            diesel::update(backends::table.filter(backends::id.eq(existing.id as i32)))
+            diesel::update(row)
                 .set((
                     backends::api_key_enc.eq(ring.encrypt(s.api_key.as_bytes())),
                     backends::status.eq("healthy"),
@@ -317,22 +338,9 @@ pub fn upsert(
     let id: i32 = diesel::insert_into(backends::table)
         .values((
             backends::name.eq(&s.name),
-            backends::base_url.eq(&s.base_url),
             backends::api_key_enc.eq(ring.encrypt(s.api_key.as_bytes())),
-            backends::key_hint.eq(&hint),
-            backends::pool.eq(s.pool.as_str()),
-            backends::rpm_limit.eq(s.rpm_limit as i32),
-            backends::burst.eq(s.burst.map(|b| b as i32)),
-            backends::tpm_limit.eq(s.tpm_limit.map(|t| t as i64)),
-            backends::max_concurrency.eq(s.max_concurrency.map(|c| c as i32)),
-            backends::weight.eq(s.weight),
-            backends::timeout_secs.eq(s.timeout_secs),
-            backends::models.eq(&models),
-            backends::enabled.eq(s.enabled),
-            backends::source.eq(s.source.as_str()),
-            backends::notes.eq(&s.notes),
             backends::created_at.eq(now),
-            backends::updated_at.eq(now),
+            &columns,
         ))
         .returning(backends::id)
         .get_result(conn)?;
