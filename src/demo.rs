@@ -53,6 +53,9 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
         inline: Some(text),
     })?;
     settings.port = opts.port;
+    // Metrics beside the proxy port, so two demos (or a demo beside a real
+    // gateway on 9191) do not collide.
+    settings.metrics_port = opts.port.wrapping_add(1);
     let listener = TcpListener::bind((settings.host, settings.port)).with_context(|| {
         format!(
             "cannot listen on {}:{} (try --port)",
@@ -65,7 +68,8 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
     let base = format!("http://127.0.0.1:{port}");
     println!(
         "\nsidecar demo is running — 6 simulated keys (2 pools, one over-configured, one dead), no network used\n\n  \
-         gateway  {base}/v1   (OpenAI-compatible)\n  upstream {} (simulated)\n\n\
+         gateway   {base}/v1   (OpenAI-compatible)\n  dashboard {base}/dashboard   (no token needed from this machine)\n  \
+         metrics   http://127.0.0.1:{}/metrics\n  upstream  {} (simulated)\n\n\
          try:\n  curl -s {base}/v1/models\n  \
          curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\\n       \
          -d '{{\"model\":\"llama-3.1-8b\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n  \
@@ -73,6 +77,7 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
          -d '{{\"model\":\"llama-3.1-8b\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n  \
          python: OpenAI(base_url=\"{base}/v1\", api_key=\"unused\")\n\n\
          traffic generator: {} req/s; a status line per backend every 10 s; Ctrl-C to stop\n",
+        settings.metrics_port,
         mock.base_url(),
         opts.rps
     );
