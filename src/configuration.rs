@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,6 +177,20 @@ pub struct RawClientKey {
     pub priority: Option<String>,
 }
 
+impl RawModel {
+    /// Native id and prices (USD per 1M prompt/completion tokens).
+    pub fn parts(&self) -> (&str, f64, f64) {
+        match self {
+            RawModel::Native(n) => (n, 0.0, 0.0),
+            RawModel::Detailed {
+                native,
+                price_in,
+                price_out,
+            } => (native, *price_in, *price_out),
+        }
+    }
+}
+
 fn default_pool() -> Pool {
     Pool::Primary
 }
@@ -223,16 +237,12 @@ pub struct Settings {
     pub client_keys: Vec<ClientKey>,
     pub allow_unauthenticated: bool,
     pub source: String,
+    /// `rpm_limit` for backends that set none (`SIDECAR_RATE_RPM`).
     pub default_rpm: u32,
+    /// Upstream timeout for backends that set none (`timeout`).
+    pub default_timeout: Duration,
     /// Where these settings were read from, for reloads.
     pub origin: Sources,
-}
-
-impl Settings {
-    /// `rpm_limit` for backends that set none (`SIDECAR_RATE_RPM`).
-    pub fn tuning_default_rpm(&self) -> u32 {
-        self.default_rpm
-    }
 }
 
 /// Where settings come from.
@@ -287,7 +297,7 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| config_crate_error(&source_name, e))?;
-        let mut settings = raw.validate(&source_name, sources.env)?;
+        let mut settings = raw.validate(&source_name)?;
         settings.origin = sources.clone();
         Ok(settings)
     }
@@ -422,7 +432,7 @@ fn parse_level(source: &str, v: Option<&str>) -> Result<slog::Level, ConfigError
 }
 
 impl RawSettings {
-    pub fn validate(self, src: &str, env: bool) -> Result<Settings, ConfigError> {
+    pub fn validate(self, src: &str) -> Result<Settings, ConfigError> {
         let host: IpAddr = self.host.parse().map_err(|_| {
             ConfigError::new(src, "host", format!("not an IP address: {:?}", self.host))
         })?;
@@ -602,7 +612,6 @@ impl RawSettings {
                 ))
             }
         };
-        let _ = env;
         Ok(Settings {
             host,
             port: self.port,
@@ -634,6 +643,7 @@ impl RawSettings {
             allow_unauthenticated: self.allow_unauthenticated,
             source: src.to_string(),
             default_rpm: self.rate_rpm.max(1),
+            default_timeout,
             origin: Sources::default(),
         })
     }
@@ -744,14 +754,8 @@ impl RawBackend {
         }
         let mut models = HashMap::new();
         for (canonical, m) in &self.models {
-            let (native, price_in, price_out) = match m {
-                RawModel::Native(n) => (n.clone(), 0.0, 0.0),
-                RawModel::Detailed {
-                    native,
-                    price_in,
-                    price_out,
-                } => (native.clone(), *price_in, *price_out),
-            };
+            let (native, price_in, price_out) = m.parts();
+            let native = native.to_string();
             if native.is_empty() {
                 return Err(ConfigError::new(
                     src,
@@ -794,13 +798,4 @@ impl RawBackend {
             initial: Default::default(),
         })
     }
-}
-
-/// Reads only the file, for `sidecar check-config` and startup errors.
-pub fn load_file(path: &Path) -> Result<Settings, ConfigError> {
-    Settings::load(&Sources {
-        file: Some(path.to_path_buf()),
-        env: true,
-        inline: None,
-    })
 }

@@ -156,7 +156,7 @@ fn import(
             .ok_or_else(|| anyhow::anyhow!("--models takes CANONICAL=NATIVE, got {m:?}"))?;
         extra.insert(c.trim().to_string(), n.trim().to_string());
     }
-    let backends = sidecar::import::parse(file, settings.tuning_default_rpm(), &extra)?;
+    let backends = sidecar::import::parse(file, settings.default_rpm, &extra)?;
     let (mut conn, ring) = open_db(&settings)?;
     let r = sidecar::import::import(&mut conn, &ring, &backends)?;
     println!(

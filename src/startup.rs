@@ -117,11 +117,9 @@ thread_local! {
 
 impl Prober for HttpProber {
     fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, Result<(), String>> {
-        let req = PROBE_CLIENT.with(|c| {
-            c.get(format!("{}/models", spec.base_url))
-                .timeout(spec.timeout.min(Duration::from_secs(10)))
-                .insert_header(("authorization", format!("Bearer {}", spec.api_key.expose())))
-        });
+        let timeout = spec.timeout.min(Duration::from_secs(10));
+        let req = PROBE_CLIENT
+            .with(|c| upstream::models_request(c, &spec.base_url, spec.api_key.expose(), timeout));
         async move {
             let res = req.send().await.map_err(|e| e.to_string())?;
             match res.status().as_u16() {
@@ -233,10 +231,7 @@ impl Application {
             admin_token: settings.admin_token.clone(),
             origin: settings.origin.clone(),
             settings_source: settings.source.clone(),
-            default_timeout: settings
-                .backends
-                .first()
-                .map_or(Duration::from_secs(120), |b| b.timeout),
+            default_timeout: settings.default_timeout,
             base_tuning: settings.tuning.clone(),
             metrics: metrics.clone(),
             snapshots: snapshots.clone(),

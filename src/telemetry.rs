@@ -74,8 +74,3 @@ pub fn build_logger(level: slog::Level, json: bool) -> Logger {
     let drain = slog::LevelFilter::new(drain, level).fuse();
     Logger::root(drain, o!("service" => "sidecar"))
 }
-
-/// A logger that drops everything, for tests that do not want output.
-pub fn discard() -> Logger {
-    Logger::root(slog::Discard, o!())
-}

@@ -17,6 +17,6 @@ pub mod supervisor;
 
 pub use backend::BackendActor;
 pub use messages::*;
-pub use probe::{AlwaysHealthy, Prober};
+pub use probe::Prober;
 pub use spec::{ApiKey, BackendId, BackendSpec, InitialState, ModelRoute, Pool, Tuning};
 pub use supervisor::PoolSupervisor;

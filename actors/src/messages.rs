@@ -153,7 +153,7 @@ pub enum Outcome {
     },
     Timeout,
     Connect,
-    /// The upstream failed after bytes had reached the client.
+    /// The upstream's stream broke: cut, stalled, or ended before its first byte.
     StreamBroken,
     /// The client went away mid-request.
     Cancelled,
@@ -400,10 +400,16 @@ pub struct Shutdown;
 #[rtype(result = "()")]
 pub struct Ping;
 
-/// A backend's restarts by its supervisor, for the actors view.
+/// Backend: its current view, read in its own mailbox order, so it
+/// reflects every outcome already sent to it.
 #[derive(Message, Debug, Default)]
-#[rtype(result = "u32")]
-pub struct GetRestarts;
+#[rtype(result = "BackendView")]
+pub struct GetView;
+
+/// Supervisor: one backend's current view, straight from its actor.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Option<BackendView>")]
+pub struct GetBackendView(pub BackendId);
 
 /// New runtime settings (admin `PATCH /config`): applied at once.
 #[derive(Message, Debug, Clone)]

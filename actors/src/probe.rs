@@ -10,12 +10,3 @@ pub trait Prober: Send + Sync + 'static {
     /// backend actor's thread.
     fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, Result<(), String>>;
 }
-
-/// A prober that reports every backend healthy, for setups without probing.
-pub struct AlwaysHealthy;
-
-impl Prober for AlwaysHealthy {
-    fn probe(&self, _spec: &BackendSpec) -> LocalBoxFuture<'static, Result<(), String>> {
-        Box::pin(async { Ok(()) })
-    }
-}

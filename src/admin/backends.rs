@@ -22,6 +22,7 @@ use super::authorize;
 use crate::configuration::{RawBackend, RawModel};
 use crate::error::ApiError;
 use crate::startup::AppState;
+use crate::upstream;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,18 +189,12 @@ fn validate(settings: &BackendSettings, state: &AppState) -> Result<(), ApiError
 }
 
 fn models_of(raw: HashMap<String, RawModel>) -> BTreeMap<String, ModelJson> {
-    raw.into_iter()
+    raw.iter()
         .map(|(k, m)| {
-            let (native, price_in, price_out) = match m {
-                RawModel::Native(n) => (n, 0.0, 0.0),
-                RawModel::Detailed {
-                    native,
-                    price_in,
-                    price_out,
-                } => (native, price_in, price_out),
-            };
+            let (native, price_in, price_out) = m.parts();
+            let native = native.to_string();
             (
-                k,
+                k.clone(),
                 ModelJson {
                     native,
                     price_in,
@@ -220,10 +215,7 @@ pub async fn test_key(
     timeout: Duration,
 ) -> Result<Value, ApiError> {
     let started = std::time::Instant::now();
-    let res = client
-        .get(format!("{}/models", base_url.trim_end_matches('/')))
-        .timeout(timeout)
-        .insert_header(("authorization", format!("Bearer {key}")))
+    let res = upstream::models_request(client, base_url, key, timeout)
         .send()
         .await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;

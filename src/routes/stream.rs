@@ -78,7 +78,7 @@ impl PassThrough {
         ctx: StreamContext,
     ) -> Self {
         let mut filter = SseFilter::new(strip_usage);
-        let first = filter.push(&first);
+        let first = filter.push(first);
         let idle = ctx.lease.timeout;
         Self {
             upstream,
@@ -141,7 +141,7 @@ impl Stream for PassThrough {
             match this.upstream.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.idle_timer.as_mut().reset(Instant::now() + this.idle);
-                    let out = this.filter.push(&chunk);
+                    let out = this.filter.push(chunk);
                     if out.is_empty() {
                         continue;
                     }

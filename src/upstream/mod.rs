@@ -25,6 +25,20 @@ pub fn build_client() -> awc::Client {
         .finish()
 }
 
+/// `GET {base_url}/models` with a backend's key: the cheap real call behind
+/// both the health probe and the admin API's key test.
+pub fn models_request(
+    client: &awc::Client,
+    base_url: &str,
+    key: &str,
+    timeout: Duration,
+) -> awc::ClientRequest {
+    client
+        .get(format!("{}/models", base_url.trim_end_matches('/')))
+        .timeout(timeout)
+        .insert_header((header::AUTHORIZATION, format!("Bearer {key}")))
+}
+
 /// Installs the process-wide TLS crypto provider awc's rustls needs.
 pub fn install_crypto_provider() {
     // Err means one is installed already, which is what we want.

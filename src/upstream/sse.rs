@@ -16,7 +16,6 @@ pub struct SseFilter {
     partial: BytesMut,
     pub usage: Option<Usage>,
     pub saw_done: bool,
-    pub events: u64,
 }
 
 #[derive(Deserialize)]
@@ -25,6 +24,10 @@ struct Chunk {
     choices: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     usage: Option<Usage>,
+}
+
+fn ends_an_event(chunk: &[u8]) -> bool {
+    chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n")
 }
 
 /// Finds the end of the first complete event: the index just past its blank line.
@@ -53,8 +56,16 @@ impl SseFilter {
     }
 
     /// Takes one upstream chunk; returns the bytes to send to the client now.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
-        self.partial.extend_from_slice(chunk);
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        // The common case: whole events with nothing to read or remove pass
+        // through as they are, without a copy.
+        if self.partial.is_empty() && ends_an_event(&chunk) && !contains(&chunk, b"\"usage\"") {
+            if contains(&chunk, b"[DONE]") {
+                self.saw_done = true;
+            }
+            return chunk;
+        }
+        self.partial.extend_from_slice(&chunk);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.partial) {
             let event = self.partial.split_to(end);
@@ -76,7 +87,6 @@ impl SseFilter {
     }
 
     fn keep(&mut self, event: &[u8]) -> bool {
-        self.events += 1;
         if contains(event, b"[DONE]") {
             self.saw_done = true;
             return true;
@@ -132,7 +142,7 @@ mod tests {
     fn strips_usage_only_chunk_and_records_usage() {
         let mut f = SseFilter::new(true);
         let all = format!("{CONTENT}{USAGE}{DONE}");
-        let out = f.push(all.as_bytes());
+        let out = f.push(Bytes::from(all));
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             format!("{CONTENT}{DONE}")
@@ -148,9 +158,21 @@ mod tests {
     }
 
     #[test]
+    fn whole_events_without_usage_pass_through_without_a_copy() {
+        let mut f = SseFilter::new(true);
+        let chunk = Bytes::from(format!("{CONTENT}{CONTENT}"));
+        let out = f.push(chunk.clone());
+        assert_eq!(out, chunk);
+        assert_eq!(out.as_ptr(), chunk.as_ptr(), "same buffer, not a copy");
+        let done = Bytes::from_static(DONE.as_bytes());
+        assert_eq!(f.push(done.clone()).as_ptr(), done.as_ptr());
+        assert!(f.saw_done);
+    }
+
+    #[test]
     fn keeps_usage_chunk_when_client_asked() {
         let mut f = SseFilter::new(false);
-        let out = f.push(USAGE.as_bytes());
+        let out = f.push(Bytes::from_static(USAGE.as_bytes()));
         assert_eq!(&out[..], USAGE.as_bytes());
         assert!(f.usage.is_some());
     }
@@ -162,7 +184,7 @@ mod tests {
         let bytes = all.as_bytes();
         let mut out = Vec::new();
         for piece in bytes.chunks(7) {
-            out.extend_from_slice(&f.push(piece));
+            out.extend_from_slice(&f.push(Bytes::copy_from_slice(piece)));
         }
         out.extend_from_slice(&f.finish());
         assert_eq!(String::from_utf8(out).unwrap(), format!("{CONTENT}{DONE}"));
@@ -173,7 +195,10 @@ mod tests {
     fn crlf_events_and_garbage_pass_through() {
         let mut f = SseFilter::new(true);
         let ev = "data: not json \"usage\"\r\n\r\n";
-        assert_eq!(&f.push(ev.as_bytes())[..], ev.as_bytes());
+        assert_eq!(
+            &f.push(Bytes::from_static(ev.as_bytes()))[..],
+            ev.as_bytes()
+        );
         assert_eq!(f.usage, None);
     }
 }

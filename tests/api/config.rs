@@ -120,7 +120,7 @@ fn single_key_environment_form_yields_one_backend() {
         rate_rpm: 35,
         ..Default::default()
     };
-    let s = raw.validate("environment", true).expect("valid");
+    let s = raw.validate("environment").expect("valid");
     assert_eq!(s.backends.len(), 1);
     assert_eq!(s.backends[0].rpm_limit, 35);
     assert_eq!(

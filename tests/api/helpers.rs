@@ -13,7 +13,7 @@ use sidecar::startup::Application;
 use sidecar::startup::GatewayHandle;
 use sidecar_actors::backup::BackupActor;
 use sidecar_actors::stats::StatsActor;
-use sidecar_actors::{BackendView, GetSnapshot, PoolSnapshot, PoolSupervisor};
+use sidecar_actors::{BackendView, GetBackendView, GetSnapshot, PoolSnapshot, PoolSupervisor};
 use slog::{o, Drain, Logger};
 
 pub struct TestApp {
@@ -258,16 +258,22 @@ impl TestApp {
             .expect("supervisor answers")
     }
 
-    /// A backend's state once outcomes already reported have reached the
-    /// supervisor (successes are reported without waiting).
+    /// A backend's state, read from its own actor: the read queues behind
+    /// every outcome already reported to it, so no waiting is needed.
     pub async fn view(&self, name: &str) -> BackendView {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        self.snapshot()
+        let id = self
+            .snapshot()
             .await
             .backends
             .into_iter()
             .find(|b| &*b.name == name)
             .unwrap_or_else(|| panic!("no backend {name}"))
+            .id;
+        self.supervisor
+            .send(GetBackendView(id))
+            .await
+            .expect("supervisor answers")
+            .unwrap_or_else(|| panic!("backend {name} is not running"))
     }
 
     /// Stops the gateway gracefully (stats flushed) and starts a new one on

@@ -54,7 +54,8 @@ async fn usage_is_accounted_exactly() {
         prompt += v["usage"]["prompt_tokens"].as_u64().unwrap();
         completion += v["usage"]["completion_tokens"].as_u64().unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Each request's usage was sent before its answer reached us, so this
+    // Flush queues behind all of it.
     let started = Instant::now();
     app.stats.send(Flush).await.unwrap().unwrap();
     let flush_ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -2,7 +2,7 @@ use actix::prelude::*;
 
 use super::BackendActor;
 use crate::messages::{
-    Crash, Finish, GetRestarts, LeaseTaken, Ping, Reconfigure, ResetCooldown, Retune, Shutdown,
+    Crash, Finish, GetView, LeaseTaken, Reconfigure, ResetCooldown, Retune, Shutdown,
 };
 
 impl Handler<LeaseTaken> for BackendActor {
@@ -48,11 +48,6 @@ impl Handler<Shutdown> for BackendActor {
     }
 }
 
-impl Handler<Ping> for BackendActor {
-    type Result = ();
-    fn handle(&mut self, _msg: Ping, _ctx: &mut Self::Context) {}
-}
-
 impl Handler<Retune> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Retune, ctx: &mut Self::Context) {
@@ -79,9 +74,9 @@ impl Handler<Crash> for BackendActor {
     }
 }
 
-impl Handler<GetRestarts> for BackendActor {
-    type Result = u32;
-    fn handle(&mut self, _msg: GetRestarts, _ctx: &mut Self::Context) -> u32 {
-        self.restarts
+impl Handler<GetView> for BackendActor {
+    type Result = MessageResult<GetView>;
+    fn handle(&mut self, _msg: GetView, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.view(tokio::time::Instant::now()))
     }
 }

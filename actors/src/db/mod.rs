@@ -10,7 +10,6 @@ pub mod schema;
 pub mod usage;
 
 use std::path::Path;
-use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -133,9 +132,6 @@ pub fn file_sizes(path: &Path) -> (u64, u64) {
     wal.push("-wal");
     (size(path), size(Path::new(&wal)))
 }
-
-/// How long `connect` waits on a locked database.
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::StatsActor;
 use crate::db::usage::{flush, hour_of, UsageDelta};
-use crate::db::{now_ms, DbError};
+use crate::db::DbError;
 use crate::spec::BackendId;
 use crate::store;
 
@@ -130,21 +130,5 @@ impl StatsActor {
                 let _ = done.send(answer);
             }
         }));
-    }
-}
-
-/// For tests and callers that record without a clock of their own.
-pub fn usage_now(backend_id: BackendId, model: &str, success: bool) -> RecordUsage {
-    RecordUsage {
-        backend_id,
-        model: model.to_string(),
-        at_ms: now_ms(),
-        success,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        cost: 0.0,
-        latency: Duration::ZERO,
-        ttft: None,
-        attempts: 1,
     }
 }

@@ -5,7 +5,7 @@
 mod actor;
 mod handlers;
 
-pub use handlers::{usage_now, Flush, GetFlushStatus, RecordUsage};
+pub use handlers::{Flush, GetFlushStatus, RecordUsage};
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use super::queue::Waiter;
 use super::{retry_after, Decision, Need, PoolSupervisor};
 use crate::messages::{
-    Acquire, AcquireError, BackendUpdate, Crash, GetSnapshot, ListModels, Ping, PoolSnapshot,
-    Reconfigure, RemoveBackend, ResetCooldown, Shutdown, TestCrashBackend, TestFreeze, Ticket,
-    UpdateTuning, UpsertBackend,
+    Acquire, AcquireError, BackendUpdate, Crash, GetBackendView, GetSnapshot, GetView, ListModels,
+    Ping, PoolSnapshot, Reconfigure, RemoveBackend, ResetCooldown, Shutdown, TestCrashBackend,
+    TestFreeze, Ticket, UpdateTuning, UpsertBackend,
 };
 
 impl Handler<Acquire> for PoolSupervisor {
@@ -169,5 +169,18 @@ impl Handler<TestCrashBackend> for PoolSupervisor {
             }
             None => false,
         }
+    }
+}
+
+impl Handler<GetBackendView> for PoolSupervisor {
+    type Result = ResponseFuture<Option<crate::messages::BackendView>>;
+    fn handle(&mut self, msg: GetBackendView, _ctx: &mut Self::Context) -> Self::Result {
+        let addr = self.addr_of(msg.0);
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(GetView).await.ok(),
+                None => None,
+            }
+        })
     }
 }

@@ -355,10 +355,6 @@ impl PoolSupervisor {
         }
     }
 
-    pub fn tuning(&self) -> &Tuning {
-        &self.tuning
-    }
-
     pub(crate) fn retune(&mut self, tuning: Tuning) {
         self.queue.set_max(tuning.queue_max);
         self.tuning = Arc::new(tuning);
