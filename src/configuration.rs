@@ -62,6 +62,11 @@ pub struct RawSettings {
     pub failure_threshold: u32,
     pub recovery_threshold: u32,
     pub health_interval: f64,
+    /// First re-test of a rejected key, in seconds; doubles up to the max.
+    pub key_retest_initial: f64,
+    pub key_retest_max: f64,
+    /// Longest upstream Retry-After honoured, in seconds.
+    pub retry_after_max: f64,
     /// Upstream attempts per request for failures other than 429.
     pub max_attempts: u32,
     pub max_body_bytes: usize,
@@ -109,6 +114,9 @@ impl Default for RawSettings {
             failure_threshold: 3,
             recovery_threshold: 2,
             health_interval: 15.0,
+            key_retest_initial: 30.0,
+            key_retest_max: 3600.0,
+            retry_after_max: 3600.0,
             max_attempts: 3,
             max_body_bytes: 10 * 1024 * 1024,
             timeout: 120.0,
@@ -461,9 +469,19 @@ impl RawSettings {
             failure_threshold: self.failure_threshold.max(1),
             recovery_threshold: self.recovery_threshold.max(1),
             health_interval: positive_secs(src, "health_interval", self.health_interval)?,
+            key_retest_initial: positive_secs(src, "key_retest_initial", self.key_retest_initial)?,
+            key_retest_max: positive_secs(src, "key_retest_max", self.key_retest_max)?,
+            retry_after_max: positive_secs(src, "retry_after_max", self.retry_after_max)?,
             queue_max: self.queue_max,
             queue_timeout: secs(src, "queue_timeout", self.queue_timeout)?,
         };
+        if tuning.key_retest_max < tuning.key_retest_initial {
+            return Err(ConfigError::new(
+                src,
+                "key_retest_max",
+                "must be ≥ key_retest_initial",
+            ));
+        }
         if tuning.cooldown_max < tuning.cooldown_base {
             return Err(ConfigError::new(
                 src,

@@ -36,6 +36,14 @@ pub enum ApiError {
     Acquire(#[from] AcquireError),
     #[error("upstream failed: {message}")]
     Upstream { message: String, timeout: bool },
+    /// The upstream's own error answer, relayed as it is (keys masked): a
+    /// request every backend fails the same way gets what they said.
+    #[error("the upstream answered {status}")]
+    UpstreamAnswer {
+        status: u16,
+        body: bytes::Bytes,
+        content_type: Option<header::HeaderValue>,
+    },
     #[error("internal error: {0}")]
     Internal(String),
     /// Admin API answers: status, code and message chosen by the handler.
@@ -90,6 +98,7 @@ impl ApiError {
             },
             ApiError::Upstream { timeout: true, .. } => ("server_error", "upstream_timeout"),
             ApiError::Upstream { .. } => ("server_error", "upstream_error"),
+            ApiError::UpstreamAnswer { .. } => ("server_error", "upstream_error"),
             ApiError::Internal(_) => ("server_error", "internal_error"),
             ApiError::Admin { status, code, .. } => (
                 match status.as_u16() {
@@ -132,12 +141,25 @@ impl ResponseError for ApiError {
             ApiError::Acquire(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream { timeout: true, .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamAnswer { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Admin { status, .. } => *status,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
+        if let ApiError::UpstreamAnswer {
+            body, content_type, ..
+        } = self
+        {
+            let mut res = HttpResponse::build(self.status_code());
+            if let Some(ct) = content_type {
+                res.insert_header((header::CONTENT_TYPE, ct.clone()));
+            }
+            return res.body(body.clone());
+        }
         let (kind, code) = self.kind();
         let message = match self {
             // The model name came from the client: say which one we could not find.

@@ -17,6 +17,7 @@ pub mod mock_upstream;
 pub mod notify;
 pub mod persistence;
 pub mod routes;
+pub mod secrets;
 pub mod startup;
 pub mod telemetry;
 pub mod upstream;

@@ -238,14 +238,15 @@ impl Metrics {
         self.backend_state.reset();
         for b in &snap.backends {
             let name = &*b.name;
+            let status = b.status_at(tokio::time::Instant::now());
             for s in STATES {
                 self.backend_state
                     .with_label_values(&[name, s.as_str()])
-                    .set(i64::from(b.status == s));
+                    .set(i64::from(status == s));
             }
             self.requests_left
                 .with_label_values(&[name])
-                .set(b.remaining as i64);
+                .set(b.window_left as i64);
             self.effective_rpm
                 .with_label_values(&[name])
                 .set(b.effective_rpm as i64);

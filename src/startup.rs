@@ -19,7 +19,7 @@ use sidecar_actors::db::KeyRing;
 use sidecar_actors::messages::ListModels;
 use sidecar_actors::stats::{Flush, StatsActor};
 use sidecar_actors::store::DbExecutor;
-use sidecar_actors::{BackendSpec, PoolSupervisor, Prober, Tuning};
+use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober, Tuning};
 use slog::{info, warn, Logger};
 
 use crate::admin::runtime::RuntimeConfig;
@@ -108,7 +108,8 @@ fn request_id_from(req: &actix_web::dev::ServiceRequest) -> Arc<str> {
         .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().simple().to_string()))
 }
 
-/// Probes a down backend with `GET {base_url}/models` and its own key.
+/// Probes a backend with `GET {base_url}/models` and its own key: whether a
+/// down backend answers again, whether a rejected key is accepted again.
 pub struct HttpProber;
 
 thread_local! {
@@ -116,15 +117,18 @@ thread_local! {
 }
 
 impl Prober for HttpProber {
-    fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, Result<(), String>> {
+    fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, ProbeOutcome> {
         let timeout = spec.timeout.min(Duration::from_secs(10));
         let req = PROBE_CLIENT
             .with(|c| upstream::models_request(c, &spec.base_url, spec.api_key.expose(), timeout));
         async move {
-            let res = req.send().await.map_err(|e| e.to_string())?;
-            match res.status().as_u16() {
-                200..=299 => Ok(()),
-                s => Err(format!("probe answered {s}")),
+            match req.send().await {
+                Err(e) => ProbeOutcome::Failed(e.to_string()),
+                Ok(res) => match res.status().as_u16() {
+                    200..=299 => ProbeOutcome::Ok,
+                    s @ (401 | 403) => ProbeOutcome::Rejected(s),
+                    s => ProbeOutcome::Failed(format!("probe answered {s}")),
+                },
             }
         }
         .boxed_local()
@@ -179,10 +183,13 @@ impl Application {
         };
         let mut runtime = RuntimeConfig::from_tuning(&settings.tuning, settings.default_rpm);
         if let Some(saved) = boot.runtime_json.as_deref() {
-            match serde_json::from_str::<RuntimeConfig>(saved) {
+            match serde_json::from_str::<RuntimeConfig>(saved)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.check().map(|()| r))
+            {
                 Ok(r) => runtime = r,
                 Err(e) => {
-                    warn!(log, "ignoring unreadable saved runtime settings"; "error" => e.to_string())
+                    warn!(log, "ignoring unreadable saved runtime settings"; "error" => e)
                 }
             }
         }

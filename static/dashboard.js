@@ -174,7 +174,9 @@ function renderCards(snap) {
 
 function buildCard(b, s) {
   const limit = Math.max(1, b.effective_rpm);
-  const pct = Math.max(0, Math.min(100, (b.requests_left / limit) * 100));
+  // A key that cannot serve shows no capacity, whatever its window holds.
+  const serving = b.state === "healthy" || b.state === "cooling";
+  const pct = serving ? Math.max(0, Math.min(100, (b.requests_left / limit) * 100)) : 0;
   const managed = s && s.source === "config";
   const actions = el("div", { class: "actions" },
     el("button", { class: "ghost", type: "button", disabled: managed, title: managed ? "managed by the config file" : null,
@@ -193,7 +195,9 @@ function buildCard(b, s) {
       stat("left in window", `${fmt.n(b.requests_left)} / ${fmt.n(b.effective_rpm)}`, "left"),
       stat("rpm eff / conf", `${fmt.n(b.effective_rpm)} / ${fmt.n(b.configured_rpm)}`, "rpm"),
       stat("in flight", b.max_concurrency ? `${b.in_flight} / ${b.max_concurrency}` : `${b.in_flight}`, "in_flight"),
+      stat("burst / next slot", `${fmt.n(b.burst_left)} / ${b.next_free_in_s == null ? "now" : fmt.secs(b.next_free_in_s)}`, "burst"),
       stat("cooldown", fmt.secs(b.cooldown_remaining_s), "cooldown"),
+      b.next_check_in_s != null ? stat(b.state === "error" ? "next key test" : "next probe", fmt.secs(b.next_check_in_s), "next_check") : null,
       stat("429s in a row", fmt.n(b.consecutive_429), "c429"),
       stat("latency / ttft", `${fmt.ms(b.latency_ms)} / ${fmt.ms(b.ttft_ms)}`, "latency"),
       stat("requests", fmt.n(b.requests), "requests"),

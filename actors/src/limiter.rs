@@ -72,12 +72,21 @@ impl RollingLimiter {
         }
     }
 
-    /// How many requests may be granted right now.
+    /// How many requests may be granted right now (window and burst).
     pub fn remaining(&mut self, now: Instant) -> u32 {
+        self.window_left(now).min(self.burst_left(now))
+    }
+
+    /// Requests the rolling window still allows, burst aside.
+    pub fn window_left(&mut self, now: Instant) -> u32 {
         self.refill(now);
-        let by_window = self.limit.saturating_sub(self.grants.len() as u32);
-        let by_bucket = self.bucket.floor() as u32;
-        by_window.min(by_bucket)
+        self.limit.saturating_sub(self.grants.len() as u32)
+    }
+
+    /// Requests the burst bucket allows at once.
+    pub fn burst_left(&mut self, now: Instant) -> u32 {
+        self.refill(now);
+        self.bucket.floor() as u32
     }
 
     /// Requests granted in the current window.
@@ -116,8 +125,9 @@ impl RollingLimiter {
         let by_bucket = if self.bucket >= 1.0 {
             now
         } else {
+            // Finite and small: the rate is at least one per window.
             let secs = (1.0 - self.bucket) / self.refill_rate_per_sec();
-            now + Duration::from_secs_f64(secs)
+            now + Duration::try_from_secs_f64(secs).unwrap_or(self.window)
         };
         by_window.max(by_bucket)
     }
@@ -137,7 +147,7 @@ impl TokenWindow {
     pub fn new(limit: u64, window: Duration) -> Self {
         Self {
             window,
-            limit,
+            limit: limit.max(1),
             entries: VecDeque::new(),
             total: 0,
         }
@@ -147,7 +157,7 @@ impl TokenWindow {
         while let Some(&(at, n)) = self.entries.front() {
             if now.saturating_duration_since(at) >= self.window {
                 self.entries.pop_front();
-                self.total -= n;
+                self.total = self.total.saturating_sub(n);
             } else {
                 break;
             }
@@ -163,11 +173,16 @@ impl TokenWindow {
         self.limit
     }
 
+    /// A new limit; what is already in the window keeps counting.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit.max(1);
+    }
+
     pub fn add(&mut self, at: Instant, tokens: u64, now: Instant) {
         self.expire(now);
         if now.saturating_duration_since(at) < self.window {
             self.entries.push_back((at, tokens));
-            self.total += tokens;
+            self.total = self.total.saturating_add(tokens);
         }
     }
 
@@ -180,23 +195,36 @@ impl TokenWindow {
             .find(|(t, n)| *t == at && *n == reserved)
         {
             entry.1 = actual;
-            self.total = self.total - reserved + actual;
+            self.total = self.total.saturating_sub(reserved).saturating_add(actual);
         }
     }
 
+    /// When `needed` tokens fit, counting only what is in the window now.
     pub fn next_free(&mut self, needed: u64, now: Instant) -> Instant {
         self.expire(now);
+        let needed = needed.clamp(1, self.limit);
         let mut total = self.total;
         for &(at, n) in &self.entries {
-            if self.limit.saturating_sub(total) >= needed.max(1) {
+            if self.limit.saturating_sub(total) >= needed {
                 break;
             }
-            total -= n;
-            if self.limit.saturating_sub(total) >= needed.max(1) {
+            total = total.saturating_sub(n);
+            if self.limit.saturating_sub(total) >= needed {
                 return at + self.window;
             }
         }
         now
+    }
+
+    /// When each entry leaves the window and how many tokens it frees, in
+    /// order: what anyone can compute future capacity from.
+    pub fn releases(&mut self, now: Instant) -> Vec<(Instant, u64)> {
+        self.expire(now);
+        self.entries
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|&(at, n)| (at + self.window, n))
+            .collect()
     }
 }
 

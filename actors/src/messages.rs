@@ -9,7 +9,8 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::backend::BackendActor;
+use crate::gate::Gate;
+use crate::provider::ProviderLimits;
 use crate::spec::{ApiKey, BackendId, BackendSpec, Pool, Tuning};
 
 /// Queue priority from `X-Priority`; lower value is served first.
@@ -94,29 +95,94 @@ pub struct Totals {
     pub cooldowns: u64,
 }
 
-/// What a backend pushes to the supervisor after every change.
+/// A key's token window as the chooser reads it: enough to compute when a
+/// request of any size fits, without asking the backend again.
+#[derive(Debug, Clone)]
+pub struct TokenView {
+    pub limit: u64,
+    /// Tokens left in the window when the view was taken.
+    pub left: u64,
+    /// When each entry in the window leaves it, and how many tokens it frees.
+    pub releases: Arc<[(Instant, u64)]>,
+    /// The provider's own remaining-tokens budget and when it resets.
+    pub budget: Option<(u64, Instant)>,
+}
+
+impl TokenView {
+    /// When `need` tokens fit, given `pending` tokens granted since the view
+    /// (they stay in the window past every release listed). `None`: not
+    /// before the backend says more.
+    pub fn fits_at(&self, need: u64, pending: u64, now: Instant) -> Option<Instant> {
+        let need = i128::from(need.clamp(1, self.limit));
+        let cap = i128::from(self.limit) - i128::from(pending);
+        // What is free at `now`: left at the view, plus what left the window
+        // since, minus what was granted since.
+        let mut avail = (i128::from(self.left_at(now)) - i128::from(pending)).min(cap);
+        let mut at = (avail >= need).then_some(now);
+        if at.is_none() {
+            for &(t, n) in self.releases.iter().filter(|(t, _)| *t > now) {
+                avail = (avail + i128::from(n)).min(cap);
+                if avail >= need {
+                    at = Some(t);
+                    break;
+                }
+            }
+        }
+        match self.budget {
+            Some((b, until)) if i128::from(b) - i128::from(pending) < need => {
+                at.map(|a| a.max(until))
+            }
+            _ => at,
+        }
+    }
+
+    /// Tokens left at `now` (releases since the view included).
+    pub fn left_at(&self, now: Instant) -> u64 {
+        let released: u64 = self
+            .releases
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, n)| *n)
+            .sum();
+        self.left.saturating_add(released).min(self.limit)
+    }
+}
+
+/// What a backend pushes to the supervisor after every change. Times in it
+/// let a reader compute the state at a later moment without asking again.
 #[derive(Debug, Clone)]
 pub struct BackendView {
     pub id: BackendId,
     pub name: Arc<str>,
     pub pool: Pool,
     pub status: Status,
-    /// Requests grantable now, by window and burst.
+    /// Requests grantable now: window, burst and the provider's budget.
     pub remaining: u32,
-    /// When `remaining` next rises above zero.
+    /// When `remaining` next rises above zero (absent new grants).
     pub next_free: Instant,
+    /// Requests the rolling window still allows, burst aside.
+    pub window_left: u32,
+    /// Requests the burst bucket allows at once.
+    pub burst_left: u32,
     pub used_in_window: u32,
     pub effective_rpm: u32,
     pub configured_rpm: u32,
-    pub tokens_remaining: Option<u64>,
-    pub tpm_limit: Option<u64>,
-    pub tokens_next_free: Instant,
+    /// The provider's own request limit, when its headers said it is lower.
+    pub provider_rpm: Option<u32>,
+    pub tokens: Option<TokenView>,
     pub in_flight: u32,
     pub max_concurrency: Option<u32>,
     pub cooling_until: Option<Instant>,
+    /// The upstream's own Retry-After deadline: nothing is sent before it.
+    pub probe_not_before: Option<Instant>,
+    /// The Retry-After the upstream sent, as it said it (uncapped).
+    pub retry_after_said: Option<Duration>,
     pub consecutive_429: u32,
     pub consecutive_failures: u32,
     pub emergency_remaining: u32,
+    pub emergency_next_free: Instant,
+    /// Next health probe (down) or key re-test (error).
+    pub next_check: Option<Instant>,
     /// Leases this backend has been told about; the supervisor subtracts the
     /// ones it granted since, so its view never overstates capacity.
     pub seen_leases: u64,
@@ -129,6 +195,21 @@ pub struct BackendView {
     /// Times this backend's actor was restarted by its supervisor.
     pub restarts: u32,
     pub updated: Instant,
+}
+
+impl BackendView {
+    /// The status at `now`: a cooldown whose end has passed no longer counts.
+    pub fn status_at(&self, now: Instant) -> Status {
+        match self.status {
+            Status::Cooling if self.cooling_until.is_none_or(|u| u <= now) => Status::Healthy,
+            s => s,
+        }
+    }
+
+    /// Tokens the window allows at `now`, releases since the view included.
+    pub fn tokens_left(&self, now: Instant) -> Option<u64> {
+        self.tokens.as_ref().map(|t| t.left_at(now))
+    }
 }
 
 /// How one upstream attempt ended, as the handler saw it.
@@ -178,6 +259,62 @@ impl Outcome {
     }
 }
 
+/// When a failure counts against the key's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strike {
+    #[default]
+    Now,
+    /// After the request's next attempt elsewhere: a failure that follows
+    /// the request from key to key is the request's.
+    Deferred,
+}
+
+/// What the handler reports about one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub latency: Duration,
+    pub ttft: Option<Duration>,
+    /// A short description of a failure for the dashboard; never a key.
+    pub detail: Option<String>,
+    /// What the provider's headers said about its limits.
+    pub limits: Option<ProviderLimits>,
+    pub strike: Strike,
+}
+
+impl Report {
+    pub fn new(outcome: Outcome, latency: Duration) -> Self {
+        Self {
+            outcome,
+            latency,
+            ttft: None,
+            detail: None,
+            limits: None,
+            strike: Strike::Now,
+        }
+    }
+
+    pub fn ttft(mut self, ttft: Option<Duration>) -> Self {
+        self.ttft = ttft;
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<Option<String>>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    pub fn limits(mut self, limits: Option<ProviderLimits>) -> Self {
+        self.limits = limits.filter(|l| !l.is_empty());
+        self
+    }
+
+    pub fn deferred(mut self) -> Self {
+        self.strike = Strike::Deferred;
+        self
+    }
+}
+
 /// The right to send one request to one backend. Report how it went with
 /// [`Lease::finish`]; a lease dropped unreported is returned as unused or
 /// cancelled, so a backend's in-flight count can never leak.
@@ -194,7 +331,9 @@ pub struct Lease {
     pub timeout: Duration,
     pub emergency: bool,
     pub granted_at: Instant,
-    pub(crate) addr: Addr<BackendActor>,
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) finish_to: Recipient<Finish>,
+    pub(crate) verdict_to: Recipient<Verdict>,
     pub(crate) used: bool,
     pub(crate) reported: bool,
 }
@@ -210,52 +349,53 @@ impl fmt::Debug for Lease {
 }
 
 impl Lease {
+    /// The last check before sending: false when the backend closed since
+    /// the lease was granted (a 429, a rejected key, down). Then report the
+    /// lease as unused and ask again.
+    pub fn admitted(&self, now: Instant) -> bool {
+        self.gate.admits(self.emergency, now)
+    }
+
     /// Marks that the request is about to go upstream: from here on, dropping
     /// the lease counts as a cancelled request, not an unused slot.
     pub fn mark_used(&mut self) {
         self.used = true;
     }
 
-    pub fn finish(
-        mut self,
-        outcome: Outcome,
-        latency: Duration,
-        ttft: Option<Duration>,
-        detail: Option<String>,
-    ) {
+    fn message(&mut self, report: Report) -> Finish {
         self.reported = true;
-        self.addr.do_send(Finish {
+        Finish {
             lease_id: self.id,
-            outcome,
-            latency,
-            ttft,
-            detail,
-        });
+            report,
+        }
     }
-}
 
-impl Lease {
+    pub fn finish(mut self, report: Report) {
+        let msg = self.message(report);
+        self.finish_to.do_send(msg);
+    }
+
     /// Like [`Lease::finish`], but waits until the backend has applied the
     /// outcome and pushed its new state to the supervisor. Used before
     /// retrying elsewhere, so the next `Acquire` sees this backend cooling or
     /// down rather than the state from before.
-    pub async fn settle(
-        mut self,
-        outcome: Outcome,
-        latency: Duration,
-        ttft: Option<Duration>,
-        detail: Option<String>,
-    ) {
-        self.reported = true;
-        let msg = Finish {
-            lease_id: self.id,
-            outcome,
-            latency,
-            ttft,
-            detail,
-        };
+    pub async fn settle(mut self, report: Report) {
+        let msg = self.message(report);
         // A stopped backend has nothing left to update.
-        let _ = self.addr.send(msg).await;
+        let _ = self.finish_to.send(msg).await;
+    }
+
+    /// Settles a failure whose blame waits for the request's next attempt.
+    pub async fn settle_deferred(mut self, report: Report) -> PendingStrike {
+        let strike = PendingStrike {
+            lease_id: self.id,
+            backend: self.backend,
+            to: self.verdict_to.clone(),
+            decided: false,
+        };
+        let msg = self.message(report.deferred());
+        let _ = self.finish_to.send(msg).await;
+        strike
     }
 }
 
@@ -267,12 +407,38 @@ impl Drop for Lease {
             } else {
                 Outcome::Unused
             };
-            self.addr.do_send(Finish {
-                lease_id: self.id,
-                outcome,
-                latency: self.granted_at.elapsed(),
-                ttft: None,
-                detail: None,
+            let msg = self.message(Report::new(outcome, self.granted_at.elapsed()));
+            self.finish_to.do_send(msg);
+        }
+    }
+}
+
+/// A deferred health strike. Dropped undecided, it counts against the key:
+/// without evidence that the request was at fault, the key was.
+pub struct PendingStrike {
+    lease_id: u64,
+    pub backend: BackendId,
+    to: Recipient<Verdict>,
+    decided: bool,
+}
+
+impl PendingStrike {
+    /// The same failure followed the request to another key: not this key's.
+    pub fn absolve(mut self) {
+        self.decided = true;
+        self.to.do_send(Verdict {
+            lease_id: self.lease_id,
+            counts: false,
+        });
+    }
+}
+
+impl Drop for PendingStrike {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.to.do_send(Verdict {
+                lease_id: self.lease_id,
+                counts: true,
             });
         }
     }
@@ -329,11 +495,16 @@ pub struct Acquire {
 #[rtype(result = "()")]
 pub struct Finish {
     pub lease_id: u64,
-    pub outcome: Outcome,
-    pub latency: Duration,
-    pub ttft: Option<Duration>,
-    /// A short description of a failure for the dashboard; never a key.
-    pub detail: Option<String>,
+    pub report: Report,
+}
+
+/// Handler → backend (through [`PendingStrike`]): whether a deferred
+/// failure counts against the key.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Verdict {
+    pub lease_id: u64,
+    pub counts: bool,
 }
 
 /// Supervisor → backend: a lease was handed out.
@@ -344,6 +515,9 @@ pub struct LeaseTaken {
     pub at: Instant,
     pub emergency: bool,
     pub est_tokens: u64,
+    /// The supervisor's view of this backend ran dry with this grant: push
+    /// a fresh one.
+    pub refresh: bool,
 }
 
 /// Backend → supervisor: my state changed.
@@ -351,10 +525,23 @@ pub struct LeaseTaken {
 #[rtype(result = "()")]
 pub struct BackendUpdate(pub BackendView);
 
-/// Backend (self): the result of an active health probe.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct ProbeResult(pub Result<(), String>);
+/// What an active probe of a backend found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Ok,
+    /// The upstream refused the key (401/403).
+    Rejected(u16),
+    Failed(String),
+}
+
+/// The operator's key test (admin API) answered: the backend learns it.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "bool")]
+pub struct KeyTested {
+    pub id: BackendId,
+    pub accepted: bool,
+    pub detail: Option<String>,
+}
 
 /// Reads the live state of every backend and the queue.
 #[derive(Message, Debug, Default)]

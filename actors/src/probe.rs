@@ -3,10 +3,11 @@
 
 use futures_util::future::LocalBoxFuture;
 
+use crate::messages::ProbeOutcome;
 use crate::spec::BackendSpec;
 
 pub trait Prober: Send + Sync + 'static {
-    /// Checks that the backend answers and accepts its key. Runs on the
-    /// backend actor's thread.
-    fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, Result<(), String>>;
+    /// Checks that the backend answers and accepts its key, with a cheap
+    /// request. Runs on the backend actor's thread.
+    fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, ProbeOutcome>;
 }

@@ -2,7 +2,9 @@
 //!
 //! When the upstream 429 share over the last window exceeds 5 %, the effective
 //! rate drops ×0.75 (not below a floor); after a calm period under 2 % it climbs
-//! back +2 per step up to the configured limit.
+//! back +2 per step up to the configured limit — but only on evidence: the
+//! last window carried traffic near the learned limit. An idle key proves
+//! nothing, so it keeps what it learned.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -19,6 +21,9 @@ pub struct RetreatPolicy {
     pub factor: f64,
     pub step_up: u32,
     pub floor: u32,
+    /// Answers in the last window, as a share of the effective rate, that
+    /// count as evidence the key takes that rate.
+    pub evidence_share: f64,
 }
 
 impl RetreatPolicy {
@@ -31,6 +36,7 @@ impl RetreatPolicy {
             factor: 0.75,
             step_up: 2,
             floor: 5,
+            evidence_share: 0.8,
         }
     }
 }
@@ -146,7 +152,8 @@ impl Retreat {
             return None;
         }
         let calm_from = self.calm_since.max(self.last_change);
-        if now.saturating_duration_since(calm_from) >= self.policy.recovery {
+        let busy = self.outcomes.len() as f64 >= self.policy.evidence_share * self.effective as f64;
+        if busy && now.saturating_duration_since(calm_from) >= self.policy.recovery {
             self.effective = (self.effective + self.policy.step_up).min(self.configured);
             self.last_change = now;
             return Some(self.effective);
@@ -209,6 +216,39 @@ mod tests {
         }
         assert_eq!(steps[0], (120, 32));
         assert_eq!(steps[1], (240, 34));
+        assert_eq!(r.effective(), 40);
+    }
+
+    #[test]
+    fn an_idle_key_keeps_what_it_learned() {
+        let t0 = Instant::now();
+        let mut r = Retreat::new(40, RetreatPolicy::standard(secs(60)), t0);
+        assert_eq!(r.record(t0 + secs(30), true), Some(30));
+        let mut now = t0 + secs(30);
+        for _ in 0..600 {
+            now += secs(1);
+            assert_eq!(r.tick(now), None, "no traffic, no evidence");
+        }
+        // Light traffic (well under the learned 30) is no evidence either.
+        for i in 0..600 {
+            now += secs(1);
+            if i % 6 == 0 {
+                r.record(now, false);
+            }
+            assert_eq!(r.tick(now), None);
+        }
+        assert_eq!(r.effective(), 30);
+    }
+
+    #[test]
+    fn restores_a_learned_rate_within_bounds() {
+        let t0 = Instant::now();
+        let mut r = Retreat::new(40, RetreatPolicy::standard(secs(60)), t0);
+        r.restore_effective(16);
+        assert_eq!(r.effective(), 16);
+        r.restore_effective(1);
+        assert_eq!(r.effective(), 5);
+        r.restore_effective(400);
         assert_eq!(r.effective(), 40);
     }
 

@@ -104,6 +104,10 @@ pub struct BackendSpec {
 pub struct InitialState {
     /// Wall-clock end of a cooldown, Unix milliseconds.
     pub cooldown_until_ms: Option<i64>,
+    /// Wall-clock end of the upstream's own Retry-After within it.
+    pub upstream_until_ms: Option<i64>,
+    /// The request limit adaptive retreat had learned.
+    pub effective_rpm: Option<u32>,
     pub consecutive_429: u32,
     /// The key was rejected (401/403): stays out of rotation.
     pub error: Option<String>,
@@ -156,6 +160,12 @@ pub struct Tuning {
     /// Consecutive good probes that bring a down backend back.
     pub recovery_threshold: u32,
     pub health_interval: Duration,
+    /// First re-test of a key the upstream rejected (401/403); doubles on
+    /// every failed re-test up to `key_retest_max`.
+    pub key_retest_initial: Duration,
+    pub key_retest_max: Duration,
+    /// Longest upstream Retry-After honoured.
+    pub retry_after_max: Duration,
     pub queue_max: usize,
     pub queue_timeout: Duration,
 }
@@ -179,6 +189,9 @@ impl Default for Tuning {
             failure_threshold: 3,
             recovery_threshold: 2,
             health_interval: Duration::from_secs(15),
+            key_retest_initial: Duration::from_secs(30),
+            key_retest_max: Duration::from_secs(3600),
+            retry_after_max: Duration::from_secs(3600),
             queue_max: 500,
             queue_timeout: Duration::from_secs(30),
         }

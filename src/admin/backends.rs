@@ -13,7 +13,7 @@ use sidecar_actors::db::backends::{
     self as db_backends, BackendRecord, BackendSettings, ModelJson, Source,
 };
 use sidecar_actors::messages::{
-    BackendView, GetSnapshot, RemoveBackend, ResetCooldown, UpsertBackend,
+    BackendView, GetSnapshot, KeyTested, RemoveBackend, ResetCooldown, UpsertBackend,
 };
 use sidecar_actors::store;
 use sidecar_actors::{ApiKey, BackendId, Pool};
@@ -68,29 +68,10 @@ pub struct WriteQuery {
 }
 
 fn view_json(v: Option<&BackendView>) -> Value {
-    let Some(v) = v else { return Value::Null };
-    let now = tokio::time::Instant::now();
-    json!({
-        "state": v.status.as_str(),
-        "requests_left": v.remaining,
-        "used_in_window": v.used_in_window,
-        "effective_rpm": v.effective_rpm,
-        "configured_rpm": v.configured_rpm,
-        "in_flight": v.in_flight,
-        "cooldown_remaining_s": v.cooling_until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
-        "consecutive_429": v.consecutive_429,
-        "consecutive_failures": v.consecutive_failures,
-        "latency_ms": v.latency_ms,
-        "ttft_ms": v.ttft_ms,
-        "last_error": v.last_error,
-        "tokens_left": v.tokens_remaining,
-        "restarts": v.restarts,
-        "totals": {
-            "requests": v.totals.requests, "successes": v.totals.successes, "failures": v.totals.failures,
-            "rate_limited": v.totals.rate_limited, "prompt_tokens": v.totals.prompt_tokens,
-            "completion_tokens": v.totals.completion_tokens, "cooldowns": v.totals.cooldowns,
-        },
-    })
+    match v {
+        Some(v) => super::ops::live_json(v, tokio::time::Instant::now()),
+        None => Value::Null,
+    }
 }
 
 /// A backend as the API shows it: the key masked, never in plain text.
@@ -458,7 +439,29 @@ pub async fn test(
     authorize(&req, &state)?;
     let r = record(&state, path.into_inner()).await?;
     let timeout = Duration::from_secs_f64(r.settings.timeout_secs.clamp(1.0, 30.0));
-    let out = match test_key(&client, &r.settings.base_url, &r.settings.api_key, timeout).await {
+    let result = test_key(&client, &r.settings.base_url, &r.settings.api_key, timeout).await;
+    // What the test found reaches the key's actor: an accepted key leaves
+    // `error` at once, a rejected one leaves rotation.
+    let verdict = match &result {
+        Ok(v) if v["ok"] == Value::Bool(true) => Some((true, None)),
+        Err(ApiError::Admin {
+            code: "key_rejected",
+            message,
+            ..
+        }) => Some((false, Some(message.clone()))),
+        _ => None,
+    };
+    if let Some((accepted, detail)) = verdict {
+        let _ = state
+            .supervisor
+            .send(KeyTested {
+                id: r.id,
+                accepted,
+                detail,
+            })
+            .await;
+    }
+    let out = match result {
         Ok(v) => v,
         Err(e) => json!({"ok": false, "error": e.to_string()}),
     };

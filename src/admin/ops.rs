@@ -9,56 +9,73 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sidecar_actors::backup::{BackupNow, GetBackupStatus};
 use sidecar_actors::db::usage;
-use sidecar_actors::messages::{GetSnapshot, PoolSnapshot, Status, TestCrashBackend, TestFreeze};
+use sidecar_actors::messages::{
+    BackendView, GetSnapshot, PoolSnapshot, Status, TestCrashBackend, TestFreeze,
+};
 use sidecar_actors::stats::GetFlushStatus;
 use sidecar_actors::{store, BackendId, Pool};
+use tokio::time::Instant;
 
 use super::authorize;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::startup::AppState;
 
+fn secs_until(at: Option<Instant>, now: Instant) -> Option<f64> {
+    at.map(|t| t.saturating_duration_since(now).as_secs_f64())
+}
+
+/// One backend's live state, true at `now`: the admin API, the actors view
+/// and the dashboard all show this.
+pub fn live_json(b: &BackendView, now: Instant) -> Value {
+    let status = b.status_at(now);
+    let tokens = b.tokens.as_ref();
+    json!({
+        "id": b.id,
+        "name": &*b.name,
+        "pool": b.pool.as_str(),
+        "state": status.as_str(),
+        // Left in the rolling window right now; the burst bucket apart.
+        "requests_left": b.window_left,
+        "burst_left": b.burst_left,
+        "next_free_in_s": (b.remaining == 0).then(|| b.next_free.saturating_duration_since(now).as_secs_f64()),
+        "used_in_window": b.used_in_window,
+        "effective_rpm": b.effective_rpm,
+        "configured_rpm": b.configured_rpm,
+        "provider_rpm": b.provider_rpm,
+        "in_flight": b.in_flight,
+        "max_concurrency": b.max_concurrency,
+        "cooldown_remaining_s": secs_until(b.cooling_until, now),
+        "upstream_retry_in_s": secs_until(b.probe_not_before, now),
+        "upstream_retry_after_s": b.retry_after_said.map(|d| d.as_secs_f64()),
+        "next_check_in_s": secs_until(b.next_check, now),
+        "consecutive_429": b.consecutive_429,
+        "consecutive_failures": b.consecutive_failures,
+        "latency_ms": b.latency_ms,
+        "ttft_ms": b.ttft_ms,
+        "last_error": b.last_error,
+        "tokens_left": b.tokens_left(now),
+        "tpm_limit": tokens.map(|t| t.limit),
+        "restarts": b.restarts,
+        "requests": b.totals.requests,
+        "successes": b.totals.successes,
+        "failures": b.totals.failures,
+        "rate_limited": b.totals.rate_limited,
+        "cooldowns": b.totals.cooldowns,
+        "prompt_tokens": b.totals.prompt_tokens,
+        "completion_tokens": b.totals.completion_tokens,
+    })
+}
+
 /// The live picture the dashboard and `GET /actors` show.
 pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics) -> Value {
-    let now = tokio::time::Instant::now();
-    let backends: Vec<Value> = snap
-        .backends
-        .iter()
-        .map(|b| {
-            json!({
-                "id": b.id,
-                "name": &*b.name,
-                "pool": b.pool.as_str(),
-                "state": b.status.as_str(),
-                "requests_left": b.remaining,
-                "used_in_window": b.used_in_window,
-                "effective_rpm": b.effective_rpm,
-                "configured_rpm": b.configured_rpm,
-                "in_flight": b.in_flight,
-                "max_concurrency": b.max_concurrency,
-                "cooldown_remaining_s": b.cooling_until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
-                "consecutive_429": b.consecutive_429,
-                "consecutive_failures": b.consecutive_failures,
-                "latency_ms": b.latency_ms,
-                "ttft_ms": b.ttft_ms,
-                "last_error": b.last_error,
-                "tokens_left": b.tokens_remaining,
-                "tpm_limit": b.tpm_limit,
-                "restarts": b.restarts,
-                "requests": b.totals.requests,
-                "successes": b.totals.successes,
-                "failures": b.totals.failures,
-                "rate_limited": b.totals.rate_limited,
-                "prompt_tokens": b.totals.prompt_tokens,
-                "completion_tokens": b.totals.completion_tokens,
-            })
-        })
-        .collect();
+    let now = Instant::now();
+    let backends: Vec<Value> = snap.backends.iter().map(|b| live_json(b, now)).collect();
     let pools: Vec<Value> = [Pool::Primary, Pool::Fallback]
         .iter()
         .map(|p| {
             let members: Vec<_> = snap.backends.iter().filter(|b| b.pool == *p).collect();
-            let count = |s: Status| members.iter().filter(|b| b.status == s).count();
+            let count = |s: Status| members.iter().filter(|b| b.status_at(now) == s).count();
             json!({
                 "pool": p.as_str(),
                 "backends": members.len(),
@@ -67,7 +84,7 @@ pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics) -> Value {
                 "down": count(Status::Down),
                 "error": count(Status::Error),
                 "disabled": count(Status::Disabled),
-                "requests_left": members.iter().filter(|b| b.status == Status::Healthy).map(|b| b.remaining as u64).sum::<u64>(),
+                "requests_left": members.iter().filter(|b| b.status_at(now) == Status::Healthy).map(|b| b.window_left as u64).sum::<u64>(),
                 "effective_rpm": members.iter().filter(|b| b.status != Status::Disabled).map(|b| b.effective_rpm as u64).sum::<u64>(),
                 "in_flight": members.iter().map(|b| b.in_flight as u64).sum::<u64>(),
             })

@@ -79,7 +79,8 @@ impl RuntimeConfig {
         Ok(n)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Every value within bounds (also for what was read back from the DB).
+    pub fn check(&self) -> Result<(), String> {
         let secs = |name: &str, v: f64, min: f64| {
             if v.is_finite() && v >= min && v <= 86_400.0 {
                 Ok(())

@@ -1,34 +1,41 @@
 //! `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
 //!
-//! The handler asks the pool supervisor for a lease, does the upstream call in
-//! its own task with this worker's awc client, and reports the outcome to the
-//! backend. Failures are retried on another backend until the first byte has
-//! gone to the client; after that the answer is the client's.
+//! The request path, top to bottom: [`prepare`] reads and checks the
+//! request; then a short loop asks the pool supervisor for a lease and makes
+//! one [`attempt`] with it, until an attempt answers or the request gives up.
+//! [`Tries`] decides what a failed attempt means for the next one. Failures
+//! are retried on another backend until the first byte has gone to the
+//! client; after that the answer is the client's.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
-use sidecar_actors::{Acquire, AcquireError, BackendId, Lease, Outcome, Priority, Ticket};
+use sidecar_actors::{
+    Acquire, AcquireError, BackendId, Lease, Outcome, PendingStrike, Priority, Report, Ticket,
+};
 use tokio::time::Instant;
 
 use super::stream::{first_chunk, PassThrough, StreamContext};
 use crate::error::ApiError;
 use crate::events::RequestFinished;
 use crate::metrics::Metrics;
+use crate::secrets;
 use crate::startup::{AppState, RequestId};
-use crate::upstream::{self, classify_send_error, classify_status, usage, StatusClass};
+use crate::upstream::{self, classify_send_error, limits, usage, Answer};
 
 /// Largest non-streaming upstream answer we buffer.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-/// How much of a failed upstream answer we read for the error detail.
-const ERROR_DETAIL_BYTES: usize = 4096;
+/// How much of a failed upstream answer we read (detail, or relayed as is).
+const ERROR_BODY_BYTES: usize = 64 * 1024;
 /// Name of the header that tells clients which backend served them.
 pub const BACKEND_HEADER: &str = "x-sidecar-backend";
+/// Attempts of any kind (429s included) one request may make.
+const MAX_TOTAL_ATTEMPTS: u32 = 16;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Endpoint {
@@ -123,49 +130,487 @@ async fn proxy(
     }
 }
 
-/// Failures other than 429 this request has met; bounded by `max_attempts`.
-struct Failures {
-    count: u32,
-    max: u32,
-    last: Option<ApiError>,
-    metrics: Arc<Metrics>,
-}
-
-impl Failures {
-    /// Reports a failed attempt to its backend; true when the request must
-    /// give up rather than try another backend.
-    async fn record(
-        &mut self,
-        lease: Lease,
-        outcome: Outcome,
-        detail: String,
-        attempt_start: Instant,
-    ) -> bool {
-        let timeout = outcome == Outcome::Timeout;
-        let code = match &outcome {
-            Outcome::ServerError { status } | Outcome::AuthFailed { status } => status.to_string(),
-            other => other.label().to_string(),
-        };
-        self.metrics
-            .upstream_errors
-            .with_label_values(&[&*lease.name, code.as_str()])
-            .inc();
-        self.last = Some(ApiError::Upstream {
-            message: format!("backend {}: {detail}", lease.name),
-            timeout,
-        });
-        lease
-            .settle(outcome, attempt_start.elapsed(), None, Some(detail))
-            .await;
-        self.count += 1;
-        self.count >= self.max
-    }
-}
-
 enum Reply {
     Done(HttpResponse),
     /// Its log line is written when the stream ends.
     Streaming(HttpResponse),
+}
+
+async fn handle(
+    endpoint: Endpoint,
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    client: &awc::Client,
+    trace: &mut Trace,
+) -> Result<Reply, ApiError> {
+    let mut p = prepare(endpoint, req, payload, state, trace).await?;
+    let mut tries = Tries::new(state.max_attempts, state.metrics.clone());
+    loop {
+        let queue_start = Instant::now();
+        let acquired = acquire(state, &p, &tries.exclude).await;
+        trace.record.queued += queue_start.elapsed();
+        let lease = tries.leased(acquired, &p.model)?;
+        trace.record.attempts += 1;
+        trace.record.backend = Some(lease.name.clone());
+        trace.record.backend_id = Some(lease.backend);
+        trace.record.pool = Some(lease.pool);
+        match attempt(endpoint, &mut p, lease, client, state, trace).await {
+            Step::Answered(res) => return Ok(Reply::Done(res)),
+            Step::Streaming(res) => return Ok(Reply::Streaming(res)),
+            Step::Retry(failed) => tries.failed(*failed).await?,
+            Step::GiveUp(err) => return Err(err),
+        }
+    }
+}
+
+/// A request, read and checked, ready to be sent.
+struct Prepared {
+    model: Arc<str>,
+    priority: Priority,
+    stream: bool,
+    strip_usage: bool,
+    est_tokens: u64,
+    json: Map<String, Value>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Client key, body, model, priority and the token estimate.
+async fn prepare(
+    endpoint: Endpoint,
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    trace: &mut Trace,
+) -> Result<Prepared, ApiError> {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let client_key = state.client_keys.authenticate(authorization)?;
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let mut json = parse_object(&body)?;
+    let model: Arc<str> = match json.get("model") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Arc::from(s.as_str()),
+        _ => return Err(ApiError::MissingModel),
+    };
+    trace.record.model = Some(model.clone());
+    let default_priority = client_key
+        .as_ref()
+        .map_or(Priority::Normal, |c| c.key.priority);
+    let priority = priority_of(req, default_priority)?;
+    if let Some(c) = &client_key {
+        c.check_model(&model)?;
+        c.take()?;
+    }
+    let stream = endpoint.streams() && json.get("stream") == Some(&Value::Bool(true));
+    trace.record.stream = stream;
+    let strip_usage = stream && request_stream_usage(&mut json);
+    let est_tokens = estimate_tokens(body.len(), &json);
+    Ok(Prepared {
+        model,
+        priority,
+        stream,
+        strip_usage,
+        est_tokens,
+        json,
+        headers: upstream::forwardable_request_headers(req.headers()),
+    })
+}
+
+/// How one attempt with one lease ended.
+enum Step {
+    /// The client's answer (a success or the client's own error).
+    Answered(HttpResponse),
+    /// A stream is on its way to the client.
+    Streaming(HttpResponse),
+    /// This backend did not serve the request; the loop decides what next.
+    Retry(Box<Failed>),
+    /// Nothing more to try.
+    GiveUp(ApiError),
+}
+
+/// A failed attempt: its lease, what to report, and what kind of failure.
+struct Failed {
+    lease: Lease,
+    report: Report,
+    kind: FailKind,
+}
+
+enum FailKind {
+    /// The backend closed between grant and send: nothing was sent.
+    NotSent,
+    /// 429: the key cools down; it may serve this request again later.
+    RateLimited,
+    /// A 5xx answer: the key's, or the request's if it follows the request.
+    ServerError {
+        status: u16,
+        body: Bytes,
+        content_type: Option<HeaderValue>,
+    },
+    /// The key's failure (transport, timeout, rejected key, broken stream).
+    Key { message: String, timeout: bool },
+}
+
+/// One attempt: send with this lease's backend and read what comes back.
+async fn attempt(
+    endpoint: Endpoint,
+    p: &mut Prepared,
+    mut lease: Lease,
+    client: &awc::Client,
+    state: &AppState,
+    trace: &mut Trace,
+) -> Step {
+    if !lease.admitted(Instant::now()) {
+        return Step::Retry(Box::new(Failed {
+            report: Report::new(Outcome::Unused, Duration::ZERO),
+            lease,
+            kind: FailKind::NotSent,
+        }));
+    }
+    p.json.insert(
+        "model".into(),
+        Value::String(lease.native_model.to_string()),
+    );
+    let out = match serde_json::to_vec(&p.json) {
+        Ok(out) => out,
+        Err(e) => return Step::GiveUp(ApiError::Internal(e.to_string())),
+    };
+    let Ok(auth) = HeaderValue::try_from(format!("Bearer {}", lease.api_key.expose())) else {
+        return Step::GiveUp(ApiError::Internal(format!(
+            "backend {} has a key that is not a valid header value",
+            lease.name
+        )));
+    };
+    let mut creq = client
+        .post(format!("{}{}", lease.base_url, endpoint.path()))
+        .timeout(lease.timeout);
+    for (name, value) in &p.headers {
+        creq = creq.append_header((name.clone(), value.clone()));
+    }
+    creq = creq
+        .insert_header((header::AUTHORIZATION, auth))
+        .insert_header((header::CONTENT_TYPE, "application/json"))
+        .insert_header((header::ACCEPT_ENCODING, "identity"));
+    lease.mark_used();
+    let started = Instant::now();
+    let key_failure = |lease: Lease, outcome: Outcome, detail: String| {
+        let message = format!("backend {}: {detail}", lease.name);
+        let timeout = outcome == Outcome::Timeout;
+        Step::Retry(Box::new(Failed {
+            report: Report::new(outcome, started.elapsed()).detail(detail),
+            lease,
+            kind: FailKind::Key { message, timeout },
+        }))
+    };
+    let mut res = match creq.send_body(out).await {
+        Ok(res) => res,
+        Err(e) => {
+            let (outcome, detail) = classify_send_error(&e);
+            return key_failure(lease, outcome, detail);
+        }
+    };
+    let status = res.status().as_u16();
+    let provider = limits::provider_limits(res.headers());
+    let answer = Answer::of(status);
+    match answer {
+        Answer::RateLimited => {
+            let outcome = answer.failure(status, res.headers());
+            return Step::Retry(Box::new(Failed {
+                report: Report::new(outcome, started.elapsed()).limits(provider),
+                lease,
+                kind: FailKind::RateLimited,
+            }));
+        }
+        Answer::BadKey | Answer::ServerError | Answer::Timeout => {
+            let content_type = res.headers().get(header::CONTENT_TYPE).cloned();
+            let body =
+                tokio::time::timeout(Duration::from_secs(2), res.body().limit(ERROR_BODY_BYTES))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|b| secrets::mask_bytes(&b, &lease.api_key))
+                    .unwrap_or_default();
+            let detail = format!("upstream {status}{}", snippet(&body));
+            let outcome = answer.failure(status, res.headers());
+            let report = Report::new(outcome.clone(), started.elapsed())
+                .detail(detail.clone())
+                .limits(provider);
+            let kind = if answer == Answer::ServerError {
+                FailKind::ServerError {
+                    status,
+                    body,
+                    content_type,
+                }
+            } else {
+                FailKind::Key {
+                    message: format!("backend {}: {detail}", lease.name),
+                    timeout: outcome == Outcome::Timeout,
+                }
+            };
+            return Step::Retry(Box::new(Failed {
+                lease,
+                report,
+                kind,
+            }));
+        }
+        Answer::Success | Answer::ClientError => {}
+    }
+    let event_stream = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if p.stream && answer == Answer::Success && event_stream {
+        let mut body_stream = res.take_payload().boxed_local();
+        return match first_chunk(&mut body_stream, lease.timeout).await {
+            Ok(first) => {
+                let ttft = started.elapsed();
+                trace.record.ttft = Some(ttft);
+                let mut builder = response_builder(res.status(), res.headers(), &lease);
+                let trace = std::mem::replace(
+                    trace,
+                    Trace {
+                        started: trace.started,
+                        record: Default::default(),
+                    },
+                );
+                let ctx = StreamContext {
+                    lease,
+                    events: state.events.clone(),
+                    trace,
+                    attempt_start: started,
+                    ttft,
+                    limits: provider,
+                };
+                let body = PassThrough::new(body_stream, first, p.strip_usage, ctx);
+                Step::Streaming(builder.streaming(body))
+            }
+            Err((outcome, detail)) => key_failure(lease, outcome, detail),
+        };
+    }
+    let bytes =
+        match tokio::time::timeout(lease.timeout, res.body().limit(MAX_RESPONSE_BYTES)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                return key_failure(
+                    lease,
+                    Outcome::Connect,
+                    format!("reading the upstream answer: {e}"),
+                )
+            }
+            Err(_) => {
+                return key_failure(
+                    lease,
+                    Outcome::Timeout,
+                    "timed out reading the upstream answer".to_string(),
+                )
+            }
+        };
+    let latency = started.elapsed();
+    let mut builder = response_builder(res.status(), res.headers(), &lease);
+    let outcome = if answer == Answer::ClientError {
+        Outcome::ClientError { status }
+    } else {
+        let used = usage::from_body(&bytes);
+        if let Some(u) = used {
+            trace.record.cost = u.cost(lease.price_in, lease.price_out);
+        }
+        trace.record.usage = used;
+        Outcome::Success {
+            prompt_tokens: used.and_then(|u| u.prompt_tokens),
+            completion_tokens: used.and_then(|u| u.completion_tokens),
+        }
+    };
+    let body = if answer == Answer::ClientError {
+        secrets::mask_bytes(&bytes, &lease.api_key)
+    } else {
+        bytes
+    };
+    lease.finish(Report::new(outcome, latency).limits(provider));
+    Step::Answered(builder.body(body))
+}
+
+/// The client's response head: the upstream's status and forwardable
+/// headers, and which backend served it.
+fn response_builder(
+    status: actix_web::http::StatusCode,
+    headers: &actix_web::http::header::HeaderMap,
+    lease: &Lease,
+) -> actix_web::HttpResponseBuilder {
+    let mut builder = HttpResponse::build(status);
+    for (n, v) in upstream::forwardable_response_headers(headers) {
+        builder.append_header((n, v));
+    }
+    builder.insert_header((BACKEND_HEADER, lease.name.to_string()));
+    builder
+}
+
+/// What the request's failed attempts add up to, and what to do next.
+struct Tries {
+    /// Backends this request may not use again (they failed it).
+    exclude: Vec<BackendId>,
+    failures: u32,
+    max_failures: u32,
+    total: u32,
+    last: Option<ApiError>,
+    /// 5xx failures whose blame waits: a second backend answering the same
+    /// status shows the failure follows the request (a poison request).
+    strikes: Vec<(PendingStrike, u16)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tries {
+    fn new(max_failures: u32, metrics: Arc<Metrics>) -> Self {
+        Self {
+            exclude: Vec::new(),
+            failures: 0,
+            max_failures,
+            total: 0,
+            last: None,
+            strikes: Vec::new(),
+            metrics,
+        }
+    }
+
+    /// The lease, or the error the request ends with.
+    fn leased(
+        &mut self,
+        acquired: Result<Lease, AcquireError>,
+        model: &str,
+    ) -> Result<Lease, ApiError> {
+        match acquired {
+            Ok(lease) => {
+                self.total += 1;
+                Ok(lease)
+            }
+            Err(AcquireError::UnknownModel) => Err(ApiError::ModelNotFound(model.to_string())),
+            // After a real failure, that failure says more than "nothing left".
+            Err(e) => Err(self.last.take().unwrap_or(ApiError::Acquire(e))),
+        }
+    }
+
+    fn count_error(&self, lease: &Lease, code: &str) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[&*lease.name, code])
+            .inc();
+    }
+
+    /// Reports a failed attempt to its backend; `Err` when the request must
+    /// give up rather than try again.
+    async fn failed(&mut self, f: Failed) -> Result<(), ApiError> {
+        let Failed {
+            lease,
+            report,
+            kind,
+        } = f;
+        let out_of_tries = |me: &Self| me.total >= MAX_TOTAL_ATTEMPTS;
+        match kind {
+            FailKind::NotSent => {
+                // The backend closed since the grant; its fresh view is with
+                // the supervisor before the next Acquire.
+                lease.settle(report).await;
+            }
+            FailKind::RateLimited => {
+                self.count_error(&lease, "429");
+                self.metrics
+                    .cooldowns
+                    .with_label_values(&[&lease.name])
+                    .inc();
+                // Not excluded: once it has cooled it may serve this request.
+                lease.settle(report).await;
+            }
+            FailKind::ServerError {
+                status,
+                body,
+                content_type,
+            } => {
+                self.count_error(&lease, &status.to_string());
+                let (backend, name) = (lease.backend, lease.name.clone());
+                let strike = lease.settle_deferred(report).await;
+                let follows = self
+                    .strikes
+                    .iter()
+                    .any(|(s, st)| *st == status && s.backend != backend);
+                if follows {
+                    // The same failure on two keys is the request's: stop,
+                    // answer the upstream's error, and blame no key for it.
+                    strike.absolve();
+                    for (s, _) in self
+                        .strikes
+                        .drain(..)
+                        .filter(|(_, st)| *st == status)
+                        .collect::<Vec<_>>()
+                    {
+                        s.absolve();
+                    }
+                    return Err(ApiError::UpstreamAnswer {
+                        status,
+                        body,
+                        content_type,
+                    });
+                }
+                self.strikes.push((strike, status));
+                self.exclude.push(backend);
+                self.failures += 1;
+                self.last = Some(ApiError::Upstream {
+                    message: format!("backend {name}: upstream {status}{}", snippet(&body)),
+                    timeout: false,
+                });
+            }
+            FailKind::Key { message, timeout } => {
+                let code = match &report.outcome {
+                    Outcome::AuthFailed { status } => status.to_string(),
+                    other => other.label().to_string(),
+                };
+                self.count_error(&lease, &code);
+                self.exclude.push(lease.backend);
+                self.failures += 1;
+                self.last = Some(ApiError::Upstream { message, timeout });
+                lease.settle(report).await;
+            }
+        }
+        if self.failures >= self.max_failures || out_of_tries(self) {
+            return Err(self
+                .last
+                .take()
+                .unwrap_or_else(|| ApiError::Internal("no attempt was made".into())));
+        }
+        Ok(())
+    }
+}
+
+async fn acquire(
+    state: &AppState,
+    p: &Prepared,
+    exclude: &[BackendId],
+) -> Result<Lease, AcquireError> {
+    let ticket = state
+        .supervisor
+        .send(Acquire {
+            model: p.model.clone(),
+            priority: p.priority,
+            exclude: exclude.to_vec(),
+            est_tokens: p.est_tokens,
+        })
+        .await
+        .map_err(|_| AcquireError::SupervisorGone)??;
+    match ticket {
+        Ticket::Ready(lease) => Ok(lease),
+        Ticket::Queued(rx) => {
+            // The supervisor answers every waiter by its deadline; the slack
+            // only guards against a supervisor that stopped answering.
+            let guard = state.queue_timeout() + Duration::from_secs(5);
+            match tokio::time::timeout(guard, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(AcquireError::SupervisorGone),
+                Err(_) => Err(AcquireError::QueueTimeout {
+                    retry_after: Duration::from_secs(1),
+                }),
+            }
+        }
+    }
 }
 
 async fn read_body(
@@ -186,7 +631,7 @@ async fn read_body(
         let chunk = chunk.map_err(|e| {
             ApiError::InvalidRequest(format!("could not read the request body: {e}"))
         })?;
-        if buf.len() + chunk.len() > max {
+        if buf.len().saturating_add(chunk.len()) > max {
             return Err(ApiError::BodyTooLarge(max));
         }
         buf.extend_from_slice(&chunk);
@@ -214,13 +659,14 @@ fn priority_of(req: &HttpRequest, default: Priority) -> Result<Priority, ApiErro
 }
 
 /// A rough count for TPM-limited backends: ~4 bytes a token plus the
-/// completion budget the client asked for.
+/// completion budget the client asked for (saturating: the client's
+/// numbers can be anything).
 fn estimate_tokens(body_len: usize, json: &Map<String, Value>) -> u64 {
     let completion = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| json.get(*k).and_then(Value::as_u64))
         .unwrap_or(0);
-    body_len as u64 / 4 + completion
+    (body_len as u64 / 4).saturating_add(completion)
 }
 
 /// Asks for upstream usage in the stream; true when the client had not, so
@@ -243,283 +689,27 @@ fn request_stream_usage(json: &mut Map<String, Value>) -> bool {
     }
 }
 
-async fn acquire(
-    state: &AppState,
-    model: &Arc<str>,
-    priority: Priority,
-    exclude: &[BackendId],
-    est_tokens: u64,
-) -> Result<Lease, AcquireError> {
-    let ticket = state
-        .supervisor
-        .send(Acquire {
-            model: model.clone(),
-            priority,
-            exclude: exclude.to_vec(),
-            est_tokens,
-        })
-        .await
-        .map_err(|_| AcquireError::SupervisorGone)??;
-    match ticket {
-        Ticket::Ready(lease) => Ok(lease),
-        Ticket::Queued(rx) => {
-            // The supervisor answers every waiter by its deadline; the slack
-            // only guards against a supervisor that stopped answering.
-            let guard = state.queue_timeout() + Duration::from_secs(5);
-            match tokio::time::timeout(guard, rx).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(AcquireError::SupervisorGone),
-                Err(_) => Err(AcquireError::QueueTimeout {
-                    retry_after: Duration::from_secs(1),
-                }),
-            }
-        }
-    }
-}
-
-async fn handle(
-    endpoint: Endpoint,
-    req: &HttpRequest,
-    payload: web::Payload,
-    state: &AppState,
-    client: &awc::Client,
-    trace: &mut Trace,
-) -> Result<Reply, ApiError> {
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let client_key = state.client_keys.authenticate(authorization)?;
-    let body = read_body(req, payload, state.max_body_bytes).await?;
-    let mut json = parse_object(&body)?;
-    let model: Arc<str> = match json.get("model") {
-        Some(Value::String(s)) if !s.trim().is_empty() => Arc::from(s.as_str()),
-        _ => return Err(ApiError::MissingModel),
-    };
-    trace.record.model = Some(model.clone());
-    let default_priority = client_key
-        .as_ref()
-        .map_or(Priority::Normal, |c| c.key.priority);
-    let priority = priority_of(req, default_priority)?;
-    if let Some(c) = &client_key {
-        c.check_model(&model)?;
-        c.take()?;
-    }
-    let stream = endpoint.streams() && json.get("stream") == Some(&Value::Bool(true));
-    trace.record.stream = stream;
-    let strip_usage = stream && request_stream_usage(&mut json);
-    let est_tokens = estimate_tokens(body.len(), &json);
-    let headers = upstream::forwardable_request_headers(req.headers());
-
-    let mut exclude: Vec<BackendId> = Vec::new();
-    let mut failures = Failures {
-        count: 0,
-        max: state.max_attempts,
-        last: None,
-        metrics: state.metrics.clone(),
-    };
-    loop {
-        let queue_start = Instant::now();
-        let acquired = acquire(state, &model, priority, &exclude, est_tokens).await;
-        trace.record.queued += queue_start.elapsed();
-        let mut lease = match acquired {
-            Ok(lease) => lease,
-            Err(AcquireError::UnknownModel) => {
-                return Err(ApiError::ModelNotFound(model.to_string()))
-            }
-            // After a real failure, that failure says more than "nothing left".
-            Err(e) => return Err(failures.last.unwrap_or(ApiError::Acquire(e))),
-        };
-        trace.record.attempts += 1;
-        trace.record.backend = Some(lease.name.clone());
-        trace.record.backend_id = Some(lease.backend);
-        trace.record.pool = Some(lease.pool);
-        exclude.push(lease.backend);
-
-        json.insert(
-            "model".into(),
-            Value::String(lease.native_model.to_string()),
-        );
-        let out = serde_json::to_vec(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let mut creq = client
-            .post(format!("{}{}", lease.base_url, endpoint.path()))
-            .timeout(lease.timeout);
-        for (name, value) in &headers {
-            creq = creq.append_header((name.clone(), value.clone()));
-        }
-        let auth =
-            HeaderValue::try_from(format!("Bearer {}", lease.api_key.expose())).map_err(|_| {
-                ApiError::Internal(format!(
-                    "backend {} has a key that is not a valid header value",
-                    lease.name
-                ))
-            })?;
-        creq = creq
-            .insert_header((header::AUTHORIZATION, auth))
-            .insert_header((header::CONTENT_TYPE, "application/json"))
-            .insert_header((header::ACCEPT_ENCODING, "identity"));
-        lease.mark_used();
-        let attempt_start = Instant::now();
-        let mut res = match creq.send_body(out).await {
-            Ok(res) => res,
-            Err(e) => {
-                let (outcome, detail) = classify_send_error(&e);
-                if failures.record(lease, outcome, detail, attempt_start).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        let status = res.status().as_u16();
-        match classify_status(status) {
-            StatusClass::RateLimited => {
-                let retry_after = upstream::retry_after(res.headers());
-                state
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&[&lease.name, "429"])
-                    .inc();
-                state
-                    .metrics
-                    .cooldowns
-                    .with_label_values(&[&lease.name])
-                    .inc();
-                lease
-                    .settle(
-                        Outcome::RateLimited { retry_after },
-                        attempt_start.elapsed(),
-                        None,
-                        None,
-                    )
-                    .await;
-                // Retried at once elsewhere; does not count as a failure.
-                continue;
-            }
-            StatusClass::BadKey | StatusClass::Retryable => {
-                let detail_body = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    res.body().limit(ERROR_DETAIL_BYTES),
-                )
-                .await
-                .ok()
-                .and_then(Result::ok);
-                let detail = format!("upstream {status}{}", snippet(detail_body.as_deref()));
-                let outcome = match status {
-                    401 | 403 => Outcome::AuthFailed { status },
-                    408 => Outcome::Timeout,
-                    _ => Outcome::ServerError { status },
-                };
-                if failures.record(lease, outcome, detail, attempt_start).await {
-                    break;
-                }
-                continue;
-            }
-            StatusClass::ClientError | StatusClass::Success => {}
-        }
-        let client_error = status >= 400;
-        let event_stream = res
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if stream && !client_error && event_stream {
-            let mut body_stream = res.take_payload().boxed_local();
-            match first_chunk(&mut body_stream, lease.timeout).await {
-                Ok(first) => {
-                    let ttft = attempt_start.elapsed();
-                    trace.record.ttft = Some(ttft);
-                    let mut builder = HttpResponse::build(res.status());
-                    for (n, v) in upstream::forwardable_response_headers(res.headers()) {
-                        builder.append_header((n, v));
-                    }
-                    builder.insert_header((BACKEND_HEADER, lease.name.to_string()));
-                    let started = trace.started;
-                    let ctx = StreamContext {
-                        lease,
-                        events: state.events.clone(),
-                        trace: std::mem::replace(
-                            trace,
-                            Trace {
-                                started,
-                                record: Default::default(),
-                            },
-                        ),
-                        attempt_start,
-                        ttft,
-                    };
-                    let body = PassThrough::new(body_stream, first, strip_usage, ctx);
-                    return Ok(Reply::Streaming(builder.streaming(body)));
-                }
-                Err((outcome, detail)) => {
-                    if failures.record(lease, outcome, detail, attempt_start).await {
-                        break;
-                    }
-                    continue;
-                }
-            }
-        }
-        let read = tokio::time::timeout(lease.timeout, res.body().limit(MAX_RESPONSE_BYTES)).await;
-        let bytes = match read {
-            Ok(Ok(bytes)) => bytes,
-            failed => {
-                let (outcome, detail) = match failed {
-                    Ok(Err(e)) => (
-                        Outcome::Connect,
-                        format!("reading the upstream answer: {e}"),
-                    ),
-                    _ => (
-                        Outcome::Timeout,
-                        "timed out reading the upstream answer".to_string(),
-                    ),
-                };
-                if failures.record(lease, outcome, detail, attempt_start).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        let latency = attempt_start.elapsed();
-        let mut builder = HttpResponse::build(res.status());
-        for (n, v) in upstream::forwardable_response_headers(res.headers()) {
-            builder.append_header((n, v));
-        }
-        builder.insert_header((BACKEND_HEADER, lease.name.to_string()));
-        if client_error {
-            lease.finish(Outcome::ClientError { status }, latency, None, None);
-        } else {
-            let used = usage::from_body(&bytes);
-            if let Some(u) = used {
-                trace.record.cost = u.cost(lease.price_in, lease.price_out);
-            }
-            trace.record.usage = used;
-            lease.finish(
-                Outcome::Success {
-                    prompt_tokens: used.and_then(|u| u.prompt_tokens),
-                    completion_tokens: used.and_then(|u| u.completion_tokens),
-                },
-                latency,
-                None,
-                None,
-            );
-        }
-        return Ok(Reply::Done(builder.body(bytes)));
-    }
-    Err(failures
-        .last
-        .unwrap_or_else(|| ApiError::Internal("no attempt was made".into())))
-}
-
 /// A short, printable piece of an upstream error body for the dashboard.
-fn snippet(body: Option<&[u8]>) -> String {
-    match body {
-        Some(b) if !b.is_empty() => {
-            let text = String::from_utf8_lossy(&b[..b.len().min(200)]);
-            let clean: String = text
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect();
-            format!(": {}", clean.trim())
-        }
-        _ => String::new(),
+fn snippet(body: &[u8]) -> String {
+    if body.is_empty() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!(": {}", clean.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_estimate_saturates() {
+        let mut json = Map::new();
+        json.insert("max_tokens".into(), Value::from(u64::MAX));
+        assert_eq!(estimate_tokens(4000, &json), u64::MAX);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::LocalBoxStream;
 use futures_util::{Future, Stream, StreamExt};
-use sidecar_actors::{Lease, Outcome};
+use sidecar_actors::{Lease, Outcome, ProviderLimits, Report};
 use tokio::time::{Instant, Sleep};
 
 use super::proxy::Trace;
@@ -37,7 +37,7 @@ pub async fn first_chunk(
             }
             Ok(None) => {
                 return Err((
-                    Outcome::ServerError { status: 200 },
+                    Outcome::StreamBroken,
                     "stream ended before the first byte".into(),
                 ))
             }
@@ -57,6 +57,8 @@ pub struct StreamContext {
     pub trace: Trace,
     pub attempt_start: Instant,
     pub ttft: Duration,
+    /// What the provider's headers said about its limits.
+    pub limits: Option<ProviderLimits>,
 }
 
 pub struct PassThrough {
@@ -111,7 +113,12 @@ impl PassThrough {
         };
         rec.emit(&ctx.events);
         let latency = ctx.attempt_start.elapsed();
-        ctx.lease.finish(outcome, latency, Some(ctx.ttft), detail);
+        ctx.lease.finish(
+            Report::new(outcome, latency)
+                .ttft(Some(ctx.ttft))
+                .detail(detail)
+                .limits(ctx.limits),
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! Talking to upstream providers with awc: one client per worker thread
 //! (awc's client is not `Send`), header hygiene, and error classification.
 
+pub mod limits;
 pub mod sse;
 pub mod usage;
 
@@ -121,30 +122,6 @@ pub fn forwardable_response_headers(headers: &HeaderMap) -> Vec<(HeaderName, hea
         .collect()
 }
 
-/// Reads `retry-after-ms` (OpenAI) or `Retry-After` (seconds or HTTP date).
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-    {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
-    }
-    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Some(Duration::from_secs_f64(secs.min(86_400.0 * 7.0)));
-        }
-        return None;
-    }
-    let when: std::time::SystemTime = v.parse::<header::HttpDate>().ok()?.into();
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
-}
-
 /// What an attempt's transport failure means for the backend.
 pub fn classify_send_error(e: &SendRequestError) -> (Outcome, String) {
     match e {
@@ -158,24 +135,47 @@ pub fn classify_send_error(e: &SendRequestError) -> (Outcome, String) {
     }
 }
 
-/// What a non-2xx upstream status means.
-pub enum StatusClass {
+/// What an upstream answer means for the request and the key, decided in
+/// this one place for every endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// 2xx/3xx: the client's answer.
     Success,
+    /// 429: the key cools down; the request is retried elsewhere at once.
     RateLimited,
+    /// 401/403: the upstream refuses the key; it leaves rotation.
     BadKey,
-    /// Retry elsewhere: 5xx, 408.
-    Retryable,
-    /// The client's fault: pass through unchanged.
+    /// 5xx: retried elsewhere; a health strike unless it follows the request.
+    ServerError,
+    /// 408: the upstream gave up waiting for us.
+    Timeout,
+    /// Other 4xx: the client's fault, passed back unchanged.
     ClientError,
 }
 
-pub fn classify_status(status: u16) -> StatusClass {
-    match status {
-        200..=399 => StatusClass::Success,
-        429 => StatusClass::RateLimited,
-        401 | 403 => StatusClass::BadKey,
-        408 | 500..=599 => StatusClass::Retryable,
-        _ => StatusClass::ClientError,
+impl Answer {
+    pub fn of(status: u16) -> Answer {
+        match status {
+            200..=399 => Answer::Success,
+            429 => Answer::RateLimited,
+            401 | 403 => Answer::BadKey,
+            408 => Answer::Timeout,
+            500..=599 => Answer::ServerError,
+            _ => Answer::ClientError,
+        }
+    }
+
+    /// The outcome a failed answer reports to its backend.
+    pub fn failure(self, status: u16, headers: &HeaderMap) -> Outcome {
+        match self {
+            Answer::RateLimited => Outcome::RateLimited {
+                retry_after: limits::retry_after(headers),
+            },
+            Answer::BadKey => Outcome::AuthFailed { status },
+            Answer::Timeout => Outcome::Timeout,
+            Answer::ServerError => Outcome::ServerError { status },
+            Answer::Success | Answer::ClientError => Outcome::ClientError { status },
+        }
     }
 }
 
@@ -183,21 +183,6 @@ pub fn classify_status(status: u16) -> StatusClass {
 mod tests {
     use super::*;
     use actix_web::http::header::HeaderValue;
-
-    #[test]
-    fn retry_after_forms() {
-        let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(
-            HeaderName::from_static("retry-after-ms"),
-            HeaderValue::from_static("1500"),
-        );
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
-        let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&h), None);
-    }
 
     #[test]
     fn hop_by_hop_and_secrets_are_dropped() {

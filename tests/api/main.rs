@@ -8,6 +8,7 @@ mod config;
 mod dashboard;
 mod failover;
 mod helpers;
+mod key_state;
 mod persistence;
 mod priority;
 mod process;

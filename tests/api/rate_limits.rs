@@ -176,64 +176,6 @@ async fn fallback_pool_is_used_only_when_primary_cannot_serve() {
     app.stop().await;
 }
 
-/// All keys cooling: the emergency trickle probes the key whose cooldown ends
-/// soonest, and a success ends its cooldown early; when that is spent too,
-/// 503 all_backends_exhausted with a truthful Retry-After.
-#[actix_web::test]
-async fn emergency_probe_then_503_with_retry_after_when_exhausted() {
-    let mock = MockConfig {
-        keys: vec![
-            MockKey::new("k-a", None).with_fault(Fault::RateLimit(Some(30))),
-            MockKey::new("k-b", None).with_fault(Fault::RateLimit(Some(20))),
-        ],
-        ..Default::default()
-    };
-    let toml = format!(
-        "cooldown_base = 1\nqueue_timeout = 0.5\n{}{}",
-        backend("a", "k-a", "primary", 10, "weight = 2.0"),
-        backend("b", "k-b", "primary", 10, "")
-    );
-    let app = spawn_app(mock, &toml).await;
-    let body = chat_body("m");
-    let count = |k: &str| app.mock.state.key_stats(k).requests;
-
-    // Both keys 429: nothing left for this request.
-    let r = app.chat(&body).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.error_code(), Some("all_backends_exhausted"));
-    let ra = r.retry_after().expect("Retry-After");
-    assert!((19..=20).contains(&ra), "Retry-After is b's cooldown: {ra}");
-    assert_eq!((count("k-a"), count("k-b")), (1, 1));
-
-    // b works again: the emergency probe goes to b (cooldown ends soonest).
-    app.mock.state.set_fault("k-b", Fault::None);
-    let r = app.chat(&body).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.backend().as_deref(), Some("b"));
-    assert_eq!(
-        app.view("b").await.status,
-        Status::Healthy,
-        "success ends the cooldown early"
-    );
-    assert_eq!(app.snapshot().await.emergency_grants, 1);
-
-    // b fails again; a is probed (its emergency budget is unspent) and fails too.
-    app.mock.state.set_fault("k-b", Fault::RateLimit(Some(20)));
-    let r = app.chat(&body).await;
-    assert_eq!(r.status, 503);
-    assert_eq!((count("k-a"), count("k-b")), (2, 3));
-
-    // Emergency budget for the soonest key spent: answered at once, nothing sent.
-    let started = Instant::now();
-    let r = app.chat(&body).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.error_code(), Some("all_backends_exhausted"));
-    assert!(r.retry_after().is_some_and(|s| (18..=20).contains(&s)));
-    assert!(started.elapsed() < Duration::from_millis(400));
-    assert_eq!((count("k-a"), count("k-b")), (2, 3));
-    app.stop().await;
-}
-
 /// A key whose real limit is half its configured one is learned: 429s stop
 /// within a few windows.
 #[actix_web::test]

@@ -1,11 +1,26 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{info, warn};
+use slog::warn;
+use tokio::time::Instant;
 
 use super::BackendActor;
-use crate::messages::ProbeResult;
+use crate::messages::ProbeOutcome;
 use crate::spec::MAILBOX;
+
+impl BackendActor {
+    /// Starts a due probe (a down key's health, a rejected key's re-test).
+    fn maybe_probe(&mut self, ctx: &mut Context<Self>) {
+        if self.machine.probe_due(Instant::now()).is_none() {
+            return;
+        }
+        let fut = self.prober.probe(self.machine.spec());
+        ctx.spawn(fut.into_actor(self).map(|res: ProbeOutcome, act, ctx| {
+            let ch = act.machine.probe_result(res, Instant::now());
+            act.apply(ch, ctx);
+        }));
+    }
+}
 
 impl Actor for BackendActor {
     type Context = Context<Self>;
@@ -15,31 +30,20 @@ impl Actor for BackendActor {
         if self.retired {
             return;
         }
-        // Timers are set here so that a restart arms them again.
-        // A short tick that checks when the next probe is due, so a new
-        // health interval (admin PATCH) applies without re-arming timers.
-        let tick = self
-            .tuning
+        // Timers are set here so that a restart arms them again. A short
+        // tick checks whether a probe is due, so new intervals (admin PATCH)
+        // apply without re-arming timers.
+        let t = self.machine.tuning();
+        let tick = t
             .health_interval
+            .min(t.key_retest_initial)
             .clamp(Duration::from_millis(50), Duration::from_millis(500));
-        ctx.run_interval(tick, |act, ctx| {
-            if act.needs_probe() {
-                act.probing = true;
-                let fut = act.prober.probe(&act.spec);
-                ctx.spawn(fut.into_actor(act).map(|res, act, ctx| {
-                    if act.apply_probe(res) {
-                        act.publish(ctx);
-                    }
-                }));
-            }
-            if act.reap_stale_leases() {
-                act.publish(ctx);
-            }
-        });
-        let retreat_every = (self.tuning.window / 4).max(Duration::from_millis(50));
-        ctx.run_interval(retreat_every, |act, ctx| {
-            if act.retreat_tick() {
-                act.publish(ctx);
+        ctx.run_interval(tick, |act, ctx| act.maybe_probe(ctx));
+        let every = (self.machine.tuning().window / 4).max(Duration::from_millis(50));
+        ctx.run_interval(every, |act, ctx| {
+            let ch = act.machine.tick(Instant::now());
+            if ch != super::Changes::default() {
+                act.apply(ch, ctx);
             }
         });
         self.publish(ctx);
@@ -48,21 +52,11 @@ impl Actor for BackendActor {
 
 impl Supervised for BackendActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        self.restarts += 1;
+        self.machine.restarts += 1;
         // State (limiter, cooldown, leases) is kept: the supervisor restarts
         // this same value, so a restart never forgets a cooling key.
         warn!(self.log, "backend actor restarting");
-        self.probing = false;
+        self.machine.abandon_probe();
         self.wake_at = None;
-    }
-}
-
-impl Handler<ProbeResult> for BackendActor {
-    type Result = ();
-    fn handle(&mut self, msg: ProbeResult, ctx: &mut Self::Context) {
-        if self.apply_probe(msg.0) {
-            info!(self.log, "probe result applied");
-            self.publish(ctx);
-        }
     }
 }

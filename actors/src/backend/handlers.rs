@@ -1,18 +1,21 @@
 use actix::prelude::*;
+use tokio::time::Instant;
 
 use super::BackendActor;
 use crate::messages::{
-    Crash, Finish, GetView, LeaseTaken, Reconfigure, ResetCooldown, Retune, Shutdown,
+    Crash, Finish, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown, Retune, Shutdown,
+    Verdict,
 };
 
 impl Handler<LeaseTaken> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: LeaseTaken, ctx: &mut Self::Context) {
-        self.take_lease(msg.lease_id, msg.at, msg.emergency, msg.est_tokens);
+        let now = Instant::now();
+        self.machine
+            .take_lease(msg.lease_id, msg.at, msg.emergency, msg.est_tokens, now);
         // The supervisor counts its own grants, so a view after every lease
-        // adds nothing; one is needed when capacity just ran out, to arm the
-        // timer that reports its return.
-        if self.exhausted() {
+        // adds nothing; one is needed when its view ran dry.
+        if msg.refresh || self.machine.exhausted(now) {
             self.publish(ctx);
         }
     }
@@ -21,22 +24,47 @@ impl Handler<LeaseTaken> for BackendActor {
 impl Handler<Finish> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Finish, ctx: &mut Self::Context) {
-        self.apply_outcome(
+        let r = msg.report;
+        let ch = self.machine.finish(
             msg.lease_id,
-            &msg.outcome,
-            msg.latency,
-            msg.ttft,
-            msg.detail,
+            &r.outcome,
+            r.latency,
+            r.ttft,
+            r.detail,
+            r.limits.as_ref(),
+            r.strike,
+            Instant::now(),
         );
-        self.publish(ctx);
+        self.apply(ch, ctx);
+    }
+}
+
+impl Handler<Verdict> for BackendActor {
+    type Result = ();
+    fn handle(&mut self, msg: Verdict, ctx: &mut Self::Context) {
+        let ch = self
+            .machine
+            .verdict(msg.lease_id, msg.counts, Instant::now());
+        self.apply(ch, ctx);
+    }
+}
+
+impl Handler<KeyTested> for BackendActor {
+    type Result = bool;
+    fn handle(&mut self, msg: KeyTested, ctx: &mut Self::Context) -> bool {
+        let ch = self
+            .machine
+            .key_tested(msg.accepted, msg.detail, Instant::now());
+        self.apply(ch, ctx);
+        true
     }
 }
 
 impl Handler<Reconfigure> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Reconfigure, ctx: &mut Self::Context) {
-        self.reconfigure(msg.0);
-        self.publish(ctx);
+        let ch = self.machine.reconfigure(msg.0, Instant::now());
+        self.apply(ch, ctx);
     }
 }
 
@@ -51,7 +79,7 @@ impl Handler<Shutdown> for BackendActor {
 impl Handler<Retune> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Retune, ctx: &mut Self::Context) {
-        self.retune(msg.0);
+        self.machine.retune(msg.0, Instant::now());
         self.publish(ctx);
     }
 }
@@ -59,8 +87,8 @@ impl Handler<Retune> for BackendActor {
 impl Handler<ResetCooldown> for BackendActor {
     type Result = bool;
     fn handle(&mut self, _msg: ResetCooldown, ctx: &mut Self::Context) -> bool {
-        self.reset_cooldown();
-        self.publish(ctx);
+        let ch = self.machine.reset(Instant::now());
+        self.apply(ch, ctx);
         true
     }
 }
@@ -77,6 +105,6 @@ impl Handler<Crash> for BackendActor {
 impl Handler<GetView> for BackendActor {
     type Result = MessageResult<GetView>;
     fn handle(&mut self, _msg: GetView, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.view(tokio::time::Instant::now()))
+        MessageResult(self.view(Instant::now()))
     }
 }

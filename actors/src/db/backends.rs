@@ -111,8 +111,11 @@ pub struct BackendRecord {
     pub settings: BackendSettings,
     pub status: String,
     pub cooldown_until_ms: Option<i64>,
+    pub upstream_until_ms: Option<i64>,
     pub consecutive_429: u32,
     pub last_error: Option<String>,
+    /// The request limit adaptive retreat had learned.
+    pub effective_rpm: Option<u32>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -137,6 +140,7 @@ struct Row {
     cooldown_until: Option<i64>,
     consecutive_429_count: i32,
     last_error: Option<String>,
+    upstream_until: Option<i64>,
 }
 
 impl Row {
@@ -168,8 +172,10 @@ impl Row {
             },
             status: self.status,
             cooldown_until_ms: self.cooldown_until,
+            upstream_until_ms: self.upstream_until,
             consecutive_429: self.consecutive_429_count.max(0) as u32,
             last_error: self.last_error,
+            effective_rpm: None,
         })
     }
 }
@@ -211,6 +217,8 @@ impl BackendRecord {
             enabled: s.enabled,
             initial: InitialState {
                 cooldown_until_ms: self.cooldown_until_ms,
+                upstream_until_ms: self.upstream_until_ms,
+                effective_rpm: self.effective_rpm,
                 consecutive_429: self.consecutive_429,
                 error: (self.status == "error").then(|| {
                     self.last_error
@@ -231,7 +239,22 @@ pub fn load_all(
         .select(Row::as_select())
         .order(backends::id.asc())
         .load(conn)?;
-    rows.into_iter().map(|r| r.decode(ring)).collect()
+    let learned: HashMap<i32, Option<i32>> = backend_health::table
+        .select((backend_health::backend_id, backend_health::effective_rpm))
+        .load::<(i32, Option<i32>)>(conn)?
+        .into_iter()
+        .collect();
+    rows.into_iter()
+        .map(|r| {
+            let effective = learned.get(&r.id).copied().flatten();
+            let mut rec = r.decode(ring)?;
+            // A learned limit only means something under the same configured one.
+            rec.effective_rpm = effective
+                .and_then(|e| u32::try_from(e).ok())
+                .filter(|&e| e > 0 && e < rec.settings.rpm_limit);
+            Ok(rec)
+        })
+        .collect()
 }
 
 pub fn find_by_name(
@@ -328,6 +351,7 @@ pub fn upsert(
                     backends::api_key_enc.eq(ring.encrypt(s.api_key.as_bytes())),
                     backends::status.eq("healthy"),
                     backends::cooldown_until.eq(None::<i64>),
+                    backends::upstream_until.eq(None::<i64>),
                     backends::consecutive_429_count.eq(0),
                     backends::last_error.eq(None::<String>),
                 ))
@@ -389,6 +413,7 @@ pub struct PersistedState {
     /// healthy | down | error
     pub status: &'static str,
     pub cooldown_until_ms: Option<i64>,
+    pub upstream_until_ms: Option<i64>,
     pub consecutive_429: u32,
     pub consecutive_failures: u32,
     pub effective_rpm: u32,
@@ -403,6 +428,7 @@ pub fn save_state(conn: &mut SqliteConnection, s: &PersistedState) -> Result<(),
         .set((
             backends::status.eq(s.status),
             backends::cooldown_until.eq(s.cooldown_until_ms),
+            backends::upstream_until.eq(s.upstream_until_ms),
             backends::consecutive_429_count.eq(s.consecutive_429 as i32),
             backends::last_error.eq(&s.last_error),
             backends::updated_at.eq(now),

@@ -155,7 +155,7 @@ mod tests {
              INSERT INTO backend_usage_logs (backend_id, model, hour, requests) VALUES (1, 'm', 0, 7);",
         )
         .unwrap();
-        assert_eq!(conn.pending_migrations(MIGRATIONS).unwrap().len(), 1);
+        assert_eq!(conn.pending_migrations(MIGRATIONS).unwrap().len(), 2);
         drop(conn);
         let mut conn = open(&old).unwrap();
         assert!(conn.pending_migrations(MIGRATIONS).unwrap().is_empty());

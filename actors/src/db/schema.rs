@@ -24,6 +24,7 @@ diesel::table! {
         last_error -> Nullable<Text>,
         created_at -> BigInt,
         updated_at -> BigInt,
+        upstream_until -> Nullable<BigInt>,
     }
 }
 

@@ -2,15 +2,14 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use slog::{info, warn};
-use tokio::time::Instant;
 
 use super::PoolSupervisor;
 use crate::spec::MAILBOX;
 
-/// How often queued requests are re-checked for deadlines. Capacity changes
-/// drain the queue at once through backend updates; this only bounds how late
-/// a timed-out waiter hears about it.
-const QUEUE_TICK: Duration = Duration::from_millis(20);
+/// A safety net only: capacity changes drain the queue through backend
+/// updates, and the queue arms its own wake-up for the earliest moment a
+/// waiter could be served or must be answered.
+const QUEUE_TICK: Duration = Duration::from_millis(250);
 
 impl Actor for PoolSupervisor {
     type Context = Context<Self>;
@@ -25,7 +24,7 @@ impl Actor for PoolSupervisor {
                 self.start_backend(spec, ctx);
             }
         }
-        ctx.run_interval(QUEUE_TICK, |act, _ctx| act.drain(Instant::now()));
+        ctx.run_interval(QUEUE_TICK, |act, ctx| act.drain(ctx));
     }
 }
 

@@ -6,22 +6,23 @@ use slog::info;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::chooser::{retry_after, too_late};
 use super::queue::Waiter;
-use super::{retry_after, Decision, Need, PoolSupervisor};
+use super::{Decision, Need, PoolSupervisor};
 use crate::messages::{
-    Acquire, AcquireError, BackendUpdate, Crash, GetBackendView, GetSnapshot, GetView, ListModels,
-    Ping, PoolSnapshot, Reconfigure, RemoveBackend, ResetCooldown, Shutdown, TestCrashBackend,
-    TestFreeze, Ticket, UpdateTuning, UpsertBackend,
+    Acquire, AcquireError, BackendUpdate, Crash, GetBackendView, GetSnapshot, GetView, KeyTested,
+    ListModels, Ping, PoolSnapshot, Reconfigure, RemoveBackend, ResetCooldown, Shutdown,
+    TestCrashBackend, TestFreeze, Ticket, UpdateTuning, UpsertBackend,
 };
 
 impl Handler<Acquire> for PoolSupervisor {
     type Result = Result<Ticket, AcquireError>;
 
-    fn handle(&mut self, msg: Acquire, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Acquire, ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
         // Waiters first: what they can use is theirs, whatever this request's
         // priority; what is left no waiter can use.
-        self.drain(now);
+        self.drain(ctx);
         let need = Need {
             model: msg.model,
             exclude: msg.exclude,
@@ -34,7 +35,7 @@ impl Handler<Acquire> for PoolSupervisor {
             Decision::Wait { at, all_cooling } => {
                 let deadline = now + self.queue_timeout();
                 if at > deadline {
-                    return Err(Self::too_late(at, all_cooling, now));
+                    return Err(too_late(at, all_cooling, now));
                 }
                 if self.queue.is_full() {
                     return Err(AcquireError::QueueFull {
@@ -43,6 +44,8 @@ impl Handler<Acquire> for PoolSupervisor {
                 }
                 let (tx, rx) = oneshot::channel();
                 self.queue.push(msg.priority, Waiter { need, deadline, tx });
+                let wake = if at > now { at } else { deadline };
+                self.wake_at(wake, ctx);
                 Ok(Ticket::Queued(rx))
             }
             Decision::Fail(err) => Err(err),
@@ -52,19 +55,33 @@ impl Handler<Acquire> for PoolSupervisor {
 
 impl Handler<BackendUpdate> for PoolSupervisor {
     type Result = ();
-    fn handle(&mut self, msg: BackendUpdate, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: BackendUpdate, ctx: &mut Self::Context) {
         self.apply_update(msg.0);
-        self.drain(Instant::now());
+        self.drain(ctx);
     }
 }
 
 impl Handler<GetSnapshot> for PoolSupervisor {
-    type Result = MessageResult<GetSnapshot>;
+    type Result = ResponseFuture<PoolSnapshot>;
+    /// Views read from every backend now, so what it shows is true at the
+    /// moment it is read (an idle key's window empties with nobody pushing).
     fn handle(&mut self, _msg: GetSnapshot, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(PoolSnapshot {
-            backends: self.entries.iter().map(|e| e.view.clone()).collect(),
-            queue_depth: self.queue.depth(),
-            emergency_grants: self.emergency_grants,
+        let asks: Vec<_> = self
+            .entries
+            .iter()
+            .map(|e| (e.addr.clone(), e.slot.view.clone()))
+            .collect();
+        let queue_depth = self.queue.depth();
+        let emergency_grants = self.emergency_grants;
+        Box::pin(async move {
+            let reads = asks
+                .into_iter()
+                .map(|(addr, last)| async move { addr.send(GetView).await.unwrap_or(last) });
+            PoolSnapshot {
+                backends: futures_util::future::join_all(reads).await,
+                queue_depth,
+                emergency_grants,
+            }
         })
     }
 }
@@ -75,8 +92,15 @@ impl Handler<ListModels> for PoolSupervisor {
         let models: BTreeSet<Arc<str>> = self
             .entries
             .iter()
-            .filter(|e| e.spec.enabled)
-            .flat_map(|e| e.spec.models.keys().filter(|m| !m.ends_with('*')).cloned())
+            .filter(|e| e.slot.spec.enabled)
+            .flat_map(|e| {
+                e.slot
+                    .spec
+                    .models
+                    .keys()
+                    .filter(|m| !m.ends_with('*'))
+                    .cloned()
+            })
             .collect();
         MessageResult(models.into_iter().collect())
     }
@@ -89,16 +113,16 @@ impl Handler<UpsertBackend> for PoolSupervisor {
         match self.entry_index(spec.id) {
             Some(i) => {
                 let spec = Arc::new(spec);
-                self.entries[i].spec = spec.clone();
+                self.entries[i].slot.spec = spec.clone();
                 self.entries[i].addr.do_send(Reconfigure(spec));
-                info!(self.log, "backend updated"; "backend" => self.entries[i].spec.name.to_string());
+                info!(self.log, "backend updated"; "backend" => self.entries[i].slot.spec.name.to_string());
             }
             None => {
                 info!(self.log, "backend added"; "backend" => spec.name.to_string());
                 self.start_backend(spec, ctx);
             }
         }
-        self.drain(Instant::now());
+        self.drain(ctx);
     }
 }
 
@@ -109,7 +133,7 @@ impl Handler<RemoveBackend> for PoolSupervisor {
             Some(i) => {
                 let e = self.entries.remove(i);
                 e.addr.do_send(Shutdown);
-                info!(self.log, "backend removed"; "backend" => e.spec.name.to_string());
+                info!(self.log, "backend removed"; "backend" => e.slot.spec.name.to_string());
                 true
             }
             None => false,
@@ -138,11 +162,11 @@ impl Handler<TestFreeze> for PoolSupervisor {
 
 impl Handler<UpdateTuning> for PoolSupervisor {
     type Result = ();
-    fn handle(&mut self, msg: UpdateTuning, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: UpdateTuning, ctx: &mut Self::Context) {
         info!(self.log, "runtime settings changed"; "queue_max" => msg.0.queue_max,
             "queue_timeout_s" => msg.0.queue_timeout.as_secs_f64(), "cooldown_base_s" => msg.0.cooldown_base.as_secs_f64());
         self.retune(msg.0);
-        self.drain(Instant::now());
+        self.drain(ctx);
     }
 }
 
@@ -180,6 +204,19 @@ impl Handler<GetBackendView> for PoolSupervisor {
             match addr {
                 Some(a) => a.send(GetView).await.ok(),
                 None => None,
+            }
+        })
+    }
+}
+
+impl Handler<KeyTested> for PoolSupervisor {
+    type Result = ResponseFuture<bool>;
+    fn handle(&mut self, msg: KeyTested, _ctx: &mut Self::Context) -> Self::Result {
+        let addr = self.addr_of(msg.id);
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(msg).await.unwrap_or(false),
+                None => false,
             }
         })
     }

@@ -1,12 +1,18 @@
 //! The project's simulated OpenAI-compatible provider: per-key rolling-window
-//! limits answered with 429 + Retry-After, per-key faults (401, 500, hang,
-//! reset mid-stream, always-429), latency, streaming in chunks, usage in
+//! request and token limits answered with 429 + Retry-After, per-key faults
+//! (401, 500, hang, reset mid-stream, always-429, one-shot scripts),
+//! `x-ratelimit-*` headers, a poison marker that fails everywhere, latency
+//! (also per request: `x-sim-delay-ms`), streaming in chunks, usage in
 //! answers, and per-key counts at `GET /_mock/stats`. Tests, the demo and the
 //! benchmarks all use it; it binds wherever it is told (loopback in tests).
 
-use std::collections::{HashMap, VecDeque};
+mod keys;
+
+use keys::{admit, Admission, Ask, KeyState, RateHeaders};
+pub use keys::{Fault, KeyStats, MockKey};
+
+use std::collections::HashMap;
 use std::net::TcpListener;
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -14,86 +20,9 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::http::header;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
-
-/// What a key does instead of answering normally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Fault {
-    #[default]
-    None,
-    /// Answers this status (401, 403, 500, 503…) to everything.
-    Status(u16),
-    /// Answers 429 to every request, with this Retry-After in seconds if set.
-    RateLimit(Option<u64>),
-    /// Accepts the request and never answers (until a minute passes).
-    Hang,
-    /// Streams this many chunks, then drops the connection.
-    ResetAfter(u32),
-}
-
-impl FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "" | "none" => Ok(Fault::None),
-            "429" | "ratelimit" => Ok(Fault::RateLimit(None)),
-            "hang" => Ok(Fault::Hang),
-            "reset" => Ok(Fault::ResetAfter(2)),
-            other => other
-                .parse::<u16>()
-                .ok()
-                .filter(|s| (400..=599).contains(s))
-                .map(Fault::Status)
-                .ok_or_else(|| {
-                    format!("unknown fault {other:?}: use none, 401, 500, 429, hang or reset")
-                }),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct MockKey {
-    pub key: String,
-    /// Requests allowed in any rolling window; `None` is unlimited.
-    pub limit: Option<u32>,
-    pub fault: Fault,
-}
-
-impl MockKey {
-    pub fn new(key: &str, limit: Option<u32>) -> Self {
-        Self {
-            key: key.to_string(),
-            limit,
-            fault: Fault::None,
-        }
-    }
-
-    pub fn with_fault(mut self, fault: Fault) -> Self {
-        self.fault = fault;
-        self
-    }
-}
-
-impl FromStr for MockKey {
-    type Err = String;
-    /// `KEY[:LIMIT[:FAULT]]`, LIMIT 0 or empty for unlimited.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.split(':');
-        let key = parts.next().filter(|k| !k.is_empty()).ok_or("empty key")?;
-        let limit = match parts.next() {
-            None | Some("") | Some("0") => None,
-            Some(n) => Some(
-                n.parse::<u32>()
-                    .map_err(|_| format!("bad limit in {s:?}"))?,
-            ),
-        };
-        let fault = parts.next().unwrap_or("none").parse()?;
-        Ok(MockKey::new(key, limit).with_fault(fault))
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct MockConfig {
@@ -119,35 +48,6 @@ impl Default for MockConfig {
     }
 }
 
-#[derive(Debug, Default)]
-struct KeyState {
-    limit: Option<u32>,
-    fault: Fault,
-    /// Every inference request's arrival, for the max-per-window statistic.
-    arrivals: Vec<Instant>,
-    window: VecDeque<Instant>,
-    requests: u64,
-    ok: u64,
-    rate_limited: u64,
-    faults: u64,
-    include_usage: u64,
-    last_model: Option<String>,
-}
-
-/// Per-key counts as the mock saw them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct KeyStats {
-    pub requests: u64,
-    pub ok: u64,
-    pub rate_limited: u64,
-    pub faults: u64,
-    /// Most requests that arrived within any one rolling window.
-    pub max_in_window: u64,
-    /// Requests that asked for `stream_options.include_usage`.
-    pub include_usage: u64,
-    pub last_model: Option<String>,
-}
-
 pub struct MockState {
     window: Duration,
     latency: Duration,
@@ -157,36 +57,19 @@ pub struct MockState {
     keys: Mutex<HashMap<String, KeyState>>,
 }
 
-fn max_in_window(arrivals: &[Instant], window: Duration) -> u64 {
-    let mut best = 0;
-    let mut lo = 0;
-    for hi in 0..arrivals.len() {
-        while arrivals[hi].duration_since(arrivals[lo]) >= window {
-            lo += 1;
-        }
-        best = best.max(hi - lo + 1);
-    }
-    best as u64
-}
+/// A request body that carries this fails on every key with 500: the
+/// poison request a gateway must not blame its keys for.
+pub const POISON_MARKER: &str = "__poison__";
 
 impl MockState {
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn stats(&self) -> HashMap<String, KeyStats> {
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        keys.iter()
-            .map(|(k, s)| {
-                (
-                    k.clone(),
-                    KeyStats {
-                        requests: s.requests,
-                        ok: s.ok,
-                        rate_limited: s.rate_limited,
-                        faults: s.faults,
-                        max_in_window: max_in_window(&s.arrivals, self.window),
-                        include_usage: s.include_usage,
-                        last_model: s.last_model.clone(),
-                    },
-                )
-            })
+        self.keys()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.stats(self.window)))
             .collect()
     }
 
@@ -196,81 +79,33 @@ impl MockState {
 
     /// Arrival times of a key's requests, for tests that look at spacing.
     pub fn arrivals(&self, key: &str) -> Vec<Instant> {
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        keys.get(key)
-            .map(|s| s.arrivals.clone())
+        self.keys()
+            .get(key)
+            .map(KeyState::arrivals)
             .unwrap_or_default()
     }
 
     pub fn set_fault(&self, key: &str, fault: Fault) {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = keys.get_mut(key) {
+        if let Some(s) = self.keys().get_mut(key) {
             s.fault = fault;
         }
     }
 
+    /// One-shot faults for this key's next requests, in order.
+    pub fn set_script(&self, key: &str, script: Vec<Fault>) {
+        if let Some(s) = self.keys().get_mut(key) {
+            s.script = script.into();
+        }
+    }
+
     pub fn set_limit(&self, key: &str, limit: Option<u32>) {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = keys.get_mut(key) {
+        if let Some(s) = self.keys().get_mut(key) {
             s.limit = limit;
         }
     }
-}
 
-enum Admission {
-    Go,
-    Unknown,
-    Fault(Fault),
-    Limited(Duration),
-}
-
-impl MockState {
-    fn admit(&self, key: &str, body: &Value) -> Admission {
-        let now = Instant::now();
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(s) = keys.get_mut(key) else {
-            return Admission::Unknown;
-        };
-        s.requests += 1;
-        s.arrivals.push(now);
-        s.last_model = body
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        if body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true)) {
-            s.include_usage += 1;
-        }
-        match s.fault {
-            Fault::None | Fault::ResetAfter(_) => {}
-            Fault::RateLimit(ra) => {
-                s.rate_limited += 1;
-                return Admission::Fault(Fault::RateLimit(ra));
-            }
-            other => {
-                s.faults += 1;
-                return Admission::Fault(other);
-            }
-        }
-        if let Some(limit) = s.limit {
-            while s
-                .window
-                .front()
-                .is_some_and(|&t| now.duration_since(t) >= self.window)
-            {
-                s.window.pop_front();
-            }
-            if s.window.len() as u32 >= limit {
-                s.rate_limited += 1;
-                let oldest = s.window.front().copied().unwrap_or(now);
-                return Admission::Limited((oldest + self.window).saturating_duration_since(now));
-            }
-            s.window.push_back(now);
-        }
-        s.ok += 1;
-        match s.fault {
-            Fault::ResetAfter(n) => Admission::Fault(Fault::ResetAfter(n)),
-            _ => Admission::Go,
-        }
+    fn fault_of(&self, key: &str) -> Option<Fault> {
+        self.keys().get(key).map(|s| s.fault)
     }
 }
 
@@ -326,15 +161,26 @@ async fn answer(
     };
     let key = bearer(&req);
     let mut reset_after = None;
-    match state.admit(&key, &json) {
-        Admission::Go => {}
+    let completion_tokens = state.chunks.max(1) as u64;
+    let ask = Ask {
+        body: &json,
+        tokens: (body.len() as u64 / 4).max(1) + completion_tokens,
+        poisoned: contains(&body, POISON_MARKER.as_bytes()),
+    };
+    let admission = admit(&mut state.keys(), &key, ask, state.window);
+    let rate = match admission {
+        Admission::Go(rate) => rate,
         Admission::Unknown => return error_json(401, "invalid api key", "authentication_error"),
-        Admission::Limited(wait) => {
+        Admission::Poisoned => {
+            return error_json(500, "the model failed on this input", "server_error")
+        }
+        Admission::Limited(wait, rate) => {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            return HttpResponse::TooManyRequests()
-                .insert_header((header::RETRY_AFTER, secs.to_string()))
-                .insert_header(("retry-after-ms", wait.as_millis().max(1).to_string()))
-                .json(json!({"error": {"message": "rate limit exceeded", "type": "rate_limit_error", "code": 429}}));
+            let mut res = HttpResponse::TooManyRequests();
+            res.insert_header((header::RETRY_AFTER, secs.to_string()))
+                .insert_header(("retry-after-ms", wait.as_millis().max(1).to_string()));
+            add_rate_headers(&mut res, &rate);
+            return res.json(json!({"error": {"message": "rate limit exceeded", "type": "rate_limit_error", "code": 429}}));
         }
         Admission::Fault(Fault::RateLimit(ra)) => {
             let mut res = HttpResponse::TooManyRequests();
@@ -350,8 +196,20 @@ async fn answer(
             tokio::time::sleep(Duration::from_secs(60)).await;
             return error_json(504, "simulated hang ended", "server_error");
         }
-        Admission::Fault(Fault::ResetAfter(n)) => reset_after = Some(n),
-        Admission::Fault(Fault::None) => {}
+        Admission::Fault(Fault::ResetAfter(n)) => {
+            reset_after = Some(n);
+            RateHeaders::default()
+        }
+        Admission::Fault(Fault::None) => RateHeaders::default(),
+    };
+    let delay = req
+        .headers()
+        .get("x-sim-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.min(120_000)));
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
     }
     if !state.latency.is_zero() {
         tokio::time::sleep(state.latency).await;
@@ -362,37 +220,39 @@ async fn answer(
         .unwrap_or("mock-model")
         .to_string();
     let prompt_tokens = (body.len() as u64 / 4).max(1);
-    let completion_tokens = state.chunks.max(1) as u64;
     let stream = json.get("stream") == Some(&Value::Bool(true)) && !matches!(kind, Kind::Embedding);
     if stream {
         let include_usage =
             json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-        return stream_answer(
+        let plan = StreamPlan {
             kind,
             model,
             prompt_tokens,
-            state.chunks.max(1),
-            state.chunk_interval,
+            chunks: state.chunks.max(1),
+            interval: state.chunk_interval,
             include_usage,
             reset_after,
-        );
+        };
+        return stream_answer(plan, &rate);
     }
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
     let words: Vec<String> = (0..completion_tokens).map(|i| format!("w{i}")).collect();
     let text = format!("mock reply: {}", words.join(" "));
     let created = unix_now();
+    let mut res = HttpResponse::Ok();
+    add_rate_headers(&mut res, &rate);
     match kind {
-        Kind::Chat => HttpResponse::Ok().json(json!({
+        Kind::Chat => res.json(json!({
             "id": format!("chatcmpl-mock-{created}"), "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": usage,
         })),
-        Kind::Completion => HttpResponse::Ok().json(json!({
+        Kind::Completion => res.json(json!({
             "id": format!("cmpl-mock-{created}"), "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
             "usage": usage,
         })),
-        Kind::Embedding => HttpResponse::Ok().json(json!({
+        Kind::Embedding => res.json(json!({
             "object": "list", "model": model,
             "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
@@ -400,15 +260,28 @@ async fn answer(
     }
 }
 
-fn stream_answer(
+/// How one streamed answer goes.
+struct StreamPlan {
     kind: Kind,
     model: String,
     prompt_tokens: u64,
     chunks: u32,
     interval: Duration,
     include_usage: bool,
+    /// Drop the connection after this many chunks.
     reset_after: Option<u32>,
-) -> HttpResponse {
+}
+
+fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpResponse {
+    let StreamPlan {
+        kind,
+        model,
+        prompt_tokens,
+        chunks,
+        interval,
+        include_usage,
+        reset_after,
+    } = plan;
     let created = unix_now();
     let mut events: Vec<String> = Vec::new();
     for i in 0..chunks {
@@ -461,20 +334,36 @@ fn stream_answer(
             Some((Ok(Bytes::from(events[i].clone())), i + 1))
         }
     });
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+    let mut res = HttpResponse::Ok();
+    add_rate_headers(&mut res, rate);
+    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .streaming(stream)
 }
 
+/// `x-ratelimit-*` as OpenAI-style providers send them.
+fn add_rate_headers(res: &mut actix_web::HttpResponseBuilder, rate: &RateHeaders) {
+    let reset = |d: Duration| format!("{:.3}s", d.as_secs_f64());
+    if let Some((limit, left, at)) = rate.requests {
+        res.insert_header(("x-ratelimit-limit-requests", limit.to_string()))
+            .insert_header(("x-ratelimit-remaining-requests", left.to_string()))
+            .insert_header(("x-ratelimit-reset-requests", reset(at)));
+    }
+    if let Some((limit, left, at)) = rate.tokens {
+        res.insert_header(("x-ratelimit-limit-tokens", limit.to_string()))
+            .insert_header(("x-ratelimit-remaining-tokens", left.to_string()))
+            .insert_header(("x-ratelimit-reset-tokens", reset(at)));
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
 async fn models(req: HttpRequest, state: web::Data<MockState>) -> HttpResponse {
     let key = bearer(&req);
-    let fault = {
-        let keys = state.keys.lock().unwrap_or_else(|p| p.into_inner());
-        match keys.get(&key) {
-            None => return error_json(401, "invalid api key", "authentication_error"),
-            Some(s) => s.fault,
-        }
+    let Some(fault) = state.fault_of(&key) else {
+        return error_json(401, "invalid api key", "authentication_error");
     };
     if let Fault::Status(status) = fault {
         return error_json(status, "simulated failure", "server_error");
@@ -496,6 +385,7 @@ async fn stats(state: web::Data<MockState>) -> HttpResponse {
 struct KeyUpdate {
     fault: Option<Fault>,
     limit: Option<u32>,
+    script: Option<Vec<Fault>>,
 }
 
 async fn update_key(
@@ -509,6 +399,9 @@ async fn update_key(
     }
     if let Some(l) = update.limit {
         state.set_limit(&key, (l > 0).then_some(l));
+    }
+    if let Some(script) = update.script.clone() {
+        state.set_script(&key, script);
     }
     HttpResponse::Ok().json(json!({"key": key, "stats": state.key_stats(&key)}))
 }
@@ -528,16 +421,7 @@ impl MockUpstream {
         let keys = config
             .keys
             .iter()
-            .map(|k| {
-                (
-                    k.key.clone(),
-                    KeyState {
-                        limit: k.limit,
-                        fault: k.fault,
-                        ..Default::default()
-                    },
-                )
-            })
+            .map(|k| (k.key.clone(), KeyState::of(k)))
             .collect();
         let state = web::Data::new(MockState {
             window: config.window,

@@ -1,0 +1,1 @@
+ALTER TABLE backends DROP COLUMN upstream_until;
