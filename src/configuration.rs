@@ -82,6 +82,13 @@ pub struct RawSettings {
     pub allow_unauthenticated: bool,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    /// `embedded` (default) or `redis`: where rate state is shared.
+    pub state_backend: String,
+    pub redis_url: Option<String>,
+    /// Namespace of every Redis key this gateway writes.
+    pub redis_prefix: String,
+    /// Longest wait for any Redis command, in milliseconds.
+    pub redis_timeout_ms: u64,
     /// The single-key form of the old system: one backend.
     pub api_key: Option<String>,
     pub upstream: Option<String>,
@@ -128,6 +135,10 @@ impl Default for RawSettings {
             allow_unauthenticated: false,
             log_level: None,
             log_format: None,
+            state_backend: "embedded".into(),
+            redis_url: None,
+            redis_prefix: "sidecar".into(),
+            redis_timeout_ms: 200,
             api_key: None,
             upstream: None,
             models: None,
@@ -240,6 +251,8 @@ pub struct Settings {
     pub workers: Option<usize>,
     pub log_level: slog::Level,
     pub log_json: bool,
+    /// Where rate state lives beyond this process.
+    pub state: StateSettings,
     pub tuning: Tuning,
     pub backends: Vec<BackendSpec>,
     pub client_keys: Vec<ClientKey>,
@@ -251,6 +264,84 @@ pub struct Settings {
     pub default_timeout: Duration,
     /// Where these settings were read from, for reloads.
     pub origin: Sources,
+}
+
+/// Where rate state lives: this process (embedded, SQLite) or Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateSettings {
+    Embedded,
+    Redis {
+        url: String,
+        prefix: String,
+        timeout: Duration,
+    },
+}
+
+impl StateSettings {
+    fn from_raw(
+        src: &str,
+        backend: &str,
+        url: Option<&str>,
+        prefix: &str,
+        timeout_ms: u64,
+    ) -> Result<Self, ConfigError> {
+        match backend.trim().to_ascii_lowercase().as_str() {
+            "embedded" | "" => Ok(StateSettings::Embedded),
+            "redis" => {
+                let url = url
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            src,
+                            "redis_url",
+                            "state_backend = \"redis\" needs redis_url (SIDECAR_REDIS_URL)",
+                        )
+                    })?;
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
+                    return Err(ConfigError::new(
+                        src,
+                        "redis_url",
+                        "must start with redis://, rediss:// or unix://",
+                    ));
+                }
+                if prefix.is_empty() || prefix.contains(char::is_whitespace) {
+                    return Err(ConfigError::new(
+                        src,
+                        "redis_prefix",
+                        "must be a non-empty word",
+                    ));
+                }
+                if !(10..=10_000).contains(&timeout_ms) {
+                    return Err(ConfigError::new(
+                        src,
+                        "redis_timeout_ms",
+                        "must be between 10 and 10000",
+                    ));
+                }
+                Ok(StateSettings::Redis {
+                    url: url.to_string(),
+                    prefix: prefix.to_string(),
+                    timeout: Duration::from_millis(timeout_ms),
+                })
+            }
+            other => Err(ConfigError::new(
+                src,
+                "state_backend",
+                format!("unknown backend {other:?}; use embedded or redis"),
+            )),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            StateSettings::Embedded => "embedded",
+            StateSettings::Redis { .. } => "redis",
+        }
+    }
 }
 
 /// Where settings come from.
@@ -655,6 +746,13 @@ impl RawSettings {
             workers: self.workers,
             log_level: parse_level(src, self.log_level.as_deref())?,
             log_json,
+            state: StateSettings::from_raw(
+                src,
+                &self.state_backend,
+                self.redis_url.as_deref(),
+                &self.redis_prefix,
+                self.redis_timeout_ms,
+            )?,
             tuning,
             backends,
             client_keys,

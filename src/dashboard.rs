@@ -10,6 +10,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use sidecar_actors::messages::GetSnapshot;
+use sidecar_actors::rate_state::RateState;
 use sidecar_actors::PoolSupervisor;
 use tokio::sync::{broadcast, watch};
 
@@ -84,6 +85,7 @@ impl Snapshots {
         self: &Arc<Self>,
         supervisor: Addr<PoolSupervisor>,
         metrics: Arc<Metrics>,
+        rate: RateState,
     ) {
         let me = self.clone();
         let mut stop = self.shutdown.subscribe();
@@ -100,7 +102,8 @@ impl Snapshots {
                 let Ok(snap) = supervisor.send(GetSnapshot).await else {
                     continue;
                 };
-                let json: Arc<str> = Arc::from(snapshot_json(&snap, &metrics).to_string());
+                let shared = crate::routes::health::state_json(&rate);
+                let json: Arc<str> = Arc::from(snapshot_json(&snap, &metrics, &shared).to_string());
                 if let Ok(mut l) = me.latest.write() {
                     *l = Some(json.clone());
                 }

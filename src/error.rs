@@ -95,6 +95,7 @@ impl ApiError {
                 AcquireError::Exhausted { .. } => ("server_error", "all_backends_exhausted"),
                 AcquireError::Unavailable { .. } => ("server_error", "no_backend_available"),
                 AcquireError::SupervisorGone => ("server_error", "internal_error"),
+                AcquireError::ShuttingDown => ("server_error", "shutting_down"),
             },
             ApiError::Upstream { timeout: true, .. } => ("server_error", "upstream_timeout"),
             ApiError::Upstream { .. } => ("server_error", "upstream_error"),

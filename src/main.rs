@@ -191,12 +191,27 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config)?;
     let log = telemetry::build_logger(settings.log_level, settings.log_json);
     actix_web::rt::System::new().block_on(async move {
-        let listener = TcpListener::bind((settings.host, settings.port))
-            .with_context(|| format!("cannot listen on {}:{}", settings.host, settings.port))?;
+        let listener = proxy_listener(&settings, &log)?;
         let app = Application::build(&settings, listener, log).await?;
         app.run_until_stopped().await?;
         Ok(())
     })
+}
+
+/// The proxy's socket: the one systemd passed (socket activation: the
+/// kernel holds new connections while the gateway restarts), or our own.
+fn proxy_listener(settings: &Settings, log: &slog::Logger) -> anyhow::Result<TcpListener> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(l) = fds
+        .take_tcp_listener(0)
+        .context("the socket systemd passed (LISTEN_FDS) is not a TCP listener")?
+    {
+        slog::info!(log, "listening on the socket systemd passed";
+            "address" => l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        return Ok(l);
+    }
+    TcpListener::bind((settings.host, settings.port))
+        .with_context(|| format!("cannot listen on {}:{}", settings.host, settings.port))
 }
 
 /// What `check-config` shows: the effective settings after layering, keys masked.

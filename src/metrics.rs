@@ -35,6 +35,11 @@ pub struct Metrics {
     pub db_size: IntGauge,
     pub wal_size: IntGauge,
     pub stats_flush_seconds: Gauge,
+    /// 1 while Redis is unreachable and each limit is shared out locally.
+    pub state_degraded: IntGauge,
+    pub replicas_alive: IntGauge,
+    /// Requests in each key's window across every replica (Redis).
+    pub shared_used: IntGaugeVec,
     /// Models that may appear as label values.
     known_models: RwLock<HashSet<String>>,
 }
@@ -213,6 +218,33 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            state_degraded: reg(
+                &r,
+                IntGauge::new(
+                    "state_degraded",
+                    "1 while the shared rate state (Redis) is unreachable and each replica serves on a share of each limit.",
+                )
+                .expect("valid metric"),
+            ),
+            replicas_alive: reg(
+                &r,
+                IntGauge::new(
+                    "replicas_alive",
+                    "Gateway replicas alive at the last heartbeat (1 without Redis).",
+                )
+                .expect("valid metric"),
+            ),
+            shared_used: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "backend_shared_window_used",
+                        "Requests in the key's rolling window across every replica (Redis).",
+                    ),
+                    &["backend"],
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
             known_models: RwLock::new(HashSet::new()),
         };
@@ -253,6 +285,11 @@ impl Metrics {
             self.in_flight
                 .with_label_values(&[name])
                 .set(b.in_flight as i64);
+            if let Some(used) = b.shared_used {
+                self.shared_used
+                    .with_label_values(&[name])
+                    .set(i64::from(used));
+            }
         }
         for (i, p) in ["urgent", "high", "normal", "low"].iter().enumerate() {
             self.queue_depth

@@ -29,6 +29,16 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         m.stats_flush_seconds
             .set(f.last_duration.map_or(0.0, |d| d.as_secs_f64()));
     }
+    match state.rate.cluster() {
+        Some(c) => {
+            m.state_degraded.set(i64::from(c.status().degraded()));
+            m.replicas_alive.set(i64::from(c.status().alive()));
+        }
+        None => {
+            m.state_degraded.set(0);
+            m.replicas_alive.set(1);
+        }
+    }
     let path = state.db_path.clone();
     if let Ok((db, wal)) = web::block(move || sidecar_actors::db::file_sizes(&path)).await {
         m.db_size.set(db as i64);

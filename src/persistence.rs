@@ -2,11 +2,11 @@
 //! file's backends synced in, and every backend loaded with the state it had
 //! when the gateway last stopped. Runs on a blocking thread.
 
-use sidecar_actors::db::{self, backends, KeyRing};
+use sidecar_actors::db::{self, backends, rate, KeyRing};
 use sidecar_actors::BackendSpec;
 use slog::{info, warn, Logger};
 
-use crate::configuration::Settings;
+use crate::configuration::{Settings, StateSettings};
 use crate::keys::{self, KeySource};
 
 pub struct Boot {
@@ -33,7 +33,10 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
     backends::sync_config(&mut conn, &ring, &settings.backends)?;
     let records = backends::load_all(&mut conn, &ring)?;
     let runtime_json = db::get_config(&mut conn, crate::admin::runtime::CONFIG_KEY)?;
-    let specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
+    let mut specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
+    if settings.state == StateSettings::Embedded {
+        restore_windows(&mut conn, &mut specs, log)?;
+    }
     if specs.is_empty() {
         warn!(log, "no backends: declare [[backends]] in the config file, set SIDECAR_API_KEY + SIDECAR_UPSTREAM + \
                     SIDECAR_MODELS, or `sidecar import providers.yaml`; every model answers 404 until then");
@@ -50,4 +53,36 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
         migrations,
         runtime_json,
     })
+}
+
+/// Gives every backend the grant log the previous process saved: exactly
+/// after a clean stop; after a crash, with the unknown interval since the
+/// last save assumed spent (a crash may cost one window of goodput, never a
+/// 429).
+fn restore_windows(
+    conn: &mut diesel::SqliteConnection,
+    specs: &mut [BackendSpec],
+    log: &Logger,
+) -> anyhow::Result<()> {
+    let saved = rate::load_and_arm(conn)?;
+    let flush_ms =
+        i64::try_from(sidecar_actors::rate_state::SAVE_EVERY.as_millis()).unwrap_or(1000);
+    let unknown_until = saved.unknown_until(flush_ms, db::now_ms());
+    for spec in specs.iter_mut() {
+        if let Some(g) = saved.grants.get(&spec.id) {
+            spec.initial.grants_ms = g.clone();
+        }
+        spec.initial.unknown_until_ms = unknown_until;
+    }
+    match (saved.saved_at, saved.clean) {
+        (None, _) => {}
+        (Some(_), true) => info!(log, "rolling windows restored from the last clean stop";
+            "backends" => saved.grants.len()),
+        (Some(at), false) => {
+            warn!(log, "the last stop was not clean: grants after its last save are unknown \
+                                        and assumed spent, so every key waits out at most one window";
+            "last_save_ms_ago" => db::now_ms().saturating_sub(at))
+        }
+    }
+    Ok(())
 }

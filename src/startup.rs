@@ -17,6 +17,9 @@ use futures_util::FutureExt;
 use sidecar_actors::backup::BackupActor;
 use sidecar_actors::db::KeyRing;
 use sidecar_actors::messages::ListModels;
+use sidecar_actors::messages::{CollectGrants, Drain};
+use sidecar_actors::rate_state::embedded::FlushGrants;
+use sidecar_actors::rate_state::{Cluster, GrantLogger, RateState, SAVE_EVERY};
 use sidecar_actors::stats::{Flush, StatsActor};
 use sidecar_actors::store::DbExecutor;
 use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober, Tuning};
@@ -24,7 +27,7 @@ use slog::{info, warn, Logger};
 
 use crate::admin::runtime::RuntimeConfig;
 use crate::client_keys::ClientKeys;
-use crate::configuration::{Settings, Sources};
+use crate::configuration::{Settings, Sources, StateSettings};
 use crate::dashboard::{self, Snapshots};
 use crate::error::ApiError;
 use crate::events::EventSink;
@@ -54,6 +57,8 @@ pub struct AppState {
     pub snapshots: Arc<Snapshots>,
     pub test_hooks: bool,
     pub db_path: PathBuf,
+    /// Where rate state lives beyond this process.
+    pub rate: RateState,
     runtime: Mutex<RuntimeConfig>,
     queue_timeout_ms: AtomicU64,
 }
@@ -142,11 +147,16 @@ pub struct GatewayHandle {
     server: ServerHandle,
     metrics: ServerHandle,
     snapshots: Arc<Snapshots>,
+    supervisor: Addr<PoolSupervisor>,
 }
 
 impl GatewayHandle {
+    /// Waiting requests are answered at once (503, Retry-After 1: another
+    /// replica, or this one restarted, will take them), in-flight ones
+    /// finish (graceful) or are cut.
     pub async fn stop(&self, graceful: bool) {
         notify::stopping();
+        let _ = self.supervisor.send(Drain).await;
         self.snapshots.close();
         self.server.stop(graceful).await;
         self.metrics.stop(graceful).await;
@@ -162,7 +172,43 @@ pub struct Application {
     supervisor: Addr<PoolSupervisor>,
     stats: Addr<StatsActor>,
     backup: Addr<BackupActor>,
+    rate: RateState,
     log: Logger,
+}
+
+/// Where rate state goes: the grant logger (embedded) or Redis, whose first
+/// heartbeat is awaited briefly so a healthy cluster starts shared.
+async fn rate_state(
+    settings: &Settings,
+    db: &Addr<DbExecutor>,
+    log: &Logger,
+) -> anyhow::Result<RateState> {
+    match &settings.state {
+        StateSettings::Embedded => {
+            let (db, log) = (db.clone(), log.clone());
+            Ok(RateState::Embedded(actix::Supervisor::start(move |_| {
+                GrantLogger::new(db, SAVE_EVERY, log)
+            })))
+        }
+        StateSettings::Redis {
+            url,
+            prefix,
+            timeout,
+        } => {
+            let window = settings.tuning.window + settings.tuning.window_margin;
+            let cluster =
+                Cluster::new(url, prefix, *timeout, window).map_err(anyhow::Error::msg)?;
+            match cluster.beat(Duration::from_secs(3)).await {
+                Ok(alive) => info!(log, "shared rate state in Redis"; "replicas" => alive,
+                    "replica" => cluster.replica().to_string()),
+                Err(e) => {
+                    warn!(log, "redis unreachable at start: serving on a share of each limit until it answers";
+                    "error" => e)
+                }
+            }
+            Ok(RateState::Redis(cluster))
+        }
+    }
 }
 
 impl Application {
@@ -206,17 +252,23 @@ impl Application {
             let (every, keep) = (settings.backup_interval, settings.backup_retention_days);
             actix::Supervisor::start(move |_| BackupActor::new(db, dir, every, keep, log))
         };
+        let rate = rate_state(settings, &db, &log).await?;
         let supervisor = {
             let prober: Arc<dyn Prober> = Arc::new(HttpProber);
-            let (specs, tuning, log, store) =
-                (boot.backends, tuning.clone(), log.clone(), Some(db.clone()));
+            let (specs, tuning, log, store, rate) = (
+                boot.backends,
+                tuning.clone(),
+                log.clone(),
+                Some(db.clone()),
+                Some(rate.clone()),
+            );
             actix::Supervisor::start(move |_| {
-                PoolSupervisor::new(specs, tuning, prober, store, log)
+                PoolSupervisor::new(specs, tuning, prober, store, rate, log)
             })
         };
         let metrics = Metrics::new();
         let snapshots = Snapshots::new();
-        snapshots.spawn_publisher(supervisor.clone(), metrics.clone());
+        snapshots.spawn_publisher(supervisor.clone(), metrics.clone(), rate.clone());
         if settings.admin_token.is_none() {
             warn!(log, "SIDECAR_ADMIN_TOKEN is not set: the admin API and dashboard answer loopback clients only");
         }
@@ -244,6 +296,7 @@ impl Application {
             snapshots: snapshots.clone(),
             test_hooks: std::env::var("SIDECAR_TEST_HOOKS").is_ok_and(|v| v == "1"),
             db_path: settings.db_path.clone(),
+            rate: rate.clone(),
             queue_timeout_ms: AtomicU64::new((runtime.queue_timeout * 1000.0) as u64),
             runtime: Mutex::new(runtime),
         });
@@ -293,6 +346,7 @@ impl Application {
             server: server.handle(),
             metrics: metrics_srv.handle(),
             snapshots,
+            supervisor: supervisor.clone(),
         };
         notify::spawn_watchdog(supervisor.clone(), log.clone());
         info!(log, "gateway listening"; "port" => port, "metrics_port" => metrics_port);
@@ -305,6 +359,7 @@ impl Application {
             supervisor,
             stats,
             backup,
+            rate,
             log,
         })
     }
@@ -356,6 +411,7 @@ impl Application {
         actix_web::rt::spawn(self.metrics);
         notify::ready();
         let served = self.server.await;
+        save_windows(&self.supervisor, &self.rate, &self.log).await;
         match tokio::time::timeout(Duration::from_secs(15), self.stats.send(Flush)).await {
             Ok(Ok(Ok(rows))) => info!(self.log, "stats flushed at shutdown"; "rows" => rows),
             Ok(Ok(Err(e))) => {
@@ -367,6 +423,38 @@ impl Application {
         tokio::time::sleep(Duration::from_millis(50)).await;
         crate::telemetry::flush();
         served
+    }
+}
+
+/// After the last request: every key's window saved, with the marker that
+/// tells the next start the stop was clean.
+async fn save_windows(supervisor: &Addr<PoolSupervisor>, rate: &RateState, log: &Logger) {
+    {
+        let RateState::Embedded(logger) = rate else {
+            return;
+        };
+        let logs = match tokio::time::timeout(
+            Duration::from_secs(5),
+            supervisor.send(CollectGrants),
+        )
+        .await
+        {
+            Ok(Ok(logs)) => logs,
+            _ => {
+                slog::error!(log, "backends did not hand over their windows at shutdown");
+                return;
+            }
+        };
+        let sent = logger.send(FlushGrants { logs, clean: true });
+        match tokio::time::timeout(Duration::from_secs(10), sent).await {
+            Ok(Ok(Ok(n))) => {
+                info!(log, "rolling windows saved for the next start"; "backends" => n)
+            }
+            Ok(Ok(Err(e))) => {
+                slog::error!(log, "could not save rolling windows"; "error" => e.to_string())
+            }
+            _ => slog::error!(log, "the grant logger did not answer at shutdown"),
+        }
     }
 }
 

@@ -146,7 +146,13 @@ function onSnapshot(snap) {
 }
 
 function renderHeader(snap) {
-  $("#pools").replaceChildren(...snap.pools.filter((p) => p.backends > 0).map((p) =>
+  const shared = snap.state && snap.state.backend === "redis"
+    ? el("span", { "data-testid": "shared-state", class: snap.state.degraded ? "pill off" : "pill on" },
+      snap.state.degraded
+        ? `Redis unreachable: each replica serves 1/${snap.state.replicas_alive} of each limit`
+        : `shared state: Redis · ${snap.state.replicas_alive} replica(s)`)
+    : null;
+  $("#pools").replaceChildren(...[shared].filter(Boolean), ...snap.pools.filter((p) => p.backends > 0).map((p) =>
     el("span", { "data-testid": "pool" }, `${p.pool}: ${p.healthy}/${p.backends} healthy · ${p.cooling} cooling · ${fmt.n(p.requests_left)} left · ${fmt.n(p.effective_rpm)} rpm · ${p.in_flight} in flight`)));
   const q = snap.queue;
   $("#queue").replaceChildren(el("span", { "data-testid": "queue" },
@@ -195,6 +201,7 @@ function buildCard(b, s) {
       stat("left in window", `${fmt.n(b.requests_left)} / ${fmt.n(b.effective_rpm)}`, "left"),
       stat("rpm eff / conf", `${fmt.n(b.effective_rpm)} / ${fmt.n(b.configured_rpm)}`, "rpm"),
       stat("in flight", b.max_concurrency ? `${b.in_flight} / ${b.max_concurrency}` : `${b.in_flight}`, "in_flight"),
+      b.shared_window_used != null ? stat("all replicas", `${fmt.n(b.shared_window_used)} / ${fmt.n(b.effective_rpm)} in window`, "shared") : null,
       stat("burst / next slot", `${fmt.n(b.burst_left)} / ${b.next_free_in_s == null ? "now" : fmt.secs(b.next_free_in_s)}`, "burst"),
       stat("cooldown", fmt.secs(b.cooldown_remaining_s), "cooldown"),
       b.next_check_in_s != null ? stat(b.state === "error" ? "next key test" : "next probe", fmt.secs(b.next_check_in_s), "next_check") : null,

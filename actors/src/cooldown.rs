@@ -203,6 +203,47 @@ impl Cooldown {
         }
     }
 
+    /// Another replica's cooldown (shared state): adopted as a pause that
+    /// starts now — requests this process granted before it are older.
+    /// Returns true when it changed anything.
+    pub fn adopt(
+        &mut self,
+        until: Instant,
+        upstream_until: Instant,
+        streak: u32,
+        now: Instant,
+    ) -> bool {
+        self.streak = self.streak.max(streak);
+        if until <= now {
+            return false;
+        }
+        let upstream_until = upstream_until.min(until);
+        match self.pause.as_mut().filter(|p| p.until > now) {
+            Some(p) if p.until >= until && p.upstream_until >= upstream_until => false,
+            Some(p) => {
+                p.until = later(p.until, until);
+                p.upstream_until = later(p.upstream_until, upstream_until);
+                true
+            }
+            None => {
+                self.pause = Some(Pause {
+                    since: now,
+                    until,
+                    upstream_until,
+                    upstream_said: None,
+                });
+                self.epoch = Some(now);
+                true
+            }
+        }
+    }
+
+    /// Another replica's emergency probe succeeded: the shared cooldown ended.
+    pub fn end_shared(&mut self, now: Instant) -> bool {
+        self.streak = 0;
+        self.pause.take().is_some_and(|p| p.until > now)
+    }
+
     /// The operator ends it and forgets the streak.
     pub fn reset(&mut self, now: Instant) -> bool {
         self.streak = 0;

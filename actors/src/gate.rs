@@ -16,9 +16,10 @@ fn base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
-/// Microseconds since the process's base instant (saturating both ways).
-fn micros(t: Instant) -> u64 {
-    u64::try_from(t.saturating_duration_since(base()).as_micros()).unwrap_or(SHUT - 1)
+/// Nanoseconds since the process's base instant (saturating both ways;
+/// u64 nanoseconds last 584 years): exact, so no deadline opens early.
+fn nanos(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(base()).as_nanos()).unwrap_or(SHUT - 1)
 }
 
 #[derive(Debug)]
@@ -50,14 +51,14 @@ impl Gate {
     /// from `probes_from` (`None`: none).
     pub(crate) fn close_until(&self, until: Option<Instant>, probes_from: Option<Instant>) {
         self.probes_from
-            .store(probes_from.map_or(SHUT, micros), Ordering::Release);
+            .store(probes_from.map_or(SHUT, nanos), Ordering::Release);
         self.closed_until
-            .store(until.map_or(SHUT, |u| micros(u).max(1)), Ordering::Release);
+            .store(until.map_or(SHUT, |u| nanos(u).max(1)), Ordering::Release);
     }
 
     /// May a request (an emergency probe or not) be sent now?
     pub fn admits(&self, emergency: bool, now: Instant) -> bool {
-        let t = micros(now);
+        let t = nanos(now);
         let closed = self.closed_until.load(Ordering::Acquire);
         if closed == OPEN || (closed != SHUT && t >= closed) {
             return true;

@@ -15,6 +15,9 @@ pub struct HealthCheck {
     /// When the state last flipped. Results of requests sent before it speak
     /// for the state before the flip and are not observed.
     flipped_at: Option<Instant>,
+    /// When the earliest request in the current streak was sent: a result
+    /// of a request sent before it cannot break the streak.
+    streak_from: Option<Instant>,
 }
 
 impl HealthCheck {
@@ -25,6 +28,7 @@ impl HealthCheck {
             fail_threshold: fail_threshold.max(1),
             recover_threshold: recover_threshold.max(1),
             flipped_at: None,
+            streak_from: None,
         }
     }
 
@@ -72,10 +76,14 @@ impl HealthCheck {
             return false;
         }
         if ok == self.healthy {
-            self.streak = 0;
+            if self.streak_from.is_none_or(|from| started >= from) {
+                self.streak = 0;
+                self.streak_from = None;
+            }
             return false;
         }
         self.streak = self.streak.saturating_add(1);
+        self.streak_from = Some(self.streak_from.map_or(started, |f| f.min(started)));
         let threshold = if self.healthy {
             self.fail_threshold
         } else {
@@ -84,10 +92,23 @@ impl HealthCheck {
         if self.streak >= threshold {
             self.healthy = ok;
             self.streak = 0;
+            self.streak_from = None;
             self.flipped_at = Some(now);
             return true;
         }
         false
+    }
+
+    /// Another replica marked it down (shared state).
+    pub fn force_down(&mut self, now: Instant) -> bool {
+        let flipped = self.healthy;
+        self.healthy = false;
+        self.streak = 0;
+        self.streak_from = None;
+        if flipped {
+            self.flipped_at = Some(now);
+        }
+        flipped
     }
 
     /// The operator says it works (admin reset): healthy at once.
@@ -95,6 +116,7 @@ impl HealthCheck {
         let flipped = !self.healthy;
         self.healthy = true;
         self.streak = 0;
+        self.streak_from = None;
         if flipped {
             self.flipped_at = Some(now);
         }
@@ -125,6 +147,19 @@ mod tests {
         assert!(!h.observe(true, later, later));
         assert!(h.observe(true, later, later), "two good in a row recover");
         assert!(h.healthy());
+    }
+
+    #[test]
+    fn a_late_success_does_not_break_a_newer_streak() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut h = HealthCheck::new(3, 1);
+        assert!(!h.observe(false, t1, t1));
+        assert!(!h.observe(false, t1, t1));
+        // Sent before the first failure of the streak, it says nothing now.
+        assert!(!h.observe(true, t0, t1));
+        assert_eq!(h.failures(), 2);
+        assert!(h.observe(false, t1, t1));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod limiter;
 pub mod messages;
 pub mod probe;
 pub mod provider;
+pub mod rate_state;
 pub mod retreat;
 pub mod spec;
 pub mod stats;

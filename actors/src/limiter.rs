@@ -20,6 +20,8 @@ pub struct RollingLimiter {
     grants: VecDeque<Instant>,
     bucket: f64,
     refilled_at: Instant,
+    /// Changes whenever the grant log does, so savers know when to save.
+    version: u64,
 }
 
 impl RollingLimiter {
@@ -33,6 +35,7 @@ impl RollingLimiter {
             grants: VecDeque::with_capacity(limit as usize),
             bucket: burst as f64,
             refilled_at: now,
+            version: 0,
         }
     }
 
@@ -62,7 +65,9 @@ impl RollingLimiter {
             .saturating_duration_since(self.refilled_at)
             .as_secs_f64();
         self.bucket = (self.bucket + elapsed * self.refill_rate_per_sec()).min(self.burst as f64);
-        self.refilled_at = now;
+        // A grant stamped earlier than the last refill (it waited in a
+        // mailbox) must not make the same interval refill twice.
+        self.refilled_at = self.refilled_at.max(now);
         while let Some(&oldest) = self.grants.front() {
             if now.saturating_duration_since(oldest) >= self.window {
                 self.grants.pop_front();
@@ -101,12 +106,44 @@ impl RollingLimiter {
         self.refill(now);
         self.bucket = (self.bucket - 1.0).max(0.0);
         self.grants.push_back(now);
+        self.version += 1;
+    }
+
+    /// Grants known from elsewhere (a saved log, a crash's unknown interval):
+    /// they count in the window like our own.
+    pub fn restore(&mut self, grants: impl IntoIterator<Item = Instant>, now: Instant) {
+        self.grants.extend(grants);
+        self.grants.make_contiguous().sort_unstable();
+        self.version += 1;
+        self.refill(now);
+        // What the window holds also bounds the burst right after it.
+        let room = self.limit.saturating_sub(self.grants.len() as u32);
+        self.bucket = self.bucket.min(room as f64);
+    }
+
+    /// Fills the window to its limit with grants stamped `at`: the most the
+    /// unknown interval before `at` could have spent.
+    pub fn fill_to_limit(&mut self, at: Instant, now: Instant) {
+        self.refill(now);
+        let missing = self.limit.saturating_sub(self.grants.len() as u32);
+        self.restore((0..missing).map(|_| at), now);
+    }
+
+    /// The grant log, oldest first (only grants still in the window).
+    pub fn grants(&mut self, now: Instant) -> Vec<Instant> {
+        self.refill(now);
+        self.grants.iter().copied().collect()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Gives back a grant that never reached the upstream (the waiter had gone).
     pub fn unrecord(&mut self, at: Instant, now: Instant) {
         if let Some(pos) = self.grants.iter().rposition(|&t| t == at) {
             self.grants.remove(pos);
+            self.version += 1;
             self.refill(now);
             self.bucket = (self.bucket + 1.0).min(self.burst as f64);
         }
@@ -171,6 +208,12 @@ impl TokenWindow {
 
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// Tokens in the window now (may exceed the limit).
+    pub fn used(&mut self, now: Instant) -> u64 {
+        self.expire(now);
+        self.total
     }
 
     /// A new limit; what is already in the window keeps counting.
@@ -314,6 +357,21 @@ mod tests {
         lim.set_limit(5, 5, t0 + ms(10));
         assert_eq!(lim.remaining(t0 + ms(10)), 0);
         assert_eq!(lim.next_free(t0 + ms(10)), t0 + ms(1000));
+    }
+
+    #[test]
+    fn restored_and_filled_windows_count() {
+        let t0 = Instant::now();
+        let mut lim = RollingLimiter::new(10, 10, ms(1000), t0);
+        lim.restore([t0 + ms(100), t0, t0 + ms(50)], t0 + ms(200));
+        assert_eq!(lim.used(t0 + ms(200)), 3);
+        assert_eq!(lim.remaining(t0 + ms(200)), 7);
+        lim.fill_to_limit(t0 + ms(300), t0 + ms(300));
+        assert_eq!(lim.remaining(t0 + ms(300)), 0);
+        // The restored ones leave first, then the whole filled batch at once.
+        assert_eq!(lim.next_free(t0 + ms(300)), t0 + ms(1000));
+        assert_eq!(lim.window_left(t0 + ms(1150)), 3);
+        assert_eq!(lim.window_left(t0 + ms(1300)), 10);
     }
 
     #[test]

@@ -100,8 +100,9 @@ pub struct Totals {
 #[derive(Debug, Clone)]
 pub struct TokenView {
     pub limit: u64,
-    /// Tokens left in the window when the view was taken.
-    pub left: u64,
+    /// Tokens in the window when the view was taken (may exceed the limit
+    /// after the limit was lowered).
+    pub used: u64,
     /// When each entry in the window leaves it, and how many tokens it frees.
     pub releases: Arc<[(Instant, u64)]>,
     /// The provider's own remaining-tokens budget and when it resets.
@@ -114,15 +115,22 @@ impl TokenView {
     /// before the backend says more.
     pub fn fits_at(&self, need: u64, pending: u64, now: Instant) -> Option<Instant> {
         let need = i128::from(need.clamp(1, self.limit));
-        let cap = i128::from(self.limit) - i128::from(pending);
-        // What is free at `now`: left at the view, plus what left the window
-        // since, minus what was granted since.
-        let mut avail = (i128::from(self.left_at(now)) - i128::from(pending)).min(cap);
-        let mut at = (avail >= need).then_some(now);
-        if at.is_none() {
+        let limit = i128::from(self.limit);
+        // In the window at `now`: what the view held, minus what left since,
+        // plus what was granted since.
+        let mut used = i128::from(self.used) + i128::from(pending);
+        let mut at = None;
+        for &(t, n) in self.releases.iter() {
+            if t <= now {
+                used -= i128::from(n);
+            }
+        }
+        if limit - used >= need {
+            at = Some(now);
+        } else {
             for &(t, n) in self.releases.iter().filter(|(t, _)| *t > now) {
-                avail = (avail + i128::from(n)).min(cap);
-                if avail >= need {
+                used -= i128::from(n);
+                if limit - used >= need {
                     at = Some(t);
                     break;
                 }
@@ -143,8 +151,9 @@ impl TokenView {
             .iter()
             .take_while(|(t, _)| *t <= now)
             .map(|(_, n)| *n)
-            .sum();
-        self.left.saturating_add(released).min(self.limit)
+            .fold(0, u64::saturating_add);
+        self.limit
+            .saturating_sub(self.used.saturating_sub(released))
     }
 }
 
@@ -183,6 +192,10 @@ pub struct BackendView {
     pub emergency_next_free: Instant,
     /// Next health probe (down) or key re-test (error).
     pub next_check: Option<Instant>,
+    /// With shared state: the cluster-wide window's use at the last look.
+    pub shared_used: Option<u32>,
+    /// With shared state unreachable: this replica's share of the limit.
+    pub degraded_share: Option<u32>,
     /// Leases this backend has been told about; the supervisor subtracts the
     /// ones it granted since, so its view never overstates capacity.
     pub seen_leases: u64,
@@ -332,6 +345,8 @@ pub struct Lease {
     pub emergency: bool,
     pub granted_at: Instant,
     pub(crate) gate: Arc<Gate>,
+    /// With shared state: whether the shared window took this lease.
+    pub(crate) confirm: Option<oneshot::Receiver<bool>>,
     pub(crate) finish_to: Recipient<Finish>,
     pub(crate) verdict_to: Recipient<Verdict>,
     pub(crate) used: bool,
@@ -350,10 +365,19 @@ impl fmt::Debug for Lease {
 
 impl Lease {
     /// The last check before sending: false when the backend closed since
-    /// the lease was granted (a 429, a rejected key, down). Then report the
-    /// lease as unused and ask again.
-    pub fn admitted(&self, now: Instant) -> bool {
-        self.gate.admits(self.emergency, now)
+    /// the lease was granted (a 429, a rejected key, down), or the shared
+    /// window (Redis) did not take it. Then report the lease as unused and
+    /// ask again.
+    pub async fn admitted(&mut self) -> bool {
+        if let Some(rx) = self.confirm.take() {
+            // The backend answers within Redis's own timeout; the guard only
+            // covers a backend that stopped.
+            match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                Ok(Ok(true)) => {}
+                _ => return false,
+            }
+        }
+        self.gate.admits(self.emergency, Instant::now())
     }
 
     /// Marks that the request is about to go upstream: from here on, dropping
@@ -458,6 +482,8 @@ pub enum AcquireError {
     Unavailable { retry_after: Duration },
     #[error("the pool supervisor is not running")]
     SupervisorGone,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
 }
 
 impl AcquireError {
@@ -467,6 +493,7 @@ impl AcquireError {
             | AcquireError::QueueTimeout { retry_after }
             | AcquireError::Exhausted { retry_after }
             | AcquireError::Unavailable { retry_after } => Some(*retry_after),
+            AcquireError::ShuttingDown => Some(Duration::from_secs(1)),
             AcquireError::UnknownModel | AcquireError::SupervisorGone => None,
         }
     }
@@ -518,7 +545,25 @@ pub struct LeaseTaken {
     /// The supervisor's view of this backend ran dry with this grant: push
     /// a fresh one.
     pub refresh: bool,
+    /// With shared state: tell the handler whether the shared window took it.
+    pub confirm: Option<oneshot::Sender<bool>>,
 }
+
+/// Backend: its grant log (wall-clock ms), for saving at shutdown.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "(BackendId, Vec<i64>)")]
+pub struct GetGrants;
+
+/// Supervisor: every backend's grant log, for saving at shutdown.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "Vec<(BackendId, Vec<i64>)>")]
+pub struct CollectGrants;
+
+/// Supervisor: the gateway is stopping; answer waiting and new requests at
+/// once (503, Retry-After 1) while in-flight ones finish.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "()")]
+pub struct Drain;
 
 /// Backend → supervisor: my state changed.
 #[derive(Message, Debug)]

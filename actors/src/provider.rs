@@ -23,13 +23,13 @@ impl ProviderLimits {
     }
 }
 
-/// "At most `left` more until `until`", as of the answer to a request
-/// granted at `basis`.
+/// "At most `left` more until `until`", as of the answer to the request
+/// with lease id `basis` (ids grow in grant order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     pub left: u64,
     pub until: Instant,
-    basis: Instant,
+    basis: u64,
 }
 
 /// What a backend learned from its provider's headers.
@@ -60,13 +60,16 @@ fn newer(current: Option<Budget>, next: Budget) -> Option<Budget> {
 }
 
 impl ProviderState {
-    /// Applies one answer's headers. Returns true when a cap changed.
+    /// Applies one answer's headers (of lease `lease_id`); a reset further
+    /// than `horizon` is cut to it, so a bad header cannot stall a key for
+    /// days. Returns true when a cap changed.
     pub fn observe(
         &mut self,
         limits: &ProviderLimits,
-        granted_at: Instant,
+        lease_id: u64,
         unseen: Unseen,
         configured_rpm: u32,
+        horizon: Duration,
         now: Instant,
     ) -> bool {
         let mut changed = false;
@@ -83,16 +86,16 @@ impl ProviderState {
         if let (Some(r), Some(d)) = (limits.remaining_requests, limits.reset_requests) {
             let b = Budget {
                 left: r.saturating_sub(unseen.requests),
-                until: now + d,
-                basis: granted_at,
+                until: now + d.min(horizon),
+                basis: lease_id,
             };
             self.requests = newer(self.requests, b);
         }
         if let (Some(r), Some(d)) = (limits.remaining_tokens, limits.reset_tokens) {
             let b = Budget {
                 left: r.saturating_sub(unseen.tokens),
-                until: now + d,
-                basis: granted_at,
+                until: now + d.min(horizon),
+                basis: lease_id,
             };
             self.tokens = newer(self.tokens, b);
         }
@@ -130,14 +133,14 @@ impl ProviderState {
         }
     }
 
-    /// A lease granted at `at` never reached the upstream: give back what
-    /// it took from a budget that was already in force then.
-    pub fn on_unused(&mut self, at: Instant, est_tokens: u64, now: Instant) {
+    /// Lease `lease_id` never reached the upstream: give back what it took
+    /// from a budget that was already in force when it was granted.
+    pub fn on_unused(&mut self, lease_id: u64, est_tokens: u64, now: Instant) {
         self.expire(now);
-        if let Some(b) = self.requests.as_mut().filter(|b| b.basis <= at) {
+        if let Some(b) = self.requests.as_mut().filter(|b| b.basis < lease_id) {
             b.left = b.left.saturating_add(1);
         }
-        if let Some(b) = self.tokens.as_mut().filter(|b| b.basis <= at) {
+        if let Some(b) = self.tokens.as_mut().filter(|b| b.basis < lease_id) {
             b.left = b.left.saturating_add(est_tokens);
         }
     }
@@ -166,7 +169,8 @@ mod tests {
             requests: 1,
             tokens: 0,
         };
-        assert!(p.observe(&limits, t0, unseen, 40, t0));
+        let h = Duration::from_secs(3600);
+        assert!(p.observe(&limits, 5, unseen, 40, h, t0));
         assert_eq!(p.request_cap, Some(10));
         assert_eq!(p.requests(t0).map(|b| b.left), Some(2));
         p.on_grant(0, t0);
@@ -178,15 +182,32 @@ mod tests {
             reset_requests: Some(Duration::from_secs(2)),
             ..Default::default()
         };
-        p.observe(
-            &older,
-            t0 - Duration::from_secs(1),
-            Unseen::default(),
-            40,
-            t0,
-        );
+        p.observe(&older, 4, Unseen::default(), 40, h, t0);
         assert_eq!(p.requests(t0).map(|b| b.left), Some(0));
         assert_eq!(p.requests(t0 + Duration::from_secs(2)), None, "expired");
+    }
+
+    #[test]
+    fn a_reset_past_the_horizon_is_cut() {
+        let t0 = Instant::now();
+        let mut p = ProviderState::default();
+        let epoch = ProviderLimits {
+            remaining_requests: Some(0),
+            reset_requests: Some(Duration::from_secs(7 * 86_400)),
+            ..Default::default()
+        };
+        p.observe(
+            &epoch,
+            1,
+            Unseen::default(),
+            40,
+            Duration::from_secs(60),
+            t0,
+        );
+        assert_eq!(
+            p.requests(t0).map(|b| b.until),
+            Some(t0 + Duration::from_secs(60))
+        );
     }
 
     #[test]
@@ -197,7 +218,8 @@ mod tests {
             limit_requests: Some(14_400),
             ..Default::default()
         };
-        assert!(!p.observe(&limits, t0, Unseen::default(), 40, t0));
+        let h = Duration::from_secs(3600);
+        assert!(!p.observe(&limits, 1, Unseen::default(), 40, h, t0));
         assert_eq!(p.request_cap, None);
     }
 }

@@ -108,6 +108,10 @@ pub struct InitialState {
     pub upstream_until_ms: Option<i64>,
     /// The request limit adaptive retreat had learned.
     pub effective_rpm: Option<u32>,
+    /// The saved grant log (Unix ms).
+    pub grants_ms: Vec<i64>,
+    /// After a crash: grants may have been made unrecorded until then.
+    pub unknown_until_ms: Option<i64>,
     pub consecutive_429: u32,
     /// The key was rejected (401/403): stays out of rotation.
     pub error: Option<String>,

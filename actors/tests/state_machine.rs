@@ -509,14 +509,14 @@ impl Sim {
                 let lease = self.grant(index, emergency, req);
                 self.send(lease);
             }
-            Decision::Wait { at, all_cooling } => {
+            Decision::Wait { open, all_cooling } => {
                 let deadline = now + ms(self.sc.queue_timeout_ms);
-                if at > deadline {
-                    self.reject(req, too_late(at, all_cooling, now));
+                if open.too_late(deadline, now) {
+                    self.reject(req, too_late(open, all_cooling, now));
                 } else {
                     let p = self.reqs[req].priority;
                     self.queue[p].push_back((req, deadline));
-                    self.arm(if at > now { at } else { deadline });
+                    self.arm(open.timer(deadline, now));
                 }
             }
             Decision::Fail(e) => self.reject(req, e),
@@ -543,11 +543,11 @@ impl Sim {
                     Decision::Grant { index, emergency } => {
                         sends.push(self.grant(index, emergency, req));
                     }
-                    Decision::Wait { at, all_cooling } => {
-                        if now >= deadline || at > deadline {
-                            self.reject(req, too_late(at, all_cooling, now));
+                    Decision::Wait { open, all_cooling } => {
+                        if open.too_late(deadline, now) {
+                            self.reject(req, too_late(open, all_cooling, now));
                         } else {
-                            let w = if at > now { at.min(deadline) } else { deadline };
+                            let w = open.timer(deadline, now);
                             next = Some(next.map_or(w, |n: Instant| n.min(w)));
                             kept.push_back((req, deadline));
                         }
@@ -882,7 +882,7 @@ impl Sim {
                 "grants the backend never saw"
             );
             if let Some(t) = &v.tokens {
-                assert_eq!(t.left, t.limit, "token reservations left in the window");
+                assert_eq!(t.used, 0, "token reservations left in the window");
             }
         }
         assert!(self.queue.iter().all(VecDeque::is_empty));

@@ -55,6 +55,8 @@ pub fn live_json(b: &BackendView, now: Instant) -> Value {
         "ttft_ms": b.ttft_ms,
         "last_error": b.last_error,
         "tokens_left": b.tokens_left(now),
+        "shared_window_used": b.shared_used,
+        "degraded_share": b.degraded_share,
         "tpm_limit": tokens.map(|t| t.limit),
         "restarts": b.restarts,
         "requests": b.totals.requests,
@@ -68,7 +70,7 @@ pub fn live_json(b: &BackendView, now: Instant) -> Value {
 }
 
 /// The live picture the dashboard and `GET /actors` show.
-pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics) -> Value {
+pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics, state: &Value) -> Value {
     let now = Instant::now();
     let backends: Vec<Value> = snap.backends.iter().map(|b| live_json(b, now)).collect();
     let pools: Vec<Value> = [Pool::Primary, Pool::Fallback]
@@ -105,6 +107,7 @@ pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics) -> Value {
         .sum();
     json!({
         "ts": sidecar_actors::db::now_ms(),
+        "state": state,
         "backends": backends,
         "pools": pools,
         "queue": {"urgent": snap.queue_depth[0], "high": snap.queue_depth[1], "normal": snap.queue_depth[2], "low": snap.queue_depth[3]},
@@ -131,7 +134,11 @@ async fn pool_snapshot(state: &AppState) -> Result<PoolSnapshot, ApiError> {
 pub async fn pools(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let snap = pool_snapshot(&state).await?;
-    let live = snapshot_json(&snap, &state.metrics);
+    let live = snapshot_json(
+        &snap,
+        &state.metrics,
+        &crate::routes::health::state_json(&state.rate),
+    );
     let today = store::run(&state.db, usage::pool_summary).await?;
     Ok(HttpResponse::Ok()
         .json(json!({"live": live["pools"], "today": today, "queue": live["queue"]})))
@@ -231,7 +238,11 @@ pub async fn actors(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let snap = pool_snapshot(&state).await?;
-    let mut out = snapshot_json(&snap, &state.metrics);
+    let mut out = snapshot_json(
+        &snap,
+        &state.metrics,
+        &crate::routes::health::state_json(&state.rate),
+    );
     let flush = state.stats.send(GetFlushStatus).await.ok();
     let backup = state.backup.send(GetBackupStatus).await.ok();
     out["stats_actor"] = match flush {

@@ -36,6 +36,12 @@ const ERROR_BODY_BYTES: usize = 64 * 1024;
 pub const BACKEND_HEADER: &str = "x-sidecar-backend";
 /// Attempts of any kind (429s included) one request may make.
 const MAX_TOTAL_ATTEMPTS: u32 = 16;
+/// Leases one request may get back unsent (the backend closed, or the
+/// shared window was full) before it gives up.
+const MAX_UNSENT: u32 = 16;
+/// The largest token estimate one request can reserve: whatever a client
+/// writes in `max_tokens`, the window's arithmetic stays far from overflow.
+const MAX_EST_TOKENS: u64 = 1 << 32;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Endpoint {
@@ -261,7 +267,7 @@ async fn attempt(
     state: &AppState,
     trace: &mut Trace,
 ) -> Step {
-    if !lease.admitted(Instant::now()) {
+    if !lease.admitted().await {
         return Step::Retry(Box::new(Failed {
             report: Report::new(Outcome::Unused, Duration::ZERO),
             lease,
@@ -453,6 +459,7 @@ struct Tries {
     failures: u32,
     max_failures: u32,
     total: u32,
+    unsent: u32,
     last: Option<ApiError>,
     /// 5xx failures whose blame waits: a second backend answering the same
     /// status shows the failure follows the request (a poison request).
@@ -467,6 +474,7 @@ impl Tries {
             failures: 0,
             max_failures,
             total: 0,
+            unsent: 0,
             last: None,
             strikes: Vec::new(),
             metrics,
@@ -509,8 +517,18 @@ impl Tries {
         match kind {
             FailKind::NotSent => {
                 // The backend closed since the grant; its fresh view is with
-                // the supervisor before the next Acquire.
+                // the supervisor before the next Acquire. Not an attempt.
                 lease.settle(report).await;
+                self.total = self.total.saturating_sub(1);
+                self.unsent += 1;
+                if self.unsent >= MAX_UNSENT {
+                    return Err(self.last.take().unwrap_or(ApiError::Acquire(
+                        AcquireError::Unavailable {
+                            retry_after: Duration::from_secs(1),
+                        },
+                    )));
+                }
+                return Ok(());
             }
             FailKind::RateLimited => {
                 self.count_error(&lease, "429");
@@ -666,7 +684,9 @@ fn estimate_tokens(body_len: usize, json: &Map<String, Value>) -> u64 {
         .iter()
         .find_map(|k| json.get(*k).and_then(Value::as_u64))
         .unwrap_or(0);
-    (body_len as u64 / 4).saturating_add(completion)
+    (body_len as u64 / 4)
+        .saturating_add(completion)
+        .min(MAX_EST_TOKENS)
 }
 
 /// Asks for upstream usage in the stream; true when the client had not, so
@@ -710,6 +730,6 @@ mod tests {
     fn token_estimate_saturates() {
         let mut json = Map::new();
         json.insert("max_tokens".into(), Value::from(u64::MAX));
-        assert_eq!(estimate_tokens(4000, &json), u64::MAX);
+        assert_eq!(estimate_tokens(4000, &json), MAX_EST_TOKENS);
     }
 }

@@ -46,6 +46,9 @@ impl Actor for BackendActor {
                 act.apply(ch, ctx);
             }
         });
+        ctx.run_interval(crate::rate_state::SAVE_EVERY, |act, ctx| {
+            act.sync_state(ctx)
+        });
         self.publish(ctx);
     }
 }

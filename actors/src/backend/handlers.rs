@@ -3,9 +3,10 @@ use tokio::time::Instant;
 
 use super::BackendActor;
 use crate::messages::{
-    Crash, Finish, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown, Retune, Shutdown,
-    Verdict,
+    Crash, Finish, GetGrants, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown, Retune,
+    Shutdown, Verdict,
 };
+use crate::rate_state::{ClusterChanged, ClusterEvent};
 
 impl Handler<LeaseTaken> for BackendActor {
     type Result = ();
@@ -13,6 +14,7 @@ impl Handler<LeaseTaken> for BackendActor {
         let now = Instant::now();
         self.machine
             .take_lease(msg.lease_id, msg.at, msg.emergency, msg.est_tokens, now);
+        self.confirm(msg.lease_id, msg.emergency, msg.confirm, ctx);
         // The supervisor counts its own grants, so a view after every lease
         // adds nothing; one is needed when its view ran dry.
         if msg.refresh || self.machine.exhausted(now) {
@@ -25,6 +27,8 @@ impl Handler<Finish> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Finish, ctx: &mut Self::Context) {
         let r = msg.report;
+        self.release(msg.lease_id, &r.outcome, ctx);
+        let probe = self.machine.shared_grant(msg.lease_id);
         let ch = self.machine.finish(
             msg.lease_id,
             &r.outcome,
@@ -35,7 +39,7 @@ impl Handler<Finish> for BackendActor {
             r.strike,
             Instant::now(),
         );
-        self.apply(ch, ctx);
+        self.apply_with(ch, probe, ctx);
     }
 }
 
@@ -106,5 +110,33 @@ impl Handler<GetView> for BackendActor {
     type Result = MessageResult<GetView>;
     fn handle(&mut self, _msg: GetView, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.view(Instant::now()))
+    }
+}
+
+impl Handler<ClusterEvent> for BackendActor {
+    type Result = ();
+    fn handle(&mut self, msg: ClusterEvent, ctx: &mut Self::Context) {
+        self.on_event(msg, ctx);
+    }
+}
+
+impl Handler<ClusterChanged> for BackendActor {
+    type Result = ();
+    fn handle(&mut self, msg: ClusterChanged, ctx: &mut Self::Context) {
+        self.on_cluster(msg.degraded, msg.alive, ctx);
+    }
+}
+
+impl Handler<GetGrants> for BackendActor {
+    type Result = MessageResult<GetGrants>;
+    fn handle(&mut self, _msg: GetGrants, _ctx: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        let grants = self
+            .machine
+            .grants(now)
+            .into_iter()
+            .map(|t| super::shared::wall_ms_of(t, now))
+            .collect();
+        MessageResult((self.machine.spec().id, grants))
     }
 }

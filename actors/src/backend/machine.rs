@@ -23,6 +23,55 @@ pub struct LeaseRecord {
     pub at: Instant,
     pub emergency: bool,
     pub est_tokens: u64,
+    /// What the token window reserved: the estimate, at most the limit.
+    pub reserved: u64,
+    /// When the shared window reserved it (server clock), with Redis.
+    pub shared_at: Option<i64>,
+}
+
+/// What the shared window (Redis) answered a reservation, in our clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedAnswer {
+    Granted {
+        used: u32,
+        at_ms: i64,
+    },
+    FullUntil(Instant),
+    CoolingUntil(Instant),
+    ProbeNotBefore(Instant),
+    /// Rejected or down on another replica.
+    Blocked,
+}
+
+/// A change another replica made to the shared state, in our clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum External {
+    Cooldown {
+        until: Instant,
+        upstream_until: Instant,
+        streak: u32,
+    },
+    CooldownEnded,
+    /// `""` healthy, `"down"`, `"error"`.
+    Health {
+        health: String,
+        reason: String,
+    },
+    Effective(u32),
+}
+
+/// What the shared (Redis) state adds to this process's own view.
+#[derive(Debug, Clone, Default)]
+struct SharedView {
+    /// While Redis is unreachable: the replicas alive then, among which each
+    /// limit is shared out. 0 when not degraded.
+    share_of: u32,
+    /// The shared window is full until then.
+    full_until: Option<Instant>,
+    /// The shared window's use at the last look.
+    used: Option<u32>,
+    /// Grants made while degraded, added to the shared window on recovery.
+    unsynced: Vec<Instant>,
 }
 
 /// A failure whose blame waits for the request's next attempt elsewhere: if
@@ -99,6 +148,9 @@ impl Changes {
 
 const EWMA_ALPHA: f64 = 0.2;
 
+/// Leases older than this are forgotten even if never reported.
+const LEASE_SAFETY_NET: Duration = Duration::from_secs(6 * 3600);
+
 fn ewma(prev: Option<f64>, sample: f64) -> Option<f64> {
     Some(match prev {
         Some(p) => p + EWMA_ALPHA * (sample - p),
@@ -135,6 +187,7 @@ pub struct KeyMachine {
     next_probe: Instant,
     probing: Option<(ProbeKind, Instant)>,
     gate: Arc<Gate>,
+    shared: SharedView,
     pub restarts: u32,
 }
 
@@ -171,6 +224,7 @@ impl KeyMachine {
             next_probe: now,
             probing: None,
             gate: Arc::new(Gate::default()),
+            shared: SharedView::default(),
             restarts: 0,
             spec,
             tuning,
@@ -212,6 +266,27 @@ impl KeyMachine {
             self.retreat.restore_effective(e);
         }
         self.apply_effective(now);
+        let window = self.limiter.window();
+        let instant = |ms: i64| {
+            let ago = wall.saturating_sub(ms);
+            if ago <= 0 {
+                now
+            } else {
+                now.checked_sub(Duration::from_millis(ago as u64))
+                    .unwrap_or(now)
+            }
+        };
+        let kept = init
+            .grants_ms
+            .iter()
+            .map(|&ms| instant(ms))
+            .filter(|&t| now.saturating_duration_since(t) < window);
+        self.limiter.restore(kept, now);
+        if let Some(ms) = init.unknown_until_ms {
+            // A crash: whatever the previous process may have granted after
+            // its last save is assumed spent.
+            self.limiter.fill_to_limit(instant(ms), now);
+        }
         self.update_gate(now);
     }
 
@@ -253,8 +328,18 @@ impl KeyMachine {
             .max(1)
     }
 
-    fn apply_effective(&mut self, now: Instant) {
+    /// The limit this process applies itself: all of it, or its share of
+    /// it while the shared state is unreachable.
+    fn local_rpm(&self) -> u32 {
         let effective = self.effective_rpm();
+        match self.shared.share_of {
+            0 | 1 => effective,
+            n => (effective / n).max(1),
+        }
+    }
+
+    fn apply_effective(&mut self, now: Instant) {
+        let effective = self.local_rpm();
         let burst = self.spec.burst.min(effective).max(1);
         self.limiter.set_limit(effective, burst, now);
         self.emergency
@@ -262,7 +347,11 @@ impl KeyMachine {
         let tpm = match (self.spec.tpm_limit, self.provider.token_cap) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
+        }
+        .map(|t| match self.shared.share_of {
+            0 | 1 => t,
+            n => (t / u64::from(n)).max(1),
+        });
         match (self.tokens.as_mut(), tpm) {
             (Some(t), Some(l)) => t.set_limit(l),
             (None, Some(l)) => {
@@ -319,10 +408,15 @@ impl KeyMachine {
             self.emergency.record(at);
             self.seen_emergency += 1;
         }
+        let mut reserved = est_tokens;
         if let Some(t) = self.tokens.as_mut() {
-            t.add(at, est_tokens, now);
+            reserved = est_tokens.min(t.limit());
+            t.add(at, reserved, now);
         }
         self.provider.on_grant(est_tokens, now);
+        if self.shared.share_of > 0 {
+            self.shared.unsynced.push(at);
+        }
         self.seen_leases += 1;
         self.seen_tokens = self.seen_tokens.saturating_add(est_tokens);
         self.leases.insert(
@@ -331,8 +425,163 @@ impl KeyMachine {
                 at,
                 emergency,
                 est_tokens,
+                reserved,
+                shared_at: None,
             },
         );
+    }
+
+    // ---- shared state (Redis) ---------------------------------------------
+
+    /// The shared state became unreachable (`share_of` replicas alive then)
+    /// or reachable again (`None`).
+    pub fn set_degraded(&mut self, share_of: Option<u32>, now: Instant) {
+        match share_of {
+            Some(n) => self.shared.share_of = n.max(1),
+            None => {
+                self.shared.share_of = 0;
+            }
+        }
+        self.apply_effective(now);
+    }
+
+    pub fn degraded(&self) -> bool {
+        self.shared.share_of > 0
+    }
+
+    /// Grants made while degraded, to add to the shared window.
+    pub fn take_unsynced(&mut self, now: Instant) -> Vec<Instant> {
+        let window = self.limiter.window();
+        std::mem::take(&mut self.shared.unsynced)
+            .into_iter()
+            .filter(|&t| now.saturating_duration_since(t) < window)
+            .collect()
+    }
+
+    /// Whether a lease granted while degraded fits this process's share.
+    pub fn within_share(&mut self, now: Instant) -> bool {
+        self.limiter.used(now) <= self.local_rpm()
+    }
+
+    /// The shared window's answer to a lease's reservation. Returns whether
+    /// the lease may be sent.
+    pub fn shared_answer(
+        &mut self,
+        lease_id: u64,
+        answer: SharedAnswer,
+        now: Instant,
+    ) -> (bool, Changes) {
+        let mut ch = Changes::default();
+        let ok = match answer {
+            SharedAnswer::Granted { used, at_ms } => {
+                self.shared.used = Some(used);
+                if let Some(l) = self.leases.get_mut(&lease_id) {
+                    l.shared_at = Some(at_ms);
+                }
+                true
+            }
+            SharedAnswer::FullUntil(t) => {
+                self.shared.full_until = Some(self.shared.full_until.map_or(t, |f| f.max(t)));
+                self.shared.used = Some(self.effective_rpm());
+                false
+            }
+            SharedAnswer::CoolingUntil(t) | SharedAnswer::ProbeNotBefore(t) => {
+                if self.cooldown.adopt(t, t, 0, now) {
+                    ch.cooldown_extended = true;
+                }
+                false
+            }
+            SharedAnswer::Blocked => {
+                // Another replica took it out; its event or our next look
+                // says how. Until then, nothing goes to it for a moment.
+                let t = now + Duration::from_secs(1);
+                self.shared.full_until = Some(self.shared.full_until.map_or(t, |f| f.max(t)));
+                false
+            }
+        };
+        self.update_gate(now);
+        (ok, ch)
+    }
+
+    /// Applies what another replica changed.
+    pub fn external(&mut self, ev: External, now: Instant) -> Changes {
+        let mut ch = Changes::default();
+        match ev {
+            External::Cooldown {
+                until,
+                upstream_until,
+                streak,
+            } => {
+                if self.cooldown.adopt(until, upstream_until, streak, now) {
+                    ch.cooldown_extended = true;
+                }
+            }
+            External::CooldownEnded => {
+                if self.cooldown.end_shared(now) {
+                    ch.cooldown_ended = Some(CooldownEnd::Early);
+                }
+            }
+            External::Health { health, reason } => match health.as_str() {
+                "error" => ch.merge(self.reject(now, reason, now)),
+                "down" => {
+                    if self.health.force_down(now) {
+                        self.last_error = Some(reason);
+                        self.next_probe = now + self.tuning.health_interval;
+                        ch.health_flipped = Some(false);
+                    }
+                }
+                _ => {
+                    ch.merge(self.restore_key(now));
+                    if self.health.force_healthy(now) {
+                        ch.health_flipped = Some(true);
+                    }
+                }
+            },
+            External::Effective(rpm) => {
+                let before = self.effective_rpm();
+                self.retreat.restore_effective(rpm);
+                self.apply_effective(now);
+                if self.effective_rpm() != before {
+                    ch.effective_rpm = Some(self.effective_rpm());
+                }
+            }
+        }
+        self.update_gate(now);
+        ch
+    }
+
+    /// What a look at the shared state found (in our clock).
+    pub fn shared_seen(
+        &mut self,
+        used: u32,
+        cooling: Option<(Instant, Instant, u32)>,
+        now: Instant,
+    ) {
+        self.shared.used = Some(used);
+        if used < self.effective_rpm() {
+            self.shared.full_until = None;
+        }
+        if let Some((until, upstream, streak)) = cooling {
+            self.cooldown.adopt(until, upstream, streak, now);
+        }
+        self.update_gate(now);
+    }
+
+    /// The grant time (server clock) of a reserved lease, and whether it
+    /// was an emergency probe.
+    pub fn shared_grant(&self, lease_id: u64) -> Option<(i64, bool)> {
+        self.leases
+            .get(&lease_id)
+            .and_then(|l| l.shared_at.map(|a| (a, l.emergency)))
+    }
+
+    /// The grant log, for saving (embedded); changes with `grant_version`.
+    pub fn grants(&mut self, now: Instant) -> Vec<Instant> {
+        self.limiter.grants(now)
+    }
+
+    pub fn grant_version(&self) -> u64 {
+        self.limiter.version()
     }
 
     /// The outcome of one attempt.
@@ -364,9 +613,9 @@ impl KeyMachine {
                     self.emergency.unrecord(rec.at, now);
                 }
                 if let Some(t) = self.tokens.as_mut() {
-                    t.settle(rec.at, rec.est_tokens, 0, now);
+                    t.settle(rec.at, rec.reserved, 0, now);
                 }
-                self.provider.on_unused(rec.at, rec.est_tokens, now);
+                self.provider.on_unused(lease_id, rec.est_tokens, now);
             }
             Outcome::Cancelled => {}
             Outcome::Success {
@@ -380,7 +629,7 @@ impl KeyMachine {
                 self.totals.completion_tokens = self.totals.completion_tokens.saturating_add(c);
                 if prompt_tokens.is_some() || completion_tokens.is_some() {
                     if let Some(t) = self.tokens.as_mut() {
-                        t.settle(rec.at, rec.est_tokens, p.saturating_add(c), now);
+                        t.settle(rec.at, rec.reserved, p.saturating_add(c), now);
                     }
                 }
                 self.latency_ms = ewma(self.latency_ms, latency.as_secs_f64() * 1000.0);
@@ -388,11 +637,11 @@ impl KeyMachine {
                     self.ttft_ms = ewma(self.ttft_ms, t.as_secs_f64() * 1000.0);
                 }
                 ch.merge(self.on_answer(false, now));
-                ch.merge(self.on_healthy_answer(&rec, now));
+                ch.merge(self.on_healthy_answer(&rec, true, now));
             }
             Outcome::ClientError { .. } => {
                 ch.merge(self.on_answer(false, now));
-                ch.merge(self.on_healthy_answer(&rec, now));
+                ch.merge(self.on_healthy_answer(&rec, false, now));
             }
             Outcome::RateLimited { retry_after } => {
                 self.totals.rate_limited += 1;
@@ -450,18 +699,20 @@ impl KeyMachine {
             }
         }
         if let Some(limits) = limits.filter(|l| !l.is_empty()) {
-            let unseen =
-                self.leases
-                    .values()
-                    .filter(|l| l.at > rec.at)
-                    .fold(Unseen::default(), |u, l| Unseen {
-                        requests: u.requests + 1,
-                        tokens: u.tokens.saturating_add(l.est_tokens),
-                    });
+            // Leases granted after this one (ids grow with grants) that are
+            // still out: the provider had not counted them yet.
+            let unseen = self.leases.iter().filter(|(id, _)| **id > lease_id).fold(
+                Unseen::default(),
+                |u, (_, l)| Unseen {
+                    requests: u.requests + 1,
+                    tokens: u.tokens.saturating_add(l.est_tokens),
+                },
+            );
             let before = self.effective_rpm();
+            let horizon = self.tuning.retry_after_max;
             if self
                 .provider
-                .observe(limits, rec.at, unseen, self.spec.rpm_limit, now)
+                .observe(limits, lease_id, unseen, self.spec.rpm_limit, horizon, now)
             {
                 self.apply_effective(now);
                 if self.effective_rpm() != before {
@@ -503,11 +754,15 @@ impl KeyMachine {
         ch
     }
 
-    fn on_healthy_answer(&mut self, rec: &LeaseRecord, now: Instant) -> Changes {
+    /// An answer that shows the key works. Only a success of an emergency
+    /// probe (granted during the cooldown) can end a cooldown early: a 4xx
+    /// may come from anything in front of the upstream.
+    fn on_healthy_answer(&mut self, rec: &LeaseRecord, success: bool, now: Instant) -> Changes {
         let mut ch = Changes::default();
-        if self.cooldown.on_success(rec.at, now) {
+        let cooling = self.cooldown.active(now).is_some();
+        if success && (!cooling || rec.emergency) && self.cooldown.on_success(rec.at, now) {
             ch.cooldown_ended = Some(CooldownEnd::Early);
-        } else if self.cooldown.active(now).is_some() {
+        } else if cooling {
             ch.stale = true;
         }
         if self.health.observe(true, rec.at, now) {
@@ -562,6 +817,14 @@ impl KeyMachine {
     /// A probe is due: the prober should run one of this kind.
     pub fn probe_due(&mut self, now: Instant) -> Option<ProbeKind> {
         if self.probing.is_some() || !self.spec.enabled {
+            return None;
+        }
+        // Not even a probe goes before the upstream's own Retry-After.
+        if self
+            .cooldown
+            .active(now)
+            .is_some_and(|p| now < p.upstream_until)
+        {
             return None;
         }
         let kind = if let Some(r) = &self.rejected {
@@ -653,9 +916,11 @@ impl KeyMachine {
                 ch.effective_rpm = Some(self.effective_rpm());
             }
         }
-        let limit = self.spec.timeout.saturating_mul(2) + Duration::from_secs(60);
+        // A lease reports when dropped, so this is a safety net only; a
+        // stream may legitimately run for hours.
         self.leases
-            .retain(|_, rec| now.saturating_duration_since(rec.at) < limit);
+            .retain(|_, rec| now.saturating_duration_since(rec.at) < LEASE_SAFETY_NET);
+        let limit = self.spec.timeout.saturating_mul(2) + Duration::from_secs(60);
         let stale: Vec<u64> = self
             .deferred
             .iter()
@@ -731,10 +996,14 @@ impl KeyMachine {
                 next_free = next_free.max(b.until);
             }
         }
+        if let Some(full) = self.shared.full_until.filter(|&f| f > now) {
+            remaining = 0;
+            next_free = next_free.max(full);
+        }
         let token_budget = self.provider.tokens(now);
         let tokens = self.tokens.as_mut().map(|t| TokenView {
             limit: t.limit(),
-            left: t.remaining(now),
+            used: t.used(now),
             releases: Arc::from(t.releases(now)),
             budget: token_budget.map(|b| (b.left, b.until)),
         });
@@ -768,6 +1037,8 @@ impl KeyMachine {
             emergency_remaining: self.emergency.remaining(now),
             emergency_next_free: self.emergency.next_free(now),
             next_check,
+            shared_used: self.shared.used,
+            degraded_share: (self.shared.share_of > 0).then(|| self.local_rpm()),
             seen_leases: self.seen_leases,
             seen_emergency: self.seen_emergency,
             seen_tokens: self.seen_tokens,

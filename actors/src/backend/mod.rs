@@ -7,6 +7,7 @@
 mod actor;
 mod handlers;
 pub mod machine;
+mod shared;
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::db::now_ms;
 use crate::db::usage::CooldownRecord;
 use crate::messages::{BackendUpdate, BackendView};
 use crate::probe::Prober;
+use crate::rate_state::{Cluster, RateState};
 use crate::spec::{BackendSpec, Tuning};
 use crate::store::{DbExecutor, RecordCooldown, SaveState};
 
@@ -37,6 +39,14 @@ pub struct BackendActor {
     /// Where state that must survive a restart goes (off the request path).
     store: Option<Addr<DbExecutor>>,
     persisted: Option<PersistedState>,
+    /// Where the grant log is saved or the rate state shared.
+    rate: Option<RateState>,
+    /// This key's name in the shared state (Redis).
+    key_id: String,
+    /// The grant log version last saved (embedded).
+    saved_version: Option<u64>,
+    /// A look at the shared state is on its way.
+    peeking: bool,
 }
 
 /// Wall-clock milliseconds of a future instant, as the database keeps it.
@@ -52,11 +62,20 @@ impl BackendActor {
         supervisor: Recipient<BackendUpdate>,
         prober: Arc<dyn Prober>,
         store: Option<Addr<DbExecutor>>,
+        rate: Option<RateState>,
         log: Logger,
     ) -> Self {
         let log = log.new(slog::o!("backend" => spec.name.to_string()));
+        let key_id = Cluster::key_id(&spec);
+        let now = Instant::now();
+        let mut machine = KeyMachine::new(spec, tuning, now);
+        if let Some(c) = rate.as_ref().and_then(RateState::cluster) {
+            if c.status().degraded() {
+                machine.set_degraded(Some(c.status().alive()), now);
+            }
+        }
         Self {
-            machine: KeyMachine::new(spec, tuning, Instant::now()),
+            machine,
             log,
             supervisor,
             prober,
@@ -64,21 +83,46 @@ impl BackendActor {
             retired: false,
             store,
             persisted: None,
+            rate,
+            key_id,
+            saved_version: None,
+            peeking: false,
         }
+    }
+
+    pub(crate) fn key_id(&self) -> &str {
+        &self.key_id
     }
 
     pub(crate) fn view(&mut self, now: Instant) -> BackendView {
         self.machine.view(now)
     }
 
-    /// Logs, records and persists what an input changed, then pushes the
-    /// new view and arms the timer for the next change by time alone.
+    /// Logs, records, persists and shares what a local input changed, then
+    /// pushes the new view and arms the timer for the next change by time.
     pub(crate) fn apply(&mut self, ch: Changes, ctx: &mut Context<Self>) {
+        self.apply_with(ch, None, ctx);
+    }
+
+    /// The same, for the outcome of a lease with its shared grant time.
+    pub(crate) fn apply_with(
+        &mut self,
+        ch: Changes,
+        probe: Option<(i64, bool)>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.report(&ch);
+        self.share(&ch, probe, ctx);
+        self.publish(ctx);
+    }
+
+    /// Like `apply`, for a change the shared state itself caused.
+    pub(crate) fn apply_local(&mut self, ch: Changes, ctx: &mut Context<Self>) {
         self.report(&ch);
         self.publish(ctx);
     }
 
-    fn report(&mut self, ch: &Changes) {
+    pub(crate) fn report(&mut self, ch: &Changes) {
         let id = self.machine.spec().id;
         let now = Instant::now();
         if let Some(c) = ch.cooldown_started {

@@ -219,6 +219,8 @@ impl BackendRecord {
                 cooldown_until_ms: self.cooldown_until_ms,
                 upstream_until_ms: self.upstream_until_ms,
                 effective_rpm: self.effective_rpm,
+                grants_ms: Vec::new(),
+                unknown_until_ms: None,
                 consecutive_429: self.consecutive_429,
                 error: (self.status == "error").then(|| {
                     self.last_error

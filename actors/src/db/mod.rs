@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod backup;
 pub mod crypto;
+pub mod rate;
 pub mod schema;
 pub mod usage;
 
@@ -155,7 +156,7 @@ mod tests {
              INSERT INTO backend_usage_logs (backend_id, model, hour, requests) VALUES (1, 'm', 0, 7);",
         )
         .unwrap();
-        assert_eq!(conn.pending_migrations(MIGRATIONS).unwrap().len(), 2);
+        assert_eq!(conn.pending_migrations(MIGRATIONS).unwrap().len(), 3);
         drop(conn);
         let mut conn = open(&old).unwrap();
         assert!(conn.pending_migrations(MIGRATIONS).unwrap().is_empty());

@@ -103,3 +103,11 @@ diesel::allow_tables_to_appear_in_same_query!(
     cooldown_events,
     backend_health
 );
+
+diesel::table! {
+    rate_state (backend_id) {
+        backend_id -> Integer,
+        grants -> Text,
+        saved_at -> BigInt,
+    }
+}

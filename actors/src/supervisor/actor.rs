@@ -4,6 +4,7 @@ use actix::prelude::*;
 use slog::{info, warn};
 
 use super::PoolSupervisor;
+use crate::rate_state::cluster::ClusterBeat;
 use crate::spec::MAILBOX;
 
 /// A safety net only: capacity changes drain the queue through backend
@@ -25,6 +26,14 @@ impl Actor for PoolSupervisor {
             }
         }
         ctx.run_interval(QUEUE_TICK, |act, ctx| act.drain(ctx));
+        if let Some(cluster) = self.rate.as_ref().and_then(|r| r.cluster().cloned()) {
+            if !self.started_cluster {
+                self.started_cluster = true;
+                cluster.spawn_subscriber(ctx.address().recipient(), self.log.clone());
+                let beat = ClusterBeat::new(cluster, ctx.address().recipient(), self.log.clone());
+                beat.start();
+            }
+        }
     }
 }
 

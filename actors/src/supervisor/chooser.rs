@@ -30,6 +30,79 @@ pub struct Slot {
     pub granted_tokens: u64,
 }
 
+/// When capacity may return on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// At this time, by the view's own clockwork (window, tokens, cooldown).
+    At(Instant),
+    /// When the backend pushes a view (a request finishing frees a
+    /// concurrency slot; grants since the view are acknowledged). `guess`
+    /// is only for a Retry-After.
+    Push { guess: Instant },
+}
+
+impl Open {
+    /// The time for a Retry-After.
+    pub fn when(self) -> Instant {
+        match self {
+            Open::At(t) | Open::Push { guess: t } => t,
+        }
+    }
+}
+
+/// When capacity may return for a request, over every backend it may use:
+/// the earliest time the views foresee (for the queue's timer) and whether
+/// a push could open it sooner (then only the deadline ends the wait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Opening {
+    pub at: Option<Instant>,
+    /// A push may open it; the guess is only for a Retry-After.
+    pub push: Option<Instant>,
+}
+
+impl Opening {
+    fn add(&mut self, open: Open) {
+        let min = |a: Option<Instant>, b: Instant| Some(a.map_or(b, |x| x.min(b)));
+        match open {
+            Open::At(t) => self.at = min(self.at, t),
+            Open::Push { guess } => self.push = min(self.push, guess),
+        }
+    }
+
+    fn is_some(&self) -> bool {
+        self.at.is_some() || self.push.is_some()
+    }
+
+    /// The time for a Retry-After.
+    pub fn when(&self, now: Instant) -> Instant {
+        match (self.at, self.push) {
+            (Some(a), Some(p)) => a.min(p),
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) => now,
+        }
+    }
+
+    /// A waiter with this deadline cannot be served in time.
+    pub fn too_late(&self, deadline: Instant, now: Instant) -> bool {
+        if now >= deadline {
+            return true;
+        }
+        match (self.at, self.push) {
+            (_, Some(_)) => false,
+            (Some(at), None) => at > deadline,
+            (None, None) => true,
+        }
+    }
+
+    /// When the queue must look again for this waiter.
+    pub fn timer(&self, deadline: Instant, now: Instant) -> Instant {
+        match self.at {
+            Some(at) if at > now => at.min(deadline),
+            _ => deadline,
+        }
+    }
+}
+
 impl Slot {
     pub fn new(spec: Arc<BackendSpec>, view: BackendView) -> Self {
         Self {
@@ -51,18 +124,18 @@ impl Slot {
     }
 
     /// Capacity for one more request now: `Ok(score)`, or `Err(when)` it
-    /// may come back (`now` when only a push from the backend can tell).
-    pub fn capacity(&self, est_tokens: u64, now: Instant) -> Result<f64, Instant> {
+    /// may come back.
+    pub fn capacity(&self, est_tokens: u64, now: Instant) -> Result<f64, Open> {
         let v = &self.view;
         let pending = self.pending();
         let mut available = (v.remaining as u64).saturating_sub(pending);
         if available == 0 {
             if pending > 0 {
                 // The grant that used the last slot asked for a fresh view.
-                return Err(now);
+                return Err(Open::Push { guess: now });
             }
             if now < v.next_free {
-                return Err(v.next_free);
+                return Err(Open::At(v.next_free));
             }
             // The window freed a slot since the view; nothing was granted
             // since, so exactly what the view foresaw holds.
@@ -77,14 +150,14 @@ impl Slot {
                     .map_or(Duration::from_secs(1), |ms| {
                         Duration::from_millis(ms.min(3_600_000.0) as u64)
                     });
-                return Err(now + guess);
+                return Err(Open::Push { guess: now + guess });
             }
         }
         if let Some(t) = &v.tokens {
             match t.fits_at(est_tokens, self.pending_tokens(), now) {
                 Some(at) if at <= now => {}
-                Some(at) => return Err(at),
-                None => return Err(now),
+                Some(at) => return Err(Open::At(at)),
+                None => return Err(Open::Push { guess: now }),
             }
         }
         let limit = v.effective_rpm.max(1) as f64;
@@ -94,7 +167,7 @@ impl Slot {
     /// When an emergency probe could go to this cooling backend: not before
     /// the upstream's own deadline, within the trickle's budget, and only
     /// with capacity in its window.
-    pub fn emergency_at(&self, est_tokens: u64, now: Instant) -> Instant {
+    pub fn emergency_at(&self, est_tokens: u64, now: Instant) -> Open {
         let v = &self.view;
         let floor = v.probe_not_before.unwrap_or(now).max(now);
         let pending = self.granted_emergency.saturating_sub(v.seen_emergency);
@@ -102,15 +175,19 @@ impl Slot {
             now
         } else if pending > 0 {
             // Wait for the backend to say how the last probe went.
-            v.cooling_until.unwrap_or(now)
+            return Open::Push {
+                guess: v.cooling_until.unwrap_or(now).max(floor),
+            };
         } else {
             v.emergency_next_free.max(now)
         };
-        let capacity = match self.capacity(est_tokens, now) {
-            Ok(_) => now,
-            Err(at) => at,
-        };
-        floor.max(budget).max(capacity)
+        match self.capacity(est_tokens, now) {
+            Ok(_) => Open::At(floor.max(budget)),
+            Err(Open::At(at)) => Open::At(floor.max(budget).max(at)),
+            Err(Open::Push { guess }) => Open::Push {
+                guess: floor.max(budget).max(guess),
+            },
+        }
     }
 
     fn serves(&self, pool: Pool, model: &str) -> bool {
@@ -130,9 +207,9 @@ pub enum Decision {
         index: usize,
         emergency: bool,
     },
-    /// Capacity may return at `at`; wait if the deadline allows.
+    /// Capacity may return then; wait if the deadline allows.
     Wait {
-        at: Instant,
+        open: Opening,
         all_cooling: bool,
     },
     Fail(AcquireError),
@@ -161,7 +238,7 @@ pub fn decide<S: AsRef<Slot>>(slots: &[S], need: &Need, now: Instant) -> Decisio
     let mut known = false;
     let mut any_healthy = false;
     // When capacity returns on a backend this request may still use…
-    let mut earliest_open: Option<Instant> = None;
+    let mut earliest_open = Opening::default();
     // …and on any backend of the model, for a truthful Retry-After.
     let mut earliest_any: Option<Instant> = None;
     let mut any_cooling = false;
@@ -196,9 +273,9 @@ pub fn decide<S: AsRef<Slot>>(slots: &[S], need: &Need, now: Instant) -> Decisio
                                 best = Some((index, score, latency));
                             }
                         }
-                        Err(at) => {
-                            earliest_open = min_at(earliest_open, at);
-                            earliest_any = min_at(earliest_any, at);
+                        Err(open) => {
+                            earliest_open.add(open);
+                            earliest_any = min_at(earliest_any, open.when());
                         }
                     }
                 }
@@ -209,7 +286,7 @@ pub fn decide<S: AsRef<Slot>>(slots: &[S], need: &Need, now: Instant) -> Decisio
                     if excluded {
                         continue;
                     }
-                    earliest_open = min_at(earliest_open, until);
+                    earliest_open.add(Open::At(until));
                     cooling.push((index, until));
                 }
                 Status::Down | Status::Error => {
@@ -236,39 +313,38 @@ pub fn decide<S: AsRef<Slot>>(slots: &[S], need: &Need, now: Instant) -> Decisio
     let all_cooling = !any_healthy && !cooling.is_empty();
     if all_cooling {
         cooling.sort_by_key(|&(_, until)| until);
-        let mut soonest_probe: Option<Instant> = None;
         for &(index, _) in &cooling {
-            let at = slots[index].as_ref().emergency_at(need.est_tokens, now);
-            if at <= now {
+            let open = slots[index].as_ref().emergency_at(need.est_tokens, now);
+            if open == Open::At(now) {
                 return Decision::Grant {
                     index,
                     emergency: true,
                 };
             }
-            soonest_probe = min_at(soonest_probe, at);
-        }
-        if let Some(at) = soonest_probe {
-            earliest_open = min_at(earliest_open, at);
-            earliest_any = min_at(earliest_any, at);
+            earliest_open.add(open);
+            earliest_any = min_at(earliest_any, open.when());
         }
     }
-    match (earliest_open, earliest_any) {
-        (Some(at), _) => Decision::Wait { at, all_cooling },
-        (None, Some(at)) if any_cooling => Decision::Fail(AcquireError::Exhausted {
+    match (earliest_open.is_some(), earliest_any) {
+        (true, _) => Decision::Wait {
+            open: earliest_open,
+            all_cooling,
+        },
+        (false, Some(at)) if any_cooling => Decision::Fail(AcquireError::Exhausted {
             retry_after: retry_after(at, now),
         }),
-        (None, Some(at)) => Decision::Fail(AcquireError::Unavailable {
+        (false, Some(at)) => Decision::Fail(AcquireError::Unavailable {
             retry_after: retry_after(at, now),
         }),
-        (None, None) => Decision::Fail(AcquireError::Unavailable {
+        (false, None) => Decision::Fail(AcquireError::Unavailable {
             retry_after: next_check.map_or(UNAVAILABLE_RETRY, |at| retry_after(at, now)),
         }),
     }
 }
 
 /// The error for a request that cannot be served within its deadline.
-pub fn too_late(at: Instant, all_cooling: bool, now: Instant) -> AcquireError {
-    let retry_after = retry_after(at, now);
+pub fn too_late(open: Opening, all_cooling: bool, now: Instant) -> AcquireError {
+    let retry_after = retry_after(open.when(now), now);
     if all_cooling {
         AcquireError::Exhausted { retry_after }
     } else {

@@ -10,19 +10,23 @@ use super::chooser::{retry_after, too_late};
 use super::queue::Waiter;
 use super::{Decision, Need, PoolSupervisor};
 use crate::messages::{
-    Acquire, AcquireError, BackendUpdate, Crash, GetBackendView, GetSnapshot, GetView, KeyTested,
-    ListModels, Ping, PoolSnapshot, Reconfigure, RemoveBackend, ResetCooldown, Shutdown,
-    TestCrashBackend, TestFreeze, Ticket, UpdateTuning, UpsertBackend,
+    Acquire, AcquireError, BackendUpdate, CollectGrants, Crash, Drain, GetBackendView, GetGrants,
+    GetSnapshot, GetView, KeyTested, ListModels, Ping, PoolSnapshot, Reconfigure, RemoveBackend,
+    ResetCooldown, Shutdown, TestCrashBackend, TestFreeze, Ticket, UpdateTuning, UpsertBackend,
 };
+use crate::rate_state::{ClusterChanged, ClusterEvent};
 
 impl Handler<Acquire> for PoolSupervisor {
     type Result = Result<Ticket, AcquireError>;
 
     fn handle(&mut self, msg: Acquire, ctx: &mut Self::Context) -> Self::Result {
-        let now = Instant::now();
+        if self.draining {
+            return Err(AcquireError::ShuttingDown);
+        }
         // Waiters first: what they can use is theirs, whatever this request's
         // priority; what is left no waiter can use.
         self.drain(ctx);
+        let now = Instant::now();
         let need = Need {
             model: msg.model,
             exclude: msg.exclude,
@@ -32,19 +36,19 @@ impl Handler<Acquire> for PoolSupervisor {
             Decision::Grant { index, emergency } => {
                 Ok(Ticket::Ready(self.grant(index, emergency, &need, now)))
             }
-            Decision::Wait { at, all_cooling } => {
+            Decision::Wait { open, all_cooling } => {
                 let deadline = now + self.queue_timeout();
-                if at > deadline {
-                    return Err(too_late(at, all_cooling, now));
+                if open.too_late(deadline, now) {
+                    return Err(too_late(open, all_cooling, now));
                 }
                 if self.queue.is_full() {
                     return Err(AcquireError::QueueFull {
-                        retry_after: retry_after(at, now),
+                        retry_after: retry_after(open.when(now), now),
                     });
                 }
                 let (tx, rx) = oneshot::channel();
                 self.queue.push(msg.priority, Waiter { need, deadline, tx });
-                let wake = if at > now { at } else { deadline };
+                let wake = open.timer(deadline, now);
                 self.wake_at(wake, ctx);
                 Ok(Ticket::Queued(rx))
             }
@@ -219,5 +223,53 @@ impl Handler<KeyTested> for PoolSupervisor {
                 None => false,
             }
         })
+    }
+}
+
+impl Handler<ClusterEvent> for PoolSupervisor {
+    type Result = ();
+    /// Another replica's change: to the backend whose key it names.
+    fn handle(&mut self, msg: ClusterEvent, _ctx: &mut Self::Context) {
+        if let Some(e) = self.entries.iter().find(|e| e.key_id == msg.key) {
+            e.addr.do_send(msg);
+        }
+    }
+}
+
+impl Handler<ClusterChanged> for PoolSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: ClusterChanged, _ctx: &mut Self::Context) {
+        for e in &self.entries {
+            e.addr.do_send(msg);
+        }
+    }
+}
+
+impl Handler<CollectGrants> for PoolSupervisor {
+    type Result = ResponseFuture<Vec<(crate::spec::BackendId, Vec<i64>)>>;
+    fn handle(&mut self, _msg: CollectGrants, _ctx: &mut Self::Context) -> Self::Result {
+        let addrs: Vec<_> = self.entries.iter().map(|e| e.addr.clone()).collect();
+        Box::pin(async move {
+            let asks = addrs
+                .into_iter()
+                .map(|a| async move { a.send(GetGrants).await.ok() });
+            futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .collect()
+        })
+    }
+}
+
+impl Handler<Drain> for PoolSupervisor {
+    type Result = ();
+    fn handle(&mut self, _msg: Drain, ctx: &mut Self::Context) {
+        info!(
+            self.log,
+            "stopping: waiting requests are answered 503 with Retry-After 1"
+        );
+        self.draining = true;
+        self.drain(ctx);
     }
 }

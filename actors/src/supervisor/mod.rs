@@ -20,10 +20,11 @@ use crate::backend::BackendActor;
 use crate::gate::Gate;
 use crate::messages::{BackendView, Finish, Lease, LeaseTaken, Verdict};
 use crate::probe::Prober;
+use crate::rate_state::RateState;
 use crate::spec::{BackendId, BackendSpec, Tuning};
 use crate::store::DbExecutor;
 
-pub use chooser::{decide, Decision, Need, Slot};
+pub use chooser::{decide, Decision, Need, Open, Opening, Slot};
 pub use queue::WaitQueue;
 
 pub(crate) struct Entry {
@@ -32,6 +33,8 @@ pub(crate) struct Entry {
     gate: Arc<Gate>,
     finish_to: Recipient<Finish>,
     verdict_to: Recipient<Verdict>,
+    /// The key's name in the shared state, for events from other replicas.
+    pub(crate) key_id: String,
 }
 
 impl AsRef<Slot> for Entry {
@@ -51,6 +54,10 @@ pub struct PoolSupervisor {
     emergency_grants: u64,
     started_once: bool,
     store: Option<Addr<DbExecutor>>,
+    pub(crate) rate: Option<RateState>,
+    /// Stopping: waiting and new requests are answered at once.
+    pub(crate) draining: bool,
+    pub(crate) started_cluster: bool,
     /// The queue's next wake-up: when capacity returns for a waiter or a
     /// waiter's deadline passes, whichever is first.
     wake: Option<(Instant, SpawnHandle)>,
@@ -64,6 +71,7 @@ impl PoolSupervisor {
         tuning: Tuning,
         prober: Arc<dyn Prober>,
         store: Option<Addr<DbExecutor>>,
+        rate: Option<RateState>,
         log: Logger,
     ) -> Self {
         let queue = WaitQueue::new(tuning.queue_max);
@@ -78,6 +86,9 @@ impl PoolSupervisor {
             emergency_grants: 0,
             started_once: false,
             store,
+            rate,
+            draining: false,
+            started_cluster: false,
             wake: None,
             frozen_until: None,
         }
@@ -91,10 +102,12 @@ impl PoolSupervisor {
             ctx.address().recipient(),
             self.prober.clone(),
             self.store.clone(),
+            self.rate.clone(),
             self.log.clone(),
         );
         let view = actor.view(Instant::now());
         let gate = actor.machine.gate();
+        let key_id = actor.key_id().to_string();
         let addr = actix::Supervisor::start(move |_| actor);
         self.entries.push(Entry {
             slot: Slot::new(spec, view),
@@ -102,6 +115,7 @@ impl PoolSupervisor {
             verdict_to: addr.clone().recipient(),
             addr,
             gate,
+            key_id,
         });
         self.entries.sort_by_key(|e| e.slot.spec.id);
     }
@@ -129,12 +143,21 @@ impl PoolSupervisor {
         // When this grant used the last of what the view shows, ask for a
         // fresh view rather than wait for one.
         let refresh = emergency || e.slot.capacity(need.est_tokens, now).is_err();
+        // With shared state the handler waits for the shared window's word.
+        let (confirm_tx, confirm) = match self.rate.as_ref().and_then(RateState::cluster) {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         e.addr.do_send(LeaseTaken {
             lease_id: id,
             at: now,
             emergency,
             est_tokens: need.est_tokens,
             refresh,
+            confirm: confirm_tx,
         });
         let spec = &e.slot.spec;
         let route = spec.route(&need.model);
@@ -154,6 +177,7 @@ impl PoolSupervisor {
             emergency,
             granted_at: now,
             gate: e.gate.clone(),
+            confirm,
             finish_to: e.finish_to.clone(),
             verdict_to: e.verdict_to.clone(),
             used: false,
@@ -167,6 +191,14 @@ impl PoolSupervisor {
     pub(crate) fn drain(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let mut next: Option<Instant> = None;
+        if self.draining {
+            for level in self.queue.take_all() {
+                for w in level {
+                    let _ = w.tx.send(Err(crate::messages::AcquireError::ShuttingDown));
+                }
+            }
+            return;
+        }
         if !self.queue.is_empty() {
             let mut waiters = self.queue.take_all();
             for level in waiters.iter_mut() {
@@ -182,17 +214,13 @@ impl PoolSupervisor {
                             // which returns its slot as unused.
                             let _ = w.tx.send(Ok(lease));
                         }
-                        Decision::Wait { at, all_cooling } => {
-                            if now >= w.deadline || at > w.deadline {
-                                let _ = w.tx.send(Err(chooser::too_late(at, all_cooling, now)));
+                        Decision::Wait { open, all_cooling } => {
+                            if open.too_late(w.deadline, now) {
+                                let _ = w.tx.send(Err(chooser::too_late(open, all_cooling, now)));
                             } else {
-                                // A time in the past means "when a backend
-                                // pushes": no timer for it.
-                                let at = if at > now {
-                                    at.min(w.deadline)
-                                } else {
-                                    w.deadline
-                                };
+                                // A push wakes the queue by itself; a time
+                                // (or the deadline) needs the timer.
+                                let at = open.timer(w.deadline, now);
                                 next = Some(next.map_or(at, |n| n.min(at)));
                                 kept.push_back(w);
                             }

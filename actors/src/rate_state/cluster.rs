@@ -1,0 +1,592 @@
+//! Rate state shared by replicas through Redis (or any server speaking its
+//! protocol). Grants are reserved by a Lua script on the server's clock, at
+//! most one round trip per grant; cooldowns, health and learned limits are
+//! merged there and announced on a pub/sub channel; replicas register with
+//! a heartbeat so each knows how many are alive. Every command has a short
+//! timeout: a dead Redis never blocks the request path, it makes the
+//! replica serve on a conservative share until Redis answers again.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use slog::{info, warn, Logger};
+use tokio::time::Instant;
+
+use crate::db::now_ms;
+use crate::spec::BackendSpec;
+
+const NOW: &str = include_str!("lua/now.lua");
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{NOW}\n{body}"))
+}
+
+struct Scripts {
+    reserve: Script,
+    release: Script,
+    sync: Script,
+    cooldown: Script,
+    end_cooldown: Script,
+    set_state: Script,
+    peek: Script,
+    heartbeat: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            reserve: script(include_str!("lua/reserve.lua")),
+            release: script(include_str!("lua/release.lua")),
+            sync: script(include_str!("lua/sync.lua")),
+            cooldown: script(include_str!("lua/cooldown.lua")),
+            end_cooldown: script(include_str!("lua/end_cooldown.lua")),
+            set_state: script(include_str!("lua/set_state.lua")),
+            peek: script(include_str!("lua/peek.lua")),
+            heartbeat: script(include_str!("lua/heartbeat.lua")),
+        }
+    }
+}
+
+/// What this replica knows of the cluster right now; read without locks.
+#[derive(Debug)]
+pub struct ClusterStatus {
+    degraded: AtomicBool,
+    alive: AtomicU32,
+    /// The Redis server's clock minus ours, in ms.
+    offset_ms: AtomicI64,
+}
+
+impl ClusterStatus {
+    /// Redis did not answer: serving on a share of each limit.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Replicas alive at the last heartbeat (at least this one).
+    pub fn alive(&self) -> u32 {
+        self.alive.load(Ordering::Acquire).max(1)
+    }
+
+    fn offset(&self) -> i64 {
+        self.offset_ms.load(Ordering::Acquire)
+    }
+}
+
+/// The answer to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Reserved: the shared window now holds `used`; granted at `at_ms`
+    /// (server clock).
+    Granted { used: u32, at_ms: i64 },
+    /// The shared window is full until then (server clock).
+    Full { free_at_ms: i64 },
+    /// Another replica's 429 cools the key until then.
+    Cooling { until_ms: i64 },
+    /// An emergency probe, before the upstream's own deadline.
+    NotYet { floor_ms: i64 },
+    /// The key is rejected or down cluster-wide.
+    Blocked,
+    /// The cluster's emergency trickle is spent until then.
+    TrickleSpent { free_at_ms: i64 },
+}
+
+/// A key's shared state, as `peek` reads it (server clock).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peek {
+    pub used: u32,
+    pub now_ms: i64,
+    pub until_ms: i64,
+    pub upstream_until_ms: i64,
+    pub streak: u32,
+    pub health: String,
+    pub effective: u32,
+}
+
+/// A change one replica tells the others (server clock).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Shared {
+    Cooldown {
+        until: i64,
+        upstream_until: i64,
+        streak: u32,
+    },
+    CooldownEnded,
+    /// `""` healthy, `"down"`, or `"error"` (rejected key).
+    Health {
+        health: String,
+        reason: String,
+    },
+    Effective {
+        rpm: u32,
+    },
+}
+
+/// A change announced on the channel, for the backend whose key it names.
+#[derive(Message, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub struct ClusterEvent {
+    pub replica: String,
+    pub key: String,
+    #[serde(flatten)]
+    pub what: Shared,
+}
+
+/// The replica's view of the cluster changed (degraded or back; replicas).
+#[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub struct ClusterChanged {
+    pub degraded: bool,
+    pub alive: u32,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    client: redis::Client,
+    prefix: String,
+    replica: String,
+    timeout: Duration,
+    status: ClusterStatus,
+    scripts: Scripts,
+    window_ms: i64,
+    /// How long shared state outlives its last write.
+    state_ttl_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct Cluster(Arc<Inner>);
+
+type R<T> = Result<T, String>;
+
+fn ms_of(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Cluster {
+    /// Prepares the connection without waiting for it: a gateway starts
+    /// (degraded) even when Redis is down.
+    pub fn new(url: &str, prefix: &str, timeout: Duration, window: Duration) -> R<Cluster> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| format!("redis: {e}"))?;
+        let replica = format!(
+            "{}-{}-{:04x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+            std::process::id(),
+            fastrand::u16(..)
+        );
+        Ok(Cluster(Arc::new(Inner {
+            conn,
+            client,
+            prefix: prefix.to_string(),
+            replica,
+            timeout,
+            status: ClusterStatus {
+                degraded: AtomicBool::new(true),
+                alive: AtomicU32::new(1),
+                offset_ms: AtomicI64::new(0),
+            },
+            scripts: Scripts::new(),
+            window_ms: ms_of(window),
+            state_ttl_ms: ms_of(window).saturating_mul(60).max(3_600_000),
+        })))
+    }
+
+    pub fn status(&self) -> &ClusterStatus {
+        &self.0.status
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.0.replica
+    }
+
+    /// A key's name in Redis: a hash of its upstream and secret, the same on
+    /// every replica whatever the backend is called or numbered there.
+    pub fn key_id(spec: &BackendSpec) -> String {
+        let mut h = Sha256::new();
+        h.update(spec.base_url.as_bytes());
+        h.update(b"\n");
+        h.update(spec.api_key.expose().as_bytes());
+        hex::encode(&h.finalize()[..12])
+    }
+
+    fn names(&self, id: &str) -> (String, String, String) {
+        let p = &self.0.prefix;
+        // One hash tag per key keeps a key's parts in one Redis Cluster slot.
+        (
+            format!("{p}:{{{id}}}:grants"),
+            format!("{p}:{{{id}}}:emergency"),
+            format!("{p}:{{{id}}}:state"),
+        )
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:events", self.0.prefix)
+    }
+
+    /// Converts between our instants and the server's clock (ms).
+    pub fn to_server(&self, at: Instant, now: Instant) -> i64 {
+        let base = now_ms().saturating_add(self.0.status.offset());
+        let delta = if at >= now {
+            ms_of(at - now)
+        } else {
+            -ms_of(now - at)
+        };
+        base.saturating_add(delta)
+    }
+
+    pub fn from_server(&self, ms: i64, now: Instant) -> Instant {
+        let base = now_ms().saturating_add(self.0.status.offset());
+        let delta = ms.saturating_sub(base);
+        if delta >= 0 {
+            now + Duration::from_millis(delta as u64)
+        } else {
+            now.checked_sub(Duration::from_millis(delta.unsigned_abs()))
+                .unwrap_or(now)
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> R<T> {
+        match tokio::time::timeout(self.0.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("redis did not answer in time".into()),
+        }
+    }
+
+    /// Reserves one grant in the key's shared window.
+    pub async fn reserve(
+        &self,
+        id: &str,
+        limit: u32,
+        member: &str,
+        emergency: bool,
+        emergency_limit: u32,
+    ) -> R<Reservation> {
+        let (grants, trickle, state) = self.names(id);
+        let mut conn = self.0.conn.clone();
+        let mut inv = self.0.scripts.reserve.prepare_invoke();
+        inv.key(&grants)
+            .key(&trickle)
+            .key(&state)
+            .arg(self.0.window_ms)
+            .arg(limit)
+            .arg(member)
+            .arg(if emergency { "1" } else { "0" })
+            .arg(emergency_limit)
+            .arg("");
+        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        let (ok, code, at) = match r.as_slice() {
+            [ok, code, at, _now] => (*ok, *code, *at),
+            _ => return Err("unexpected reservation answer".into()),
+        };
+        Ok(match (ok, code) {
+            (1, used) => Reservation::Granted {
+                used: u32::try_from(used).unwrap_or(u32::MAX),
+                at_ms: at,
+            },
+            (_, 1) => Reservation::Full { free_at_ms: at },
+            (_, 2) => Reservation::Cooling { until_ms: at },
+            (_, 3) => Reservation::NotYet { floor_ms: at },
+            (_, 5) => Reservation::TrickleSpent { free_at_ms: at },
+            _ => Reservation::Blocked,
+        })
+    }
+
+    /// Gives back a reservation whose request was never sent.
+    pub async fn release(&self, id: &str, member: &str) -> R<()> {
+        let (grants, trickle, _) = self.names(id);
+        let mut conn = self.0.conn.clone();
+        let mut inv = self.0.scripts.release.prepare_invoke();
+        inv.key(&grants).key(&trickle).arg(member);
+        self.timed(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    /// Adds grants made while Redis was unreachable (server clock).
+    pub async fn sync(&self, id: &str, times_ms: &[i64]) -> R<()> {
+        if times_ms.is_empty() {
+            return Ok(());
+        }
+        let (grants, _, _) = self.names(id);
+        let mut conn = self.0.conn.clone();
+        let mut inv = self.0.scripts.sync.prepare_invoke();
+        let prefix = format!("{}:sync:{:08x}", self.0.replica, fastrand::u32(..));
+        inv.key(&grants).arg(self.0.window_ms).arg(prefix);
+        for t in times_ms {
+            inv.arg(*t);
+        }
+        self.timed(inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
+    fn message(&self, id: &str, what: &Shared) -> String {
+        let ev = ClusterEvent {
+            replica: self.0.replica.clone(),
+            key: id.to_string(),
+            what: what.clone(),
+        };
+        serde_json::to_string(&ev).unwrap_or_default()
+    }
+
+    /// Merges a change into the shared state and tells the other replicas.
+    pub async fn share(&self, id: &str, what: Shared, granted_ms: Option<i64>) -> R<()> {
+        let (_, _, state) = self.names(id);
+        let mut conn = self.0.conn.clone();
+        let msg = self.message(id, &what);
+        let channel = self.channel();
+        let ttl = self.0.state_ttl_ms;
+        match &what {
+            Shared::Cooldown {
+                until,
+                upstream_until,
+                streak,
+            } => {
+                let mut inv = self.0.scripts.cooldown.prepare_invoke();
+                let epoch = self.to_server(Instant::now(), Instant::now());
+                inv.key(&state)
+                    .arg(*until)
+                    .arg(*upstream_until)
+                    .arg(*streak)
+                    .arg(epoch)
+                    .arg(&channel)
+                    .arg(&msg)
+                    .arg(ttl);
+                self.timed(inv.invoke_async::<i64>(&mut conn))
+                    .await
+                    .map(|_| ())
+            }
+            Shared::CooldownEnded => {
+                let mut inv = self.0.scripts.end_cooldown.prepare_invoke();
+                inv.key(&state)
+                    .arg(granted_ms.unwrap_or(0))
+                    .arg(&channel)
+                    .arg(&msg);
+                self.timed(inv.invoke_async::<i64>(&mut conn))
+                    .await
+                    .map(|_| ())
+            }
+            Shared::Health { health, reason } => {
+                let mut inv = self.0.scripts.set_state.prepare_invoke();
+                inv.key(&state)
+                    .arg(&channel)
+                    .arg(&msg)
+                    .arg(ttl)
+                    .arg("health")
+                    .arg(health)
+                    .arg("reason")
+                    .arg(reason);
+                self.timed(inv.invoke_async::<i64>(&mut conn))
+                    .await
+                    .map(|_| ())
+            }
+            Shared::Effective { rpm } => {
+                let mut inv = self.0.scripts.set_state.prepare_invoke();
+                inv.key(&state)
+                    .arg(&channel)
+                    .arg(&msg)
+                    .arg(ttl)
+                    .arg("effective")
+                    .arg(*rpm);
+                self.timed(inv.invoke_async::<i64>(&mut conn))
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// A key's shared state now.
+    pub async fn peek(&self, id: &str) -> R<Peek> {
+        let (grants, _, state) = self.names(id);
+        let mut conn = self.0.conn.clone();
+        let mut inv = self.0.scripts.peek.prepare_invoke();
+        inv.key(&grants).key(&state).arg(self.0.window_ms).arg("");
+        let v: redis::Value = self.timed(inv.invoke_async(&mut conn)).await?;
+        let items: Vec<redis::Value> = redis::from_redis_value(v).map_err(|e| e.to_string())?;
+        let int = |i: usize| -> i64 {
+            items
+                .get(i)
+                .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+                .unwrap_or(0)
+        };
+        let health = items
+            .get(5)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .unwrap_or_default();
+        Ok(Peek {
+            used: u32::try_from(int(0)).unwrap_or(0),
+            now_ms: int(1),
+            until_ms: int(2),
+            upstream_until_ms: int(3),
+            streak: u32::try_from(int(4)).unwrap_or(0),
+            health,
+            effective: u32::try_from(int(6)).unwrap_or(0),
+        })
+    }
+
+    /// Registers this replica; returns how many are alive.
+    pub async fn heartbeat(&self, ttl: Duration) -> R<u32> {
+        let mut conn = self.0.conn.clone();
+        let key = format!("{}:replicas", self.0.prefix);
+        let mut inv = self.0.scripts.heartbeat.prepare_invoke();
+        inv.key(&key).arg(&self.0.replica).arg(ms_of(ttl)).arg("");
+        let sent = now_ms();
+        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        let [alive, server_now] = r.as_slice() else {
+            return Err("unexpected heartbeat answer".into());
+        };
+        // Half the round trip on each side.
+        let mid = sent.saturating_add(now_ms()) / 2;
+        self.0
+            .status
+            .offset_ms
+            .store(server_now.saturating_sub(mid), Ordering::Release);
+        Ok(u32::try_from(*alive).unwrap_or(1).max(1))
+    }
+
+    /// Listens on the channel (reconnecting) and hands other replicas'
+    /// changes to `sink` until it is gone.
+    pub fn spawn_subscriber(&self, sink: Recipient<ClusterEvent>, log: Logger) {
+        let me = self.clone();
+        actix::spawn(async move {
+            loop {
+                match me.subscribe_once(&sink).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        warn!(log, "redis subscription lost; retrying"; "error" => e);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn subscribe_once(&self, sink: &Recipient<ClusterEvent>) -> R<()> {
+        let mut pubsub = self.timed(self.0.client.get_async_pubsub()).await?;
+        self.timed(pubsub.subscribe(self.channel())).await?;
+        let mut stream = pubsub.on_message();
+        while let Some(msg) = stream.next().await {
+            let Ok(text) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(ev) = serde_json::from_str::<ClusterEvent>(&text) else {
+                continue;
+            };
+            if ev.replica == self.0.replica {
+                continue;
+            }
+            if sink.try_send(ev).is_err() && !sink.connected() {
+                return Ok(());
+            }
+        }
+        Err("redis subscription ended".into())
+    }
+
+    /// Beats once and records what it found; returns the replicas alive.
+    pub async fn beat(&self, ttl: Duration) -> R<u32> {
+        match self.heartbeat(ttl).await {
+            Ok(alive) => {
+                self.set_alive(alive);
+                self.set_degraded(false);
+                Ok(alive)
+            }
+            Err(e) => {
+                self.set_degraded(true);
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn set_degraded(&self, degraded: bool) -> bool {
+        self.0.status.degraded.swap(degraded, Ordering::AcqRel) != degraded
+    }
+
+    pub(crate) fn set_alive(&self, alive: u32) -> bool {
+        self.0.status.alive.swap(alive.max(1), Ordering::AcqRel) != alive.max(1)
+    }
+}
+
+/// Beats every second; tells `notify` when the replica count or the
+/// reachability of Redis changes.
+pub struct ClusterBeat {
+    cluster: Cluster,
+    notify: Recipient<ClusterChanged>,
+    every: Duration,
+    log: Logger,
+    beating: bool,
+}
+
+impl ClusterBeat {
+    pub fn new(cluster: Cluster, notify: Recipient<ClusterChanged>, log: Logger) -> Self {
+        Self {
+            cluster,
+            notify,
+            every: Duration::from_secs(1),
+            log,
+            beating: false,
+        }
+    }
+}
+
+impl Actor for ClusterBeat {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.every, |act, ctx| {
+            if act.beating {
+                return;
+            }
+            act.beating = true;
+            let cluster = act.cluster.clone();
+            let ttl = act.every * 3;
+            ctx.spawn(
+                async move { cluster.heartbeat(ttl).await }
+                    .into_actor(act)
+                    .map(|res, act, _| {
+                        act.beating = false;
+                        let c = &act.cluster;
+                        let changed = match res {
+                            Ok(alive) => {
+                                let back = c.set_degraded(false);
+                                if back {
+                                    info!(act.log, "redis reachable: shared rate state in use"; "replicas" => alive);
+                                }
+                                c.set_alive(alive) | back
+                            }
+                            Err(e) => {
+                                let lost = c.set_degraded(true);
+                                if lost {
+                                    warn!(act.log, "redis unreachable: serving on a share of each limit";
+                                        "error" => e, "replicas" => c.status().alive());
+                                }
+                                lost
+                            }
+                        };
+                        if changed {
+                            act.notify.do_send(ClusterChanged {
+                                degraded: c.status().degraded(),
+                                alive: c.status().alive(),
+                            });
+                        }
+                    }),
+            );
+        });
+    }
+}
