@@ -156,8 +156,16 @@ impl GatewayHandle {
     /// finish (graceful) or are cut.
     pub async fn stop(&self, graceful: bool) {
         notify::stopping();
-        let _ = self.supervisor.send(Drain).await;
         self.snapshots.close();
+        if graceful {
+            // Stop accepting first: new connections wait in the kernel's
+            // backlog (for the next process, with socket activation), and
+            // the ones already accepted reach a worker before the stop —
+            // actix drops connections still queued to a stopping worker.
+            self.server.pause().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.supervisor.send(Drain).await;
         self.server.stop(graceful).await;
         self.metrics.stop(graceful).await;
     }

@@ -18,6 +18,9 @@ pub mod spec;
 pub mod stats;
 pub mod store;
 pub mod supervisor;
+#[cfg(any(test, feature = "test-support"))]
+#[doc(hidden)]
+pub mod testing;
 
 pub use backend::BackendActor;
 pub use messages::*;

@@ -122,11 +122,28 @@ impl RollingLimiter {
     }
 
     /// Fills the window to its limit with grants stamped `at`: the most the
-    /// unknown interval before `at` could have spent.
-    pub fn fill_to_limit(&mut self, at: Instant, now: Instant) {
+    /// unknown interval before `at` could have spent. Returns how many.
+    pub fn fill_to_limit(&mut self, at: Instant, now: Instant) -> u32 {
         self.refill(now);
         let missing = self.limit.saturating_sub(self.grants.len() as u32);
         self.restore((0..missing).map(|_| at), now);
+        missing
+    }
+
+    /// Takes back up to `n` grants stamped exactly `at` (a fill that is no
+    /// longer needed).
+    pub fn remove_at(&mut self, at: Instant, n: u32, now: Instant) {
+        let mut left = n;
+        self.grants.retain(|&t| {
+            if left > 0 && t == at {
+                left -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.version += 1;
+        self.refill(now);
     }
 
     /// The grant log, oldest first (only grants still in the window).
@@ -227,6 +244,23 @@ impl TokenWindow {
             self.entries.push_back((at, tokens));
             self.total = self.total.saturating_add(tokens);
         }
+    }
+
+    /// Fills the window to its limit with one entry stamped `at`; returns
+    /// the tokens added.
+    pub fn fill_to_limit(&mut self, at: Instant, now: Instant) -> u64 {
+        self.expire(now);
+        let missing = self.limit.saturating_sub(self.total);
+        if missing > 0 {
+            self.entries.push_back((at, missing));
+            self.total = self.total.saturating_add(missing);
+        }
+        missing
+    }
+
+    /// Takes back a fill made by `fill_to_limit`.
+    pub fn remove_fill(&mut self, at: Instant, tokens: u64, now: Instant) {
+        self.settle(at, tokens, 0, now);
     }
 
     /// Replaces a reservation made at `at` with the real count.

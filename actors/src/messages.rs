@@ -515,6 +515,9 @@ pub struct Acquire {
     pub exclude: Vec<BackendId>,
     /// Estimated tokens, for backends with a TPM limit.
     pub est_tokens: u64,
+    /// The request waits for capacity until then at most, however many
+    /// attempts it makes (`None`: the queue timeout from now).
+    pub deadline: Option<Instant>,
 }
 
 /// Handler → backend (through [`Lease`]): how the attempt ended.
@@ -559,8 +562,8 @@ pub struct GetGrants;
 #[rtype(result = "Vec<(BackendId, Vec<i64>)>")]
 pub struct CollectGrants;
 
-/// Supervisor: the gateway is stopping; answer waiting and new requests at
-/// once (503, Retry-After 1) while in-flight ones finish.
+/// Supervisor: the gateway is stopping; requests that would wait are
+/// answered at once (503, Retry-After 1) while in-flight ones finish.
 #[derive(Message, Debug, Default)]
 #[rtype(result = "()")]
 pub struct Drain;

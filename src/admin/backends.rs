@@ -248,7 +248,10 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .iter()
         .map(|r| backend_json(r, live.iter().find(|v| v.id == r.id)))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"backends": out})))
+    Ok(HttpResponse::Ok().json(json!({
+        "backends": out,
+        "state": crate::routes::health::state_json(&state.rate),
+    })))
 }
 
 pub async fn get(

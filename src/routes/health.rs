@@ -19,6 +19,7 @@ pub fn state_json(rate: &RateState) -> serde_json::Value {
             "backend": "redis",
             "replica": c.replica(),
             "replicas_alive": c.status().alive(),
+            "replicas": c.status().replicas(),
             "degraded": c.status().degraded(),
         }),
     }

@@ -152,9 +152,12 @@ async fn handle(
 ) -> Result<Reply, ApiError> {
     let mut p = prepare(endpoint, req, payload, state, trace).await?;
     let mut tries = Tries::new(state.max_attempts, state.metrics.clone());
+    // However many attempts it takes, the request waits for capacity this
+    // long at most.
+    let deadline = Instant::now() + state.queue_timeout();
     loop {
         let queue_start = Instant::now();
-        let acquired = acquire(state, &p, &tries.exclude).await;
+        let acquired = acquire(state, &p, &tries.exclude, deadline).await;
         trace.record.queued += queue_start.elapsed();
         let lease = tries.leased(acquired, &p.model)?;
         trace.record.attempts += 1;
@@ -603,6 +606,7 @@ async fn acquire(
     state: &AppState,
     p: &Prepared,
     exclude: &[BackendId],
+    deadline: Instant,
 ) -> Result<Lease, AcquireError> {
     let ticket = state
         .supervisor
@@ -611,6 +615,7 @@ async fn acquire(
             priority: p.priority,
             exclude: exclude.to_vec(),
             est_tokens: p.est_tokens,
+            deadline: Some(deadline),
         })
         .await
         .map_err(|_| AcquireError::SupervisorGone)??;
@@ -619,8 +624,8 @@ async fn acquire(
         Ticket::Queued(rx) => {
             // The supervisor answers every waiter by its deadline; the slack
             // only guards against a supervisor that stopped answering.
-            let guard = state.queue_timeout() + Duration::from_secs(5);
-            match tokio::time::timeout(guard, rx).await {
+            let guard = deadline + Duration::from_secs(5);
+            match tokio::time::timeout_at(guard, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(AcquireError::SupervisorGone),
                 Err(_) => Err(AcquireError::QueueTimeout {

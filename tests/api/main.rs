@@ -12,5 +12,7 @@ mod key_state;
 mod persistence;
 mod priority;
 mod process;
+mod procs;
 mod rate_limits;
+mod replicas;
 mod streaming;

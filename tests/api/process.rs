@@ -1,25 +1,17 @@
 //! Tests against the real binary: signals, crash safety and the CLI.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
 use sidecar::mock_upstream::{MockConfig, MockKey, MockUpstream};
 use sidecar_actors::db::{self, backends, usage, KeyRing};
 use tokio::time::Instant;
 
 use crate::helpers::{chat_body, TEST_KEY};
-
-const BIN: &str = env!("CARGO_BIN_EXE_sidecar");
-
-struct Gateway {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
+use crate::procs::{signal, spawn_gateway_with, Gateway, BIN};
 
 fn write_config(dir: &Path, mock: &MockUpstream, flush_secs: f64) -> std::path::PathBuf {
     let path = dir.join("sidecar.toml");
@@ -37,50 +29,6 @@ fn write_config(dir: &Path, mock: &MockUpstream, flush_secs: f64) -> std::path::
 /// Starts `sidecar serve` and waits for its "gateway listening" line.
 fn spawn_gateway(config: &Path) -> Gateway {
     spawn_gateway_with(config, &[])
-}
-
-fn spawn_gateway_with(config: &Path, envs: &[(&str, &str)]) -> Gateway {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .envs(envs.iter().copied())
-        .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["msg"] == "gateway listening" {
-                    let _ = tx.send(v["port"].as_u64().unwrap_or(0));
-                }
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("gateway started");
-    Gateway {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        log,
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
 }
 
 /// Sends requests from `workers` loops until `stop_at`; returns the

@@ -70,8 +70,15 @@ struct SharedView {
     full_until: Option<Instant>,
     /// The shared window's use at the last look.
     used: Option<u32>,
-    /// Grants made while degraded, added to the shared window on recovery.
-    unsynced: Vec<Instant>,
+    /// This process's grants in the window, with their lease ids, while the
+    /// state is shared: put back into the shared window after an outage
+    /// (Redis may have lost them).
+    log: std::collections::VecDeque<(Instant, u64)>,
+    /// Keep `log` (shared state in use).
+    keep_log: bool,
+    /// The window filled when the shared state became unreachable: when,
+    /// how many requests, how many tokens.
+    fill: Option<(Instant, u32, u64)>,
 }
 
 /// A failure whose blame waits for the request's next attempt elsewhere: if
@@ -414,8 +421,8 @@ impl KeyMachine {
             t.add(at, reserved, now);
         }
         self.provider.on_grant(est_tokens, now);
-        if self.shared.share_of > 0 {
-            self.shared.unsynced.push(at);
+        if self.shared.keep_log {
+            self.shared.log.push_back((at, lease_id));
         }
         self.seen_leases += 1;
         self.seen_tokens = self.seen_tokens.saturating_add(est_tokens);
@@ -437,8 +444,29 @@ impl KeyMachine {
     /// or reachable again (`None`).
     pub fn set_degraded(&mut self, share_of: Option<u32>, now: Instant) {
         match share_of {
-            Some(n) => self.shared.share_of = n.max(1),
+            Some(n) => {
+                if self.shared.share_of == 0 {
+                    // What the other replicas granted in the current window
+                    // is unknown from now on: as after a crash, assume the
+                    // window spent until it has passed; then each replica
+                    // serves its share, and the shares add up to the limit.
+                    let requests = self.limiter.fill_to_limit(now, now);
+                    let tokens = self
+                        .tokens
+                        .as_mut()
+                        .map_or(0, |t| t.fill_to_limit(now, now));
+                    self.shared.fill = Some((now, requests, tokens));
+                }
+                self.shared.share_of = n.max(1);
+            }
             None => {
+                // The shared window is authoritative again.
+                if let Some((at, requests, tokens)) = self.shared.fill.take() {
+                    self.limiter.remove_at(at, requests, now);
+                    if let Some(t) = self.tokens.as_mut() {
+                        t.remove_fill(at, tokens, now);
+                    }
+                }
                 self.shared.share_of = 0;
             }
         }
@@ -449,16 +477,27 @@ impl KeyMachine {
         self.shared.share_of > 0
     }
 
-    /// Grants made while degraded, to add to the shared window.
-    pub fn take_unsynced(&mut self, now: Instant) -> Vec<Instant> {
-        let window = self.limiter.window();
-        std::mem::take(&mut self.shared.unsynced)
-            .into_iter()
-            .filter(|&t| now.saturating_duration_since(t) < window)
-            .collect()
+    /// Keep a log of grants with their lease ids (the state is shared).
+    pub fn keep_shared_log(&mut self) {
+        self.shared.keep_log = true;
     }
 
-    /// Whether a lease granted while degraded fits this process's share.
+    /// This process's grants still in the window, with their lease ids.
+    pub fn shared_log(&mut self, now: Instant) -> Vec<(Instant, u64)> {
+        let window = self.limiter.window();
+        while self
+            .shared
+            .log
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= window)
+        {
+            self.shared.log.pop_front();
+        }
+        self.shared.log.iter().copied().collect()
+    }
+
+    /// Whether a lease granted while degraded fits this process's share
+    /// (its own grant is already in the window).
     pub fn within_share(&mut self, now: Instant) -> bool {
         self.limiter.used(now) <= self.local_rpm()
     }
@@ -608,6 +647,7 @@ impl KeyMachine {
         }
         match outcome {
             Outcome::Unused => {
+                self.shared.log.retain(|&(_, id)| id != lease_id);
                 self.limiter.unrecord(rec.at, now);
                 if rec.emergency {
                     self.emergency.unrecord(rec.at, now);

@@ -70,8 +70,9 @@ impl BackendActor {
         let now = Instant::now();
         let mut machine = KeyMachine::new(spec, tuning, now);
         if let Some(c) = rate.as_ref().and_then(RateState::cluster) {
+            machine.keep_shared_log();
             if c.status().degraded() {
-                machine.set_degraded(Some(c.status().alive()), now);
+                machine.set_degraded(Some(c.status().share_of()), now);
             }
         }
         Self {

@@ -32,10 +32,6 @@ impl BackendActor {
         self.rate.as_ref().and_then(|r| r.cluster().cloned())
     }
 
-    fn member(&self, cluster: &Cluster, lease_id: u64) -> String {
-        format!("{}:{lease_id}", cluster.replica())
-    }
-
     /// A lease was taken: with shared state, reserve it there and tell the
     /// handler whether it may send; otherwise it may at once.
     pub(crate) fn confirm(
@@ -56,9 +52,10 @@ impl BackendActor {
             let _ = tx.send(self.machine.within_share(Instant::now()));
             return;
         }
-        let limit = self.machine.effective_rpm();
+        // Replicas that stopped beating keep their share free.
+        let limit = cluster.status().shared_limit(self.machine.effective_rpm());
         let trickle = self.machine.view(Instant::now()).emergency_remaining.max(1);
-        let member = self.member(&cluster, lease_id);
+        let member = cluster.member(lease_id);
         let id = self.key_id.clone();
         let c = cluster.clone();
         let fut = async move { c.reserve(&id, limit, &member, emergency, trickle).await };
@@ -85,7 +82,7 @@ impl BackendActor {
                         warn!(act.log, "redis unreachable on a reservation: serving on a share of each limit"; "error" => e);
                     }
                     act.machine
-                        .set_degraded(Some(cluster.status().alive()), now);
+                        .set_degraded(Some(cluster.status().share_of()), now);
                     None
                 }
             };
@@ -115,7 +112,7 @@ impl BackendActor {
         let (Some(cluster), Some(_)) = (self.cluster(), self.machine.shared_grant(lease_id)) else {
             return;
         };
-        let member = self.member(&cluster, lease_id);
+        let member = cluster.member(lease_id);
         let id = self.key_id.clone();
         ctx.spawn(
             async move {
@@ -311,17 +308,17 @@ impl BackendActor {
         let Some(cluster) = self.cluster() else {
             return;
         };
-        // Back: what was granted meanwhile joins the shared window before
-        // this replica takes from it again.
-        let times: Vec<i64> = self
+        // Back: this replica's grants in the window join the shared one
+        // (a restarted Redis lost them) before it takes from it again.
+        let grants: Vec<(i64, u64)> = self
             .machine
-            .take_unsynced(now)
+            .shared_log(now)
             .into_iter()
-            .map(|t| cluster.to_server(t, now))
+            .map(|(t, lease)| (cluster.to_server(t, now), lease))
             .collect();
         let id = self.key_id.clone();
         let c = cluster.clone();
-        ctx.spawn(async move { c.sync(&id, &times).await }.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(async move { c.sync(&id, &grants).await }.into_actor(self).map(|res, act, ctx| {
             if let Err(e) = res {
                 warn!(act.log, "could not add this replica's grants to the shared window"; "error" => e);
                 return;

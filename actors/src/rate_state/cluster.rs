@@ -59,8 +59,16 @@ impl Scripts {
 pub struct ClusterStatus {
     degraded: AtomicBool,
     alive: AtomicU32,
+    /// The most replicas seen alive lately: one that stopped beating may be
+    /// cut off from Redis and still serving its share, so its share stays
+    /// free for a grace period.
+    seen: AtomicU32,
+    /// When fewer than `seen` started beating (Unix ms; 0: not short).
+    short_since_ms: AtomicI64,
     /// The Redis server's clock minus ours, in ms.
     offset_ms: AtomicI64,
+    /// The replicas alive at the last heartbeat.
+    replicas: std::sync::Mutex<Vec<String>>,
 }
 
 impl ClusterStatus {
@@ -76,6 +84,49 @@ impl ClusterStatus {
 
     fn offset(&self) -> i64 {
         self.offset_ms.load(Ordering::Acquire)
+    }
+
+    /// The most replicas that may be serving now (alive, or missing for
+    /// less than the grace period).
+    pub fn counted(&self) -> u32 {
+        self.seen.load(Ordering::Acquire).max(self.alive())
+    }
+
+    /// The replicas alive at the last heartbeat.
+    pub fn replicas(&self) -> Vec<String> {
+        self.replicas.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// This replica's share of a limit while Redis is unreachable.
+    pub fn share_of(&self) -> u32 {
+        self.counted()
+    }
+
+    /// What the replicas that reach Redis may reserve of `limit` together:
+    /// the shares of replicas that stopped beating stay free for them.
+    pub fn shared_limit(&self, limit: u32) -> u32 {
+        let counted = self.counted();
+        let missing = counted.saturating_sub(self.alive());
+        limit.saturating_sub(missing.saturating_mul(limit / counted.max(1)))
+    }
+
+    fn record_alive(&self, alive: u32, now_ms: i64, grace_ms: i64) {
+        let alive = alive.max(1);
+        self.alive.store(alive, Ordering::Release);
+        let seen = self.seen.load(Ordering::Acquire);
+        if alive >= seen {
+            self.seen.store(alive, Ordering::Release);
+            self.short_since_ms.store(0, Ordering::Release);
+            return;
+        }
+        let since = self.short_since_ms.load(Ordering::Acquire);
+        if since == 0 {
+            self.short_since_ms.store(now_ms, Ordering::Release);
+        } else if now_ms.saturating_sub(since) > grace_ms {
+            // Gone for longer than the grace: not serving any more.
+            self.seen.store(alive, Ordering::Release);
+            self.short_since_ms.store(0, Ordering::Release);
+        }
     }
 }
 
@@ -196,7 +247,10 @@ impl Cluster {
             status: ClusterStatus {
                 degraded: AtomicBool::new(true),
                 alive: AtomicU32::new(1),
+                seen: AtomicU32::new(1),
+                short_since_ms: AtomicI64::new(0),
                 offset_ms: AtomicI64::new(0),
+                replicas: std::sync::Mutex::new(Vec::new()),
             },
             scripts: Scripts::new(),
             window_ms: ms_of(window),
@@ -319,22 +373,27 @@ impl Cluster {
             .map(|_| ())
     }
 
-    /// Adds grants made while Redis was unreachable (server clock).
-    pub async fn sync(&self, id: &str, times_ms: &[i64]) -> R<()> {
-        if times_ms.is_empty() {
+    /// Puts grants (server clock, with the members their reservations
+    /// used) into the shared window; idempotent for grants it still holds.
+    pub async fn sync(&self, id: &str, grants: &[(i64, u64)]) -> R<()> {
+        if grants.is_empty() {
             return Ok(());
         }
-        let (grants, _, _) = self.names(id);
+        let (key, _, _) = self.names(id);
         let mut conn = self.0.conn.clone();
         let mut inv = self.0.scripts.sync.prepare_invoke();
-        let prefix = format!("{}:sync:{:08x}", self.0.replica, fastrand::u32(..));
-        inv.key(&grants).arg(self.0.window_ms).arg(prefix);
-        for t in times_ms {
-            inv.arg(*t);
+        inv.key(&key).arg(self.0.window_ms);
+        for (t, lease) in grants {
+            inv.arg(*t).arg(self.member(*lease));
         }
         self.timed(inv.invoke_async::<i64>(&mut conn))
             .await
             .map(|_| ())
+    }
+
+    /// The member a lease's reservation uses in the shared window.
+    pub fn member(&self, lease_id: u64) -> String {
+        format!("{}:{lease_id}", self.0.replica)
     }
 
     fn message(&self, id: &str, what: &Shared) -> String {
@@ -448,17 +507,27 @@ impl Cluster {
         let mut inv = self.0.scripts.heartbeat.prepare_invoke();
         inv.key(&key).arg(&self.0.replica).arg(ms_of(ttl)).arg("");
         let sent = now_ms();
-        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
-        let [alive, server_now] = r.as_slice() else {
-            return Err("unexpected heartbeat answer".into());
-        };
+        let r: Vec<redis::Value> = self.timed(inv.invoke_async(&mut conn)).await?;
+        let server_now = r
+            .first()
+            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+            .ok_or("unexpected heartbeat answer")?;
+        let ids: Vec<String> = r
+            .iter()
+            .skip(1)
+            .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .collect();
         // Half the round trip on each side.
         let mid = sent.saturating_add(now_ms()) / 2;
         self.0
             .status
             .offset_ms
             .store(server_now.saturating_sub(mid), Ordering::Release);
-        Ok(u32::try_from(*alive).unwrap_or(1).max(1))
+        let alive = u32::try_from(ids.len()).unwrap_or(u32::MAX).max(1);
+        if let Ok(mut r) = self.0.status.replicas.lock() {
+            *r = ids;
+        }
+        Ok(alive)
     }
 
     /// Listens on the channel (reconnecting) and hands other replicas'
@@ -519,7 +588,11 @@ impl Cluster {
     }
 
     pub(crate) fn set_alive(&self, alive: u32) -> bool {
-        self.0.status.alive.swap(alive.max(1), Ordering::AcqRel) != alive.max(1)
+        let before = (self.0.status.alive(), self.0.status.counted());
+        // A replica missing for three windows (at least 10 s) is gone.
+        let grace = self.0.window_ms.saturating_mul(3).max(10_000);
+        self.0.status.record_alive(alive, now_ms(), grace);
+        before != (self.0.status.alive(), self.0.status.counted())
     }
 }
 
@@ -574,7 +647,7 @@ impl Actor for ClusterBeat {
                                 let lost = c.set_degraded(true);
                                 if lost {
                                     warn!(act.log, "redis unreachable: serving on a share of each limit";
-                                        "error" => e, "replicas" => c.status().alive());
+                                        "error" => e, "replicas" => c.status().share_of());
                                 }
                                 lost
                             }
@@ -582,11 +655,228 @@ impl Actor for ClusterBeat {
                         if changed {
                             act.notify.do_send(ClusterChanged {
                                 degraded: c.status().degraded(),
-                                alive: c.status().alive(),
+                                alive: c.status().share_of(),
                             });
                         }
                     }),
             );
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scripts' window arithmetic at its boundaries, against a real
+    //! redis-server with fixed times (the scripts take `now` for tests).
+    use super::*;
+    use crate::testing::RedisServer;
+
+    const W: i64 = 1000;
+
+    async fn reserve_at(
+        c: &Cluster,
+        id: &str,
+        limit: u32,
+        member: &str,
+        emergency: bool,
+        now: i64,
+    ) -> Vec<i64> {
+        let (grants, trickle, state) = c.names(id);
+        let mut conn = c.0.conn.clone();
+        let mut inv = c.0.scripts.reserve.prepare_invoke();
+        inv.key(&grants)
+            .key(&trickle)
+            .key(&state)
+            .arg(W)
+            .arg(limit)
+            .arg(member)
+            .arg(if emergency { "1" } else { "0" })
+            .arg(1)
+            .arg(now);
+        inv.invoke_async(&mut conn).await.expect("script runs")
+    }
+
+    async fn hset(c: &Cluster, id: &str, pairs: &[(&str, i64)]) {
+        let (_, _, state) = c.names(id);
+        let mut conn = c.0.conn.clone();
+        for (k, v) in pairs {
+            let _: () = redis::cmd("HSET")
+                .arg(&state)
+                .arg(*k)
+                .arg(*v)
+                .query_async(&mut conn)
+                .await
+                .expect("hset");
+        }
+    }
+
+    fn cluster(server: &RedisServer) -> Cluster {
+        Cluster::new(
+            &server.url(),
+            "t",
+            Duration::from_secs(2),
+            Duration::from_millis(W as u64),
+        )
+        .expect("client")
+    }
+
+    #[actix_rt::test]
+    async fn exactly_the_limit_then_one_more_then_the_window_edge() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let c = cluster(&server);
+        for (i, m) in ["a", "b", "c"].iter().enumerate() {
+            assert_eq!(
+                reserve_at(&c, "k", 3, m, false, 0).await,
+                vec![1, i as i64 + 1, 0, 0]
+            );
+        }
+        // L + 1: full until the oldest leaves.
+        assert_eq!(
+            reserve_at(&c, "k", 3, "d", false, 0).await,
+            vec![0, 1, W, 0]
+        );
+        assert_eq!(
+            reserve_at(&c, "k", 3, "d", false, W - 1).await,
+            vec![0, 1, W, W - 1]
+        );
+        // At exactly one window the three have left (age >= window).
+        assert_eq!(
+            reserve_at(&c, "k", 3, "d", false, W).await,
+            vec![1, 1, W, W]
+        );
+        // Grants spread over the window: each leaves exactly a window later.
+        assert_eq!(reserve_at(&c, "k", 3, "e", false, W + 500).await[0], 1);
+        assert_eq!(reserve_at(&c, "k", 3, "f", false, 2 * W - 1).await[0], 1);
+        assert_eq!(
+            reserve_at(&c, "k", 3, "g", false, 2 * W - 1).await,
+            vec![0, 1, 2 * W, 2 * W - 1]
+        );
+        assert_eq!(
+            reserve_at(&c, "k", 3, "g", false, 2 * W).await,
+            vec![1, 3, 2 * W, 2 * W]
+        );
+        assert_eq!(
+            reserve_at(&c, "k", 3, "h", false, 2 * W).await,
+            vec![0, 1, W + 500 + W, 2 * W],
+            "the next slot opens when the grant at 1.5 windows leaves"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn a_lowered_limit_counts_what_is_already_in_the_window() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let c = cluster(&server);
+        for (t, m) in [(0, "a"), (100, "b"), (200, "c")] {
+            assert_eq!(reserve_at(&c, "k", 3, m, false, t).await[0], 1);
+        }
+        hset(&c, "k", &[("effective", 2)]).await;
+        // Two must leave before one fits under 2: the one at 100 is the key.
+        assert_eq!(
+            reserve_at(&c, "k", 3, "d", false, 300).await,
+            vec![0, 1, 100 + W, 300]
+        );
+    }
+
+    #[actix_rt::test]
+    async fn cooldowns_probes_trickle_and_health() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let c = cluster(&server);
+        hset(&c, "k", &[("until", 5000), ("upstream_until", 2000)]).await;
+        assert_eq!(
+            reserve_at(&c, "k", 10, "a", false, 1000).await,
+            vec![0, 2, 5000, 1000]
+        );
+        assert_eq!(
+            reserve_at(&c, "k", 10, "p1", true, 1999).await,
+            vec![0, 3, 2000, 1999]
+        );
+        assert_eq!(reserve_at(&c, "k", 10, "p1", true, 2000).await[0], 1);
+        // The trickle allows one per window (limit 1 here).
+        assert_eq!(
+            reserve_at(&c, "k", 10, "p2", true, 2500).await,
+            vec![0, 5, 3000, 2500]
+        );
+        assert_eq!(reserve_at(&c, "k", 10, "p2", true, 3000).await[0], 1);
+        let (_, _, state) = c.names("k");
+        let mut conn = c.0.conn.clone();
+        let _: () = redis::cmd("HSET")
+            .arg(&state)
+            .arg("health")
+            .arg("error")
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        assert_eq!(reserve_at(&c, "k", 10, "b", false, 9000).await[..2], [0, 4]);
+    }
+
+    #[actix_rt::test]
+    async fn shared_cooldowns_merge_later_wins_and_heartbeats_count() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let c = cluster(&server);
+        let far = crate::db::now_ms() + 60_000;
+        for (until, up, streak) in [(far, far - 30_000, 2), (far - 10_000, far - 5_000, 1)] {
+            c.share(
+                "k",
+                Shared::Cooldown {
+                    until,
+                    upstream_until: up,
+                    streak,
+                },
+                None,
+            )
+            .await
+            .expect("share");
+        }
+        let p = c.peek("k").await.expect("peek");
+        assert_eq!(
+            (p.until_ms, p.upstream_until_ms, p.streak),
+            (far, far - 5_000, 2)
+        );
+        // A probe granted before the latest escalation cannot end it.
+        c.share("k", Shared::CooldownEnded, Some(0))
+            .await
+            .expect("end");
+        assert_eq!(c.peek("k").await.expect("peek").until_ms, far);
+        c.share("k", Shared::CooldownEnded, Some(far))
+            .await
+            .expect("end");
+        assert_eq!(c.peek("k").await.expect("peek").until_ms, 0);
+        assert_eq!(c.beat(Duration::from_secs(3)).await, Ok(1));
+        let other = cluster(&server);
+        assert_eq!(other.beat(Duration::from_secs(3)).await, Ok(2));
+        assert!(!c.status().degraded());
+    }
+
+    #[actix_rt::test]
+    async fn a_dead_redis_answers_within_the_timeout() {
+        let Some(mut server) = RedisServer::start() else {
+            return;
+        };
+        let c = Cluster::new(
+            &server.url(),
+            "t",
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        )
+        .expect("client");
+        assert!(c.beat(Duration::from_secs(3)).await.is_ok());
+        server.stop();
+        let started = std::time::Instant::now();
+        assert!(c.reserve("k", 10, "m", false, 1).await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(c.beat(Duration::from_secs(3)).await.is_err());
+        assert!(c.status().degraded());
     }
 }

@@ -20,9 +20,6 @@ impl Handler<Acquire> for PoolSupervisor {
     type Result = Result<Ticket, AcquireError>;
 
     fn handle(&mut self, msg: Acquire, ctx: &mut Self::Context) -> Self::Result {
-        if self.draining {
-            return Err(AcquireError::ShuttingDown);
-        }
         // Waiters first: what they can use is theirs, whatever this request's
         // priority; what is left no waiter can use.
         self.drain(ctx);
@@ -36,8 +33,10 @@ impl Handler<Acquire> for PoolSupervisor {
             Decision::Grant { index, emergency } => {
                 Ok(Ticket::Ready(self.grant(index, emergency, &need, now)))
             }
+            // Stopping: what can be served now is; nothing waits.
+            Decision::Wait { .. } if self.draining => Err(AcquireError::ShuttingDown),
             Decision::Wait { open, all_cooling } => {
-                let deadline = now + self.queue_timeout();
+                let deadline = msg.deadline.unwrap_or_else(|| now + self.queue_timeout());
                 if open.too_late(deadline, now) {
                     return Err(too_late(open, all_cooling, now));
                 }

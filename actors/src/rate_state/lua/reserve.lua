@@ -21,6 +21,9 @@ local effective = tonumber(s[4])
 if effective and effective > 0 and effective < limit then
   limit = effective
 end
+if limit < 1 then
+  return {0, 1, now + window, now}
+end
 local cooling = tonumber(s[1]) or 0
 local emergency = ARGV[4] == '1'
 if cooling > now then
