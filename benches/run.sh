@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for sidecar's benchmarks, side by side with LiteLLM:
 #
-#   benches/run.sh [overhead|memory|goodput|all]
+#   benches/run.sh [overhead|memory|goodput|cluster|all]
 #
 # Installs or checks its tools (wrk and nginx from Debian, LiteLLM from PyPI
 # in a venv under target/bench), builds the release binary and the load
@@ -32,6 +32,7 @@ trap cleanup EXIT
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || need+=(nginx-light)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -323,11 +324,151 @@ for line in open(sys.argv[1]):
 EOF
 }
 
+
+# ---- cluster -----------------------------------------------------------------
+start_redis() {
+  redis-server --bind 127.0.0.1 --port 16379 --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do redis-cli -p 16379 ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  log "redis did not start"; return 1
+}
+
+start_front() { # name port upstream-ports... : nginx round-robin in front of replicas
+  local name=$1 port=$2; shift 2
+  mkdir -p "$OUT/$name/logs"
+  {
+    echo "worker_processes 1; error_log $OUT/$name/logs/error.log warn; pid $OUT/$name/nginx.pid;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; client_body_temp_path $OUT/$name/body; proxy_temp_path $OUT/$name/proxy;"
+    echo "  upstream replicas {"
+    for p in "$@"; do echo "    server 127.0.0.1:$p;"; done
+    echo "    keepalive 64; }"
+    echo "  server { listen 127.0.0.1:$port; location / { proxy_pass http://replicas; proxy_http_version 1.1;"
+    echo "    proxy_set_header Connection \"\"; proxy_read_timeout 120s; proxy_buffering off; } } }"
+  } > "$OUT/$name/nginx.conf"
+  nginx -c "$OUT/$name/nginx.conf" -p "$OUT/$name" -g 'daemon off;' &
+  FRONT_PID=$!
+  PIDS+=("$FRONT_PID")
+}
+
+one_backend_config() { # port state-lines... : one backend in front of nginx's canned answer
+  local port=$1; shift
+  echo "port = $port"; echo "metrics_port = $((port + 1))"
+  echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
+  echo "queue_timeout = 5"
+  for l in "$@"; do echo "$l"; done
+  printf '[[backends]]\nname = "nginx"\nbase_url = "http://127.0.0.1:18080/v1"\napi_key = "sk-upstream"\nrpm_limit = 100000000\nburst = 100000000\nmodels = { "m" = "native-m" }\n'
+}
+
+cluster() {
+  start_redis
+  # 1. What a Redis reservation adds per request: the same gateway and
+  #    backend, embedded vs state_backend = "redis".
+  log "cluster: the added latency of a Redis reservation (wrk, c=1 and c=64)"
+  start_nginx
+  post_lua
+  one_backend_config 19196 > "$OUT/embedded.toml"
+  one_backend_config 19196 'state_backend = "redis"' 'redis_url = "redis://127.0.0.1:16379/"' 'redis_prefix = "bench-overhead"' > "$OUT/redis.toml"
+  declare -A O
+  for mode in embedded redis; do
+    start_sidecar "$OUT/$mode.toml" 19196
+    for c in 1 64; do O[$mode-$c]=$(wrk_run "state-$mode" http://127.0.0.1:19196 "$c"); done
+    stop_pid "$SIDECAR_PID"
+  done
+  emit ""
+  emit "### Redis reservation on the request path (one backend, nginx upstream, ${WRK_SECS:-15} s per cell)"
+  emit ""
+  emit "| state | c | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms |"
+  emit "|---|---|---|---|---|---|---|"
+  for c in 1 64; do
+    read -r erps ep50 ep99 _ <<<"${O[embedded-$c]}"
+    for mode in embedded redis; do
+      read -r rps p50 p99 _ <<<"${O[$mode-$c]}"
+      emit "$(python3 -c "print(f'| $mode | $c | $rps | $p50 | $p99 | {$p50-$ep50:+.3f} | {$p99-$ep99:+.3f} |')")"
+    done
+  done
+
+  # 2. Three replicas behind nginx sharing Redis, vs LiteLLM's documented
+  #    multi-instance setup (three instances, router_settings with Redis).
+  local L=20 W=10 KEYS=11 SECS=${CLUSTER_SECS:-40}
+  local cap; cap=$(python3 -c "print($KEYS*$L/$W)")
+  log "cluster: 3 replicas + Redis vs 3 LiteLLM + Redis; $KEYS keys x $L per ${W}s; ${SECS}s at 1.2x"
+  local keys; keys=$(seq -s, -f "sk-%02g:$L" 1 $KEYS)
+  : > "$OUT/cluster.jsonl"
+  for peer in sidecar litellm; do
+    redis-cli -p 16379 flushall >/dev/null
+    "$SIDECAR" mock-upstream --port 18093 --keys "$keys" --window "$W" --chunks 1 --chunk-ms 0 --models native-m > "$OUT/mock-cluster.log" 2>&1 &
+    local mock=$!; PIDS+=("$mock")
+    wait_http http://127.0.0.1:18093/_mock/stats
+    local ports=() pids=()
+    for r in 1 2 3; do
+      local port=$((19200 + r * 2))
+      ports+=("$port")
+      if [ "$peer" = sidecar ]; then
+        mkdir -p "$OUT/replica-$r"; rm -f "$OUT/replica-$r"/sidecar.db*
+        {
+          echo "port = $port"; echo "metrics_port = $((port + 1))"; echo "window_secs = $W"; echo "queue_timeout = 30"; echo "queue_max = 5000"
+          echo "cooldown_base = 2"; echo "cooldown_max = 30"
+          echo 'state_backend = "redis"'; echo 'redis_url = "redis://127.0.0.1:16379/"'; echo 'redis_prefix = "bench-cluster"'
+          echo "db_path = \"$OUT/replica-$r/sidecar.db\""; echo "backup_dir = \"$OUT/replica-$r/backups\""
+          for i in $(seq -f '%02g' 1 $KEYS); do
+            printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18093/v1"\napi_key = "sk-%s"\nrpm_limit = %s\nmodels = { "m" = "native-m" }\n' "$i" "$i" "$L"
+          done
+        } > "$OUT/replica-$r.toml"
+        SIDECAR_ENCRYPTION_KEY=$("$SIDECAR" keygen) LOG_FORMAT=json \
+          "$SIDECAR" serve --config "$OUT/replica-$r.toml" > "$OUT/replica-$r.log" 2>&1 &
+        pids+=($!); PIDS+=($!)
+        wait_http "http://127.0.0.1:$port/health"
+      else
+        {
+          echo "model_list:"
+          for i in $(seq -f '%02g' 1 $KEYS); do
+            echo "  - model_name: m"
+            echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18093/v1\", api_key: sk-$i, rpm: $((L * 60 / W)) }"
+          done
+          echo "router_settings: { routing_strategy: usage-based-routing-v2, redis_host: 127.0.0.1, redis_port: 16379, num_retries: 3, retry_after: 0, allowed_fails: 3, cooldown_time: 10 }"
+          echo "litellm_settings: { telemetry: false, num_retries: 3 }"
+        } > "$OUT/litellm-cluster.yaml"
+        "$LITELLM" --config "$OUT/litellm-cluster.yaml" --host 127.0.0.1 --port "$port" --num_workers 1 > "$OUT/litellm-cluster-$r.log" 2>&1 &
+        pids+=($!); PIDS+=($!)
+        wait_http "http://127.0.0.1:$port/health/liveliness"
+      fi
+    done
+    start_front "front-$peer" 19210 "${ports[@]}"
+    sleep 0.5
+    "$LOADGEN" rate --url http://127.0.0.1:19210 --model m --rps "$(python3 -c "print($cap*1.2)")" --secs "$SECS" > "$OUT/cluster-$peer.json"
+    curl -fsS http://127.0.0.1:18093/_mock/stats > "$OUT/cluster-$peer-mock.json"
+    for p in "${pids[@]}"; do stop_pid "$p"; done
+    pkill -f "$OUT/litellm-venv/bin/litellm" 2>/dev/null || true
+    stop_pid "$FRONT_PID"; stop_pid "$mock"
+    python3 -c "import json;print(json.dumps({'peer':'$peer','client':json.load(open('$OUT/cluster-$peer.json')),'mock':json.load(open('$OUT/cluster-$peer-mock.json'))}))" >> "$OUT/cluster.jsonl"
+  done
+  emit ""
+  emit "### Three replicas sharing Redis, behind nginx ($KEYS keys x $L req per ${W} s = $cap req/s; 1.2x for ${SECS} s)"
+  emit ""
+  python3 - "$OUT/cluster.jsonl" "$L" "$W" "$KEYS" <<'EOF' | tee -a "$RESULTS"
+import json, sys
+L, W, K = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+print("| peer | sent | ok | ok / allowed | client 503/429 | other | upstream 429s provoked | max per key per window (limit) | p50 ms | p99 ms |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line); c, m = r["client"], r["mock"]["keys"]
+    st = c["status"]
+    allowed = min(c["sent"], K * L * (c["elapsed_s"] // W + 1))
+    other = sum(v for k, v in st.items() if k not in ("200", "429", "503"))
+    provoked = sum(k["rate_limited"] for k in m.values())
+    mx = max(k["max_in_window"] for k in m.values())
+    lat = c["latency_all"]
+    print(f"| {r['peer']} | {c['sent']} | {c['ok']} | {c['ok']/allowed:.3f} | {st.get('503',0) + st.get('429',0)} | {other} | {provoked} | {mx} ({L}) | {lat['p50_ms']:.0f} | {lat['p99_ms']:.0f} |")
+EOF
+}
+
 case "$MODE" in
   overhead) overhead ;;
   memory) memory ;;
   goodput) goodput ;;
-  all) overhead; memory; goodput ;;
-  *) echo "usage: benches/run.sh [overhead|memory|goodput|all]" >&2; exit 2 ;;
+  cluster) cluster ;;
+  all) overhead; memory; goodput; cluster ;;
+  *) echo "usage: benches/run.sh [overhead|memory|goodput|cluster|all]" >&2; exit 2 ;;
 esac
 log "results in $RESULTS"

@@ -37,8 +37,10 @@ pub const BACKEND_HEADER: &str = "x-sidecar-backend";
 /// Attempts of any kind (429s included) one request may make.
 const MAX_TOTAL_ATTEMPTS: u32 = 16;
 /// Leases one request may get back unsent (the backend closed, or the
-/// shared window was full) before it gives up.
-const MAX_UNSENT: u32 = 16;
+/// shared window was full). Each one leaves the backend's view saying so,
+/// so the loop progresses and the request's deadline ends it; this is only
+/// a safety net.
+const MAX_UNSENT: u32 = 256;
 /// The largest token estimate one request can reserve: whatever a client
 /// writes in `max_tokens`, the window's arithmetic stays far from overflow.
 const MAX_EST_TOKENS: u64 = 1 << 32;
