@@ -16,6 +16,8 @@ pub struct Boot {
     pub migrations: Vec<String>,
     /// Runtime settings changed through the admin API, if any.
     pub runtime_json: Option<String>,
+    /// The replicas this gateway last counted with shared state (Redis).
+    pub replicas_seen: Option<u32>,
 }
 
 pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
@@ -33,6 +35,9 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
     backends::sync_config(&mut conn, &ring, &settings.backends)?;
     let records = backends::load_all(&mut conn, &ring)?;
     let runtime_json = db::get_config(&mut conn, crate::admin::runtime::CONFIG_KEY)?;
+    let replicas_seen = db::get_config(&mut conn, sidecar_actors::rate_state::cluster::SEEN_KEY)?
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&n| n > 0);
     let mut specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
     if settings.state == StateSettings::Embedded {
         restore_windows(&mut conn, &mut specs, log)?;
@@ -52,6 +57,7 @@ pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
         backends: specs,
         migrations,
         runtime_json,
+        replicas_seen,
     })
 }
 
@@ -65,9 +71,7 @@ fn restore_windows(
     log: &Logger,
 ) -> anyhow::Result<()> {
     let saved = rate::load_and_arm(conn)?;
-    let flush_ms =
-        i64::try_from(sidecar_actors::rate_state::SAVE_EVERY.as_millis()).unwrap_or(1000);
-    let unknown_until = saved.unknown_until(flush_ms, db::now_ms());
+    let unknown_until = saved.unknown_until(db::now_ms());
     for spec in specs.iter_mut() {
         if let Some(g) = saved.grants.get(&spec.id) {
             spec.initial.grants_ms = g.clone();

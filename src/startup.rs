@@ -189,6 +189,7 @@ pub struct Application {
 async fn rate_state(
     settings: &Settings,
     db: &Addr<DbExecutor>,
+    replicas_seen: Option<u32>,
     log: &Logger,
 ) -> anyhow::Result<RateState> {
     match &settings.state {
@@ -204,8 +205,8 @@ async fn rate_state(
             timeout,
         } => {
             let window = settings.tuning.window + settings.tuning.window_margin;
-            let cluster =
-                Cluster::new(url, prefix, *timeout, window).map_err(anyhow::Error::msg)?;
+            let cluster = Cluster::new(url, prefix, *timeout, window, replicas_seen)
+                .map_err(anyhow::Error::msg)?;
             match cluster.beat(Duration::from_secs(3)).await {
                 Ok(alive) => info!(log, "shared rate state in Redis"; "replicas" => alive,
                     "replica" => cluster.replica().to_string()),
@@ -260,7 +261,7 @@ impl Application {
             let (every, keep) = (settings.backup_interval, settings.backup_retention_days);
             actix::Supervisor::start(move |_| BackupActor::new(db, dir, every, keep, log))
         };
-        let rate = rate_state(settings, &db, &log).await?;
+        let rate = rate_state(settings, &db, boot.replicas_seen, &log).await?;
         let supervisor = {
             let prober: Arc<dyn Prober> = Arc::new(HttpProber);
             let (specs, tuning, log, store, rate) = (
@@ -441,6 +442,11 @@ async fn save_windows(supervisor: &Addr<PoolSupervisor>, rate: &RateState, log: 
         let RateState::Embedded(logger) = rate else {
             return;
         };
+        let expected = supervisor
+            .send(sidecar_actors::messages::GetSnapshot)
+            .await
+            .map(|s| s.backends.len())
+            .unwrap_or(usize::MAX);
         let logs = match tokio::time::timeout(
             Duration::from_secs(5),
             supervisor.send(CollectGrants),
@@ -453,7 +459,16 @@ async fn save_windows(supervisor: &Addr<PoolSupervisor>, rate: &RateState, log: 
                 return;
             }
         };
-        let sent = logger.send(FlushGrants { logs, clean: true });
+        // A backend that did not hand over its window makes the stop unclean:
+        // the next start then assumes its unknown grants spent.
+        let clean = logs.len() >= expected;
+        if !clean {
+            slog::warn!(
+                log,
+                "not every backend handed over its window: the next start will be pessimistic"
+            );
+        }
+        let sent = logger.send(FlushGrants { logs, clean });
         match tokio::time::timeout(Duration::from_secs(10), sent).await {
             Ok(Ok(Ok(n))) => {
                 info!(log, "rolling windows saved for the next start"; "backends" => n)

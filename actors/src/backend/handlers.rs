@@ -123,7 +123,7 @@ impl Handler<ClusterEvent> for BackendActor {
 impl Handler<ClusterChanged> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: ClusterChanged, ctx: &mut Self::Context) {
-        self.on_cluster(msg.degraded, msg.alive, ctx);
+        self.on_cluster(msg.degraded, msg.counted, ctx);
     }
 }
 

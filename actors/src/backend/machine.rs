@@ -63,9 +63,11 @@ pub enum External {
 /// What the shared (Redis) state adds to this process's own view.
 #[derive(Debug, Clone, Default)]
 struct SharedView {
-    /// While Redis is unreachable: the replicas alive then, among which each
-    /// limit is shared out. 0 when not degraded.
-    share_of: u32,
+    /// Redis is unreachable: each limit is shared out among `replicas`.
+    degraded: bool,
+    /// Replicas that may be serving (0: not known yet, then a degraded
+    /// replica serves nothing).
+    replicas: u32,
     /// The shared window is full until then.
     full_until: Option<Instant>,
     /// The shared window's use at the last look.
@@ -336,17 +338,24 @@ impl KeyMachine {
     }
 
     /// The limit this process applies itself: all of it, or its share of
-    /// it while the shared state is unreachable.
+    /// it while the shared state is unreachable (rounded down, so the shares
+    /// never add up to more; possibly 0).
     fn local_rpm(&self) -> u32 {
         let effective = self.effective_rpm();
-        match self.shared.share_of {
-            0 | 1 => effective,
-            n => (effective / n).max(1),
+        match (self.shared.degraded, self.shared.replicas) {
+            (false, _) => effective,
+            (true, 0) => 0,
+            (true, n) => effective / n,
         }
     }
 
+    /// Serving nothing: a share of 0.
+    fn shared_out(&self) -> bool {
+        self.local_rpm() == 0
+    }
+
     fn apply_effective(&mut self, now: Instant) {
-        let effective = self.local_rpm();
+        let effective = self.local_rpm().max(1);
         let burst = self.spec.burst.min(effective).max(1);
         self.limiter.set_limit(effective, burst, now);
         self.emergency
@@ -355,9 +364,18 @@ impl KeyMachine {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
-        .map(|t| match self.shared.share_of {
-            0 | 1 => t,
-            n => (t / u64::from(n)).max(1),
+        // Tokens are not reserved in Redis: with shared state each replica
+        // keeps to its share of the token limit all the time.
+        .map(|t| {
+            match (
+                self.shared.keep_log,
+                self.shared.degraded,
+                self.shared.replicas,
+            ) {
+                (false, _, _) => t,
+                (true, true, 0) => 1,
+                (true, _, n) => (t / u64::from(n.max(1))).max(1),
+            }
         });
         match (self.tokens.as_mut(), tpm) {
             (Some(t), Some(l)) => t.set_limit(l),
@@ -440,24 +458,27 @@ impl KeyMachine {
 
     // ---- shared state (Redis) ---------------------------------------------
 
-    /// The shared state became unreachable (`share_of` replicas alive then)
-    /// or reachable again (`None`).
-    pub fn set_degraded(&mut self, share_of: Option<u32>, now: Instant) {
-        match share_of {
+    /// The shared state became unreachable (`replicas` may be serving) or
+    /// reachable again (`None`). `fill_at`: by then the other replicas
+    /// have surely noticed this one is cut off.
+    pub fn set_degraded(&mut self, replicas: Option<u32>, fill_at: Instant, now: Instant) {
+        match replicas {
             Some(n) => {
-                if self.shared.share_of == 0 {
+                if !self.shared.degraded {
                     // What the other replicas granted in the current window
-                    // is unknown from now on: as after a crash, assume the
-                    // window spent until it has passed; then each replica
-                    // serves its share, and the shares add up to the limit.
-                    let requests = self.limiter.fill_to_limit(now, now);
+                    // (until they noticed) is unknown from now on: as after
+                    // a crash, assume the window spent until it has passed;
+                    // then each replica serves its share, and the shares add
+                    // up to at most the limit.
+                    let requests = self.limiter.fill_to_limit(fill_at, now);
                     let tokens = self
                         .tokens
                         .as_mut()
-                        .map_or(0, |t| t.fill_to_limit(now, now));
-                    self.shared.fill = Some((now, requests, tokens));
+                        .map_or(0, |t| t.fill_to_limit(fill_at, now));
+                    self.shared.fill = Some((fill_at, requests, tokens));
                 }
-                self.shared.share_of = n.max(1);
+                self.shared.degraded = true;
+                self.shared.replicas = n;
             }
             None => {
                 // The shared window is authoritative again.
@@ -467,14 +488,22 @@ impl KeyMachine {
                         t.remove_fill(at, tokens, now);
                     }
                 }
-                self.shared.share_of = 0;
+                self.shared.degraded = false;
             }
         }
         self.apply_effective(now);
     }
 
+    /// How many replicas may be serving (for the token share).
+    pub fn set_replicas(&mut self, replicas: u32, now: Instant) {
+        if replicas > 0 && replicas != self.shared.replicas {
+            self.shared.replicas = replicas;
+            self.apply_effective(now);
+        }
+    }
+
     pub fn degraded(&self) -> bool {
-        self.shared.share_of > 0
+        self.shared.degraded
     }
 
     /// Keep a log of grants with their lease ids (the state is shared).
@@ -499,7 +528,16 @@ impl KeyMachine {
     /// Whether a lease granted while degraded fits this process's share
     /// (its own grant is already in the window).
     pub fn within_share(&mut self, now: Instant) -> bool {
-        self.limiter.used(now) <= self.local_rpm()
+        !self.shared_out() && self.limiter.used(now) <= self.local_rpm()
+    }
+
+    pub fn has_lease(&self, lease_id: u64) -> bool {
+        self.leases.contains_key(&lease_id)
+    }
+
+    /// The emergency trickle's limit per window, for the shared reservation.
+    pub fn emergency_limit_now(&self) -> u32 {
+        Self::emergency_limit(&self.tuning, self.effective_rpm())
     }
 
     /// The shared window's answer to a lease's reservation. Returns whether
@@ -1040,6 +1078,11 @@ impl KeyMachine {
             remaining = 0;
             next_free = next_free.max(full);
         }
+        if self.shared_out() {
+            // A share of nothing: until the shared state answers again.
+            remaining = 0;
+            next_free = next_free.max(now + self.limiter.window());
+        }
         let token_budget = self.provider.tokens(now);
         let tokens = self.tokens.as_mut().map(|t| TokenView {
             limit: t.limit(),
@@ -1078,7 +1121,7 @@ impl KeyMachine {
             emergency_next_free: self.emergency.next_free(now),
             next_check,
             shared_used: self.shared.used,
-            degraded_share: (self.shared.share_of > 0).then(|| self.local_rpm()),
+            degraded_share: self.shared.degraded.then(|| self.local_rpm()),
             seen_leases: self.seen_leases,
             seen_emergency: self.seen_emergency,
             seen_tokens: self.seen_tokens,
@@ -1093,7 +1136,8 @@ impl KeyMachine {
 
     /// No request can be granted now (window, budget, tokens or concurrency).
     pub fn exhausted(&mut self, now: Instant) -> bool {
-        self.limiter.remaining(now) == 0
+        self.shared_out()
+            || self.limiter.remaining(now) == 0
             || self.provider.requests(now).is_some_and(|b| b.left == 0)
             || self.tokens.as_mut().is_some_and(|t| t.remaining(now) == 0)
             || self
@@ -1149,5 +1193,87 @@ impl KeyMachine {
 
     pub fn tuning(&self) -> &Arc<Tuning> {
         &self.tuning
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{ApiKey, InitialState, ModelRoute, Pool};
+
+    fn machine(rpm: u32, now: Instant) -> KeyMachine {
+        let mut models = HashMap::new();
+        models.insert(
+            Arc::from("m"),
+            ModelRoute {
+                native: Arc::from("m"),
+                price_in: 0.0,
+                price_out: 0.0,
+            },
+        );
+        let spec = BackendSpec {
+            id: 1,
+            name: Arc::from("k"),
+            base_url: Arc::from("http://x/v1"),
+            api_key: ApiKey::new("sk-test-key-0001"),
+            pool: Pool::Primary,
+            rpm_limit: rpm,
+            burst: rpm,
+            tpm_limit: None,
+            max_concurrency: None,
+            weight: 1.0,
+            timeout: Duration::from_secs(10),
+            models,
+            enabled: true,
+            initial: InitialState::default(),
+        };
+        let t = Tuning {
+            window: Duration::from_secs(10),
+            window_margin: Duration::ZERO,
+            ..Tuning::default()
+        };
+        let mut m = KeyMachine::new(Arc::new(spec), Arc::new(t), now);
+        m.keep_shared_log();
+        m
+    }
+
+    #[test]
+    fn an_unknown_replica_count_serves_nothing_while_degraded() {
+        let t0 = Instant::now();
+        let mut m = machine(10, t0);
+        m.set_degraded(Some(0), t0, t0);
+        let later = t0 + Duration::from_secs(30);
+        assert!(m.exhausted(later));
+        assert_eq!(m.view(later).remaining, 0);
+        assert!(!m.within_share(later));
+    }
+
+    #[test]
+    fn degraded_shares_round_down_after_a_spent_window() {
+        let t0 = Instant::now();
+        let mut m = machine(10, t0);
+        m.take_lease(1, t0, false, 0, t0);
+        let fill_at = t0 + Duration::from_secs(4);
+        m.set_degraded(Some(3), fill_at, t0);
+        // The window counts as spent until it has passed the fill time.
+        assert_eq!(m.view(t0 + Duration::from_secs(13)).remaining, 0);
+        let after = t0 + Duration::from_secs(14);
+        assert_eq!(m.view(after).remaining, 3, "10 / 3 replicas, rounded down");
+        assert_eq!(m.view(after).degraded_share, Some(3));
+    }
+
+    #[test]
+    fn coming_back_removes_the_fill_and_keeps_the_real_grants() {
+        let t0 = Instant::now();
+        let mut m = machine(10, t0);
+        m.take_lease(1, t0, false, 0, t0);
+        m.set_degraded(Some(3), t0 + Duration::from_secs(4), t0);
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(m.view(t1).window_left, 0, "filled");
+        m.set_degraded(None, t1, t1);
+        let v = m.view(t1);
+        assert_eq!(v.window_left, 9, "only the real grant counts");
+        assert_eq!(v.degraded_share, None);
+        assert_eq!(m.shared_log(t1), vec![(t0, 1)], "what a sync puts back");
     }
 }

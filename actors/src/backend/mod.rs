@@ -47,6 +47,8 @@ pub struct BackendActor {
     saved_version: Option<u64>,
     /// A look at the shared state is on its way.
     peeking: bool,
+    /// Grants are on their way into the shared window after an outage.
+    syncing: bool,
 }
 
 /// Wall-clock milliseconds of a future instant, as the database keeps it.
@@ -71,8 +73,9 @@ impl BackendActor {
         let mut machine = KeyMachine::new(spec, tuning, now);
         if let Some(c) = rate.as_ref().and_then(RateState::cluster) {
             machine.keep_shared_log();
+            machine.set_replicas(c.status().counted(), now);
             if c.status().degraded() {
-                machine.set_degraded(Some(c.status().share_of()), now);
+                machine.set_degraded(Some(c.status().counted()), now + c.fill_delay(), now);
             }
         }
         Self {
@@ -88,6 +91,7 @@ impl BackendActor {
             key_id,
             saved_version: None,
             peeking: false,
+            syncing: false,
         }
     }
 

@@ -52,9 +52,9 @@ impl BackendActor {
             let _ = tx.send(self.machine.within_share(Instant::now()));
             return;
         }
-        // Replicas that stopped beating keep their share free.
-        let limit = cluster.status().shared_limit(self.machine.effective_rpm());
-        let trickle = self.machine.view(Instant::now()).emergency_remaining.max(1);
+        // The script keeps the shares of replicas counted but not alive free.
+        let limit = self.machine.effective_rpm();
+        let trickle = self.machine.emergency_limit_now();
         let member = cluster.member(lease_id);
         let id = self.key_id.clone();
         let c = cluster.clone();
@@ -81,11 +81,16 @@ impl BackendActor {
                     if cluster.set_degraded(true) {
                         warn!(act.log, "redis unreachable on a reservation: serving on a share of each limit"; "error" => e);
                     }
-                    act.machine
-                        .set_degraded(Some(cluster.status().share_of()), now);
+                    act.machine.set_degraded(
+                        Some(cluster.status().counted()),
+                        now + cluster.fill_delay(),
+                        now,
+                    );
                     None
                 }
             };
+            let granted = matches!(answer, Some(SharedAnswer::Granted { .. }));
+            let still_out = act.machine.has_lease(lease_id);
             let ok = match answer {
                 Some(a) => {
                     let (ok, ch) = act.machine.shared_answer(lease_id, a, now);
@@ -100,7 +105,18 @@ impl BackendActor {
                     ok
                 }
             };
-            let _ = tx.send(ok);
+            // Reserved for a request that went away before the answer: give
+            // it back, or it holds a slot for a whole window.
+            if (tx.send(ok).is_err() || !still_out) && granted {
+                let member = cluster.member(lease_id);
+                let id = act.key_id.clone();
+                ctx.spawn(
+                    async move {
+                        let _ = cluster.release(&id, &member).await;
+                    }
+                    .into_actor(act),
+                );
+            }
         }));
     }
 
@@ -259,6 +275,10 @@ impl BackendActor {
                 }
             }
             Some(RateState::Redis(cluster)) => {
+                if self.machine.degraded() && !cluster.status().degraded() {
+                    self.recover(ctx);
+                    return;
+                }
                 if cluster.status().degraded() || self.peeking {
                     return;
                 }
@@ -278,6 +298,11 @@ impl BackendActor {
                             )
                         });
                         act.machine.shared_seen(p.used, cooling, now);
+                        if p.effective > 0 && p.effective < act.machine.learned_rpm() {
+                            // A lower learned limit whose event did not arrive.
+                            let ch = act.machine.external(External::Effective(p.effective), now);
+                            act.report(&ch);
+                        }
                         let health = match p.health.as_str() {
                             "error" | "down" => Some(External::Health {
                                 health: p.health.clone(),
@@ -297,19 +322,38 @@ impl BackendActor {
         }
     }
 
-    /// Redis became unreachable (`alive` replicas then) or reachable again.
-    pub(crate) fn on_cluster(&mut self, degraded: bool, alive: u32, ctx: &mut Context<Self>) {
+    /// Redis became unreachable or reachable again; `counted` replicas may
+    /// be serving.
+    pub(crate) fn on_cluster(&mut self, degraded: bool, counted: u32, ctx: &mut Context<Self>) {
         let now = Instant::now();
+        self.machine.set_replicas(counted, now);
         if degraded {
-            self.machine.set_degraded(Some(alive), now);
+            let Some(cluster) = self.cluster() else {
+                return;
+            };
+            self.machine
+                .set_degraded(Some(counted), now + cluster.fill_delay(), now);
             self.publish(ctx);
             return;
         }
+        self.recover(ctx);
+    }
+
+    /// Back: this replica's grants in the window join the shared one (a
+    /// restarted Redis lost them, a reachable one keeps its own times),
+    /// again until none was added meanwhile; then what it learned while
+    /// cut off is shared, and it reserves in Redis again. A failed sync is
+    /// tried again from `sync_state`.
+    pub(crate) fn recover(&mut self, ctx: &mut Context<Self>) {
         let Some(cluster) = self.cluster() else {
             return;
         };
-        // Back: this replica's grants in the window join the shared one
-        // (a restarted Redis lost them) before it takes from it again.
+        if !self.machine.degraded() || self.syncing || cluster.status().degraded() {
+            return;
+        }
+        self.syncing = true;
+        let now = Instant::now();
+        let version = self.machine.grant_version();
         let grants: Vec<(i64, u64)> = self
             .machine
             .shared_log(now)
@@ -318,13 +362,37 @@ impl BackendActor {
             .collect();
         let id = self.key_id.clone();
         let c = cluster.clone();
-        ctx.spawn(async move { c.sync(&id, &grants).await }.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(async move { c.sync(&id, &grants).await }.into_actor(self).map(move |res, act, ctx| {
+            act.syncing = false;
             if let Err(e) = res {
-                warn!(act.log, "could not add this replica's grants to the shared window"; "error" => e);
+                warn!(act.log, "could not add this replica's grants to the shared window; trying again"; "error" => e);
                 return;
             }
-            act.machine.set_degraded(None, Instant::now());
+            if act.machine.grant_version() != version {
+                // Granted on the share while the sync was on its way.
+                act.recover(ctx);
+                return;
+            }
+            let now = Instant::now();
+            act.machine.set_degraded(None, now, now);
+            act.reshare(ctx);
             act.publish(ctx);
         }));
+    }
+
+    /// Shares the key's state as it is now (after an outage, what was
+    /// learned meanwhile reaches the other replicas).
+    fn reshare(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let status = self.machine.status(now);
+        let ch = Changes {
+            cooldown_extended: self.machine.cooldown_deadlines(now).is_some(),
+            key_rejected: status == crate::messages::Status::Error,
+            health_flipped: (status == crate::messages::Status::Down).then_some(false),
+            effective_rpm: (self.machine.learned_rpm() < self.machine.spec().rpm_limit)
+                .then(|| self.machine.learned_rpm()),
+            ..Changes::default()
+        };
+        self.share(&ch, None, ctx);
     }
 }

@@ -28,14 +28,11 @@ pub struct SavedLogs {
 impl SavedLogs {
     /// When grants the previous process may have made unrecorded could
     /// have happened until: `None` when it stopped cleanly (or never ran).
-    pub fn unknown_until(&self, flush_ms: i64, now_ms: i64) -> Option<i64> {
+    /// Saves can stall or fail while a process keeps serving, so nothing
+    /// short of now is safe: a crash costs at most one window.
+    pub fn unknown_until(&self, now_ms: i64) -> Option<i64> {
         match (self.clean, self.saved_at) {
-            (false, Some(saved)) => Some(
-                saved
-                    .saturating_add(flush_ms)
-                    .saturating_add(1000)
-                    .min(now_ms),
-            ),
+            (false, Some(_)) => Some(now_ms),
             _ => None,
         }
     }
@@ -124,7 +121,7 @@ mod tests {
         let (_dir, mut conn) = db();
         let first = load_and_arm(&mut conn).unwrap();
         assert_eq!(first, SavedLogs::default(), "never ran: nothing unknown");
-        assert_eq!(first.unknown_until(1000, 5000), None);
+        assert_eq!(first.unknown_until(5000), None);
         save(&mut conn, &[(1, vec![10, 20, 30])], 1000, false).unwrap();
         save(
             &mut conn,
@@ -137,16 +134,15 @@ mod tests {
         assert!(clean.clean);
         assert_eq!(clean.grants.get(&1), Some(&vec![20, 30, 40]));
         assert_eq!(clean.grants.len(), 1, "a deleted backend's log is not kept");
-        assert_eq!(clean.unknown_until(1000, 9000), None);
+        assert_eq!(clean.unknown_until(9000), None);
         // Started again, then killed: the marker is gone.
         save(&mut conn, &[(1, vec![50])], 3000, false).unwrap();
         let crashed = load_and_arm(&mut conn).unwrap();
         assert!(!crashed.clean);
-        assert_eq!(crashed.unknown_until(1000, 9000), Some(5000));
         assert_eq!(
-            crashed.unknown_until(1000, 3500),
-            Some(3500),
-            "never past now"
+            crashed.unknown_until(9000),
+            Some(9000),
+            "spent until the restart"
         );
     }
 }

@@ -6,7 +6,7 @@
 //! timeout: a dead Redis never blocks the request path, it makes the
 //! replica serve on a conservative share until Redis answers again.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ use crate::db::now_ms;
 use crate::spec::BackendSpec;
 
 const NOW: &str = include_str!("lua/now.lua");
+
+/// How often replicas beat, and how long a beat keeps one counted alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 
 fn script(body: &str) -> Script {
     Script::new(&format!("{NOW}\n{body}"))
@@ -54,24 +58,49 @@ impl Scripts {
     }
 }
 
-/// What this replica knows of the cluster right now; read without locks.
+/// What this replica knows of the cluster right now.
 #[derive(Debug)]
 pub struct ClusterStatus {
     degraded: AtomicBool,
-    alive: AtomicU32,
-    /// The most replicas seen alive lately: one that stopped beating may be
-    /// cut off from Redis and still serving its share, so its share stays
-    /// free for a grace period.
-    seen: AtomicU32,
-    /// When fewer than `seen` started beating (Unix ms; 0: not short).
-    short_since_ms: AtomicI64,
     /// The Redis server's clock minus ours, in ms.
     offset_ms: AtomicI64,
+    counts: std::sync::Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Replicas that may be serving: the most seen alive lately (one that
+    /// stopped beating may be cut off from Redis and serving its share).
+    /// 0 until known (never seen, nothing saved): then nothing is served
+    /// while Redis is unreachable.
+    seen: u32,
+    /// When fewer than `seen` started beating (Unix ms; 0: not short).
+    short_since_ms: i64,
+    /// Replicas alive at the last heartbeat.
+    alive: u32,
+    /// Other replicas that came back from an outage within the hold period:
+    /// their grants made meanwhile may not be in Redis yet.
+    returning: u32,
     /// The replicas alive at the last heartbeat.
-    replicas: std::sync::Mutex<Vec<String>>,
+    replicas: Vec<String>,
 }
 
 impl ClusterStatus {
+    fn new(seen: Option<u32>) -> Self {
+        Self {
+            degraded: AtomicBool::new(true),
+            offset_ms: AtomicI64::new(0),
+            counts: std::sync::Mutex::new(Counts {
+                seen: seen.unwrap_or(0),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Redis did not answer: serving on a share of each limit.
     pub fn degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
@@ -79,54 +108,61 @@ impl ClusterStatus {
 
     /// Replicas alive at the last heartbeat (at least this one).
     pub fn alive(&self) -> u32 {
-        self.alive.load(Ordering::Acquire).max(1)
+        self.counts().alive.max(1)
     }
 
     fn offset(&self) -> i64 {
         self.offset_ms.load(Ordering::Acquire)
     }
 
-    /// The most replicas that may be serving now (alive, or missing for
-    /// less than the grace period).
+    /// Replicas that may be serving now (0: not known yet).
     pub fn counted(&self) -> u32 {
-        self.seen.load(Ordering::Acquire).max(self.alive())
+        let c = self.counts();
+        c.seen.max(c.alive)
     }
 
     /// The replicas alive at the last heartbeat.
     pub fn replicas(&self) -> Vec<String> {
-        self.replicas.lock().map(|r| r.clone()).unwrap_or_default()
+        self.counts().replicas.clone()
     }
 
-    /// This replica's share of a limit while Redis is unreachable.
-    pub fn share_of(&self) -> u32 {
-        self.counted()
+    /// This replica's share of `limit` while Redis is unreachable: the
+    /// limit divided by the replicas that may be serving, rounded down (so
+    /// the shares never add up to more; 0 while their number is unknown).
+    pub fn share(&self, limit: u32) -> u32 {
+        match self.counted() {
+            0 => 0,
+            n => limit / n,
+        }
     }
 
-    /// What the replicas that reach Redis may reserve of `limit` together:
-    /// the shares of replicas that stopped beating stay free for them.
-    pub fn shared_limit(&self, limit: u32) -> u32 {
-        let counted = self.counted();
-        let missing = counted.saturating_sub(self.alive());
-        limit.saturating_sub(missing.saturating_mul(limit / counted.max(1)))
+    /// Replicas whose shares are held free for them: counted but not
+    /// alive (cut off), or just back from an outage.
+    pub fn missing(&self) -> u32 {
+        let c = self.counts();
+        c.seen
+            .max(c.alive)
+            .saturating_sub(c.alive.max(1))
+            .saturating_add(c.returning)
     }
 
-    fn record_alive(&self, alive: u32, now_ms: i64, grace_ms: i64) {
+    fn record_alive(&self, alive: u32, returning: u32, now_ms: i64, grace_ms: i64) -> bool {
         let alive = alive.max(1);
-        self.alive.store(alive, Ordering::Release);
-        let seen = self.seen.load(Ordering::Acquire);
-        if alive >= seen {
-            self.seen.store(alive, Ordering::Release);
-            self.short_since_ms.store(0, Ordering::Release);
-            return;
-        }
-        let since = self.short_since_ms.load(Ordering::Acquire);
-        if since == 0 {
-            self.short_since_ms.store(now_ms, Ordering::Release);
-        } else if now_ms.saturating_sub(since) > grace_ms {
+        let mut c = self.counts();
+        let before = (c.seen, c.alive, c.returning);
+        c.alive = alive;
+        c.returning = returning;
+        if alive >= c.seen {
+            c.seen = alive;
+            c.short_since_ms = 0;
+        } else if c.short_since_ms == 0 {
+            c.short_since_ms = now_ms;
+        } else if now_ms.saturating_sub(c.short_since_ms) > grace_ms {
             // Gone for longer than the grace: not serving any more.
-            self.seen.store(alive, Ordering::Release);
-            self.short_since_ms.store(0, Ordering::Release);
+            c.seen = alive;
+            c.short_since_ms = 0;
         }
+        before != (c.seen, c.alive, c.returning)
     }
 }
 
@@ -195,8 +231,12 @@ pub struct ClusterEvent {
 #[rtype(result = "()")]
 pub struct ClusterChanged {
     pub degraded: bool,
-    pub alive: u32,
+    /// Replicas that may be serving (0: not known).
+    pub counted: u32,
 }
+
+/// Where the replica count is kept across restarts.
+pub const SEEN_KEY: &str = "cluster_replicas_seen";
 
 struct Inner {
     conn: ConnectionManager,
@@ -223,7 +263,14 @@ fn ms_of(d: Duration) -> i64 {
 impl Cluster {
     /// Prepares the connection without waiting for it: a gateway starts
     /// (degraded) even when Redis is down.
-    pub fn new(url: &str, prefix: &str, timeout: Duration, window: Duration) -> R<Cluster> {
+    /// `seen`: the replicas this one last counted (saved), if any.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        window: Duration,
+        seen: Option<u32>,
+    ) -> R<Cluster> {
         let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
@@ -232,11 +279,12 @@ impl Cluster {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("redis: {e}"))?;
+        // Random enough that a restarted container (same host name, pid 1)
+        // never reuses the members of its previous life.
         let replica = format!(
-            "{}-{}-{:04x}",
+            "{}-{:032x}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
-            std::process::id(),
-            fastrand::u16(..)
+            fastrand::u128(..)
         );
         Ok(Cluster(Arc::new(Inner {
             conn,
@@ -244,14 +292,7 @@ impl Cluster {
             prefix: prefix.to_string(),
             replica,
             timeout,
-            status: ClusterStatus {
-                degraded: AtomicBool::new(true),
-                alive: AtomicU32::new(1),
-                seen: AtomicU32::new(1),
-                short_since_ms: AtomicI64::new(0),
-                offset_ms: AtomicI64::new(0),
-                replicas: std::sync::Mutex::new(Vec::new()),
-            },
+            status: ClusterStatus::new(seen),
             scripts: Scripts::new(),
             window_ms: ms_of(window),
             state_ttl_ms: ms_of(window).saturating_mul(60).max(3_600_000),
@@ -323,7 +364,8 @@ impl Cluster {
         }
     }
 
-    /// Reserves one grant in the key's shared window.
+    /// Reserves one grant in the key's shared window; the shares of
+    /// replicas counted but not alive stay free.
     pub async fn reserve(
         &self,
         id: &str,
@@ -332,6 +374,7 @@ impl Cluster {
         emergency: bool,
         emergency_limit: u32,
     ) -> R<Reservation> {
+        let (missing, counted) = (self.0.status.missing(), self.0.status.counted().max(1));
         let (grants, trickle, state) = self.names(id);
         let mut conn = self.0.conn.clone();
         let mut inv = self.0.scripts.reserve.prepare_invoke();
@@ -343,7 +386,9 @@ impl Cluster {
             .arg(member)
             .arg(if emergency { "1" } else { "0" })
             .arg(emergency_limit)
-            .arg("");
+            .arg("")
+            .arg(missing)
+            .arg(counted);
         let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
         let (ok, code, at) = match r.as_slice() {
             [ok, code, at, _now] => (*ok, *code, *at),
@@ -419,15 +464,15 @@ impl Cluster {
                 streak,
             } => {
                 let mut inv = self.0.scripts.cooldown.prepare_invoke();
-                let epoch = self.to_server(Instant::now(), Instant::now());
                 inv.key(&state)
                     .arg(*until)
                     .arg(*upstream_until)
                     .arg(*streak)
-                    .arg(epoch)
+                    .arg(0)
                     .arg(&channel)
                     .arg(&msg)
-                    .arg(ttl);
+                    .arg(ttl)
+                    .arg(self.0.window_ms);
                 self.timed(inv.invoke_async::<i64>(&mut conn))
                     .await
                     .map(|_| ())
@@ -500,21 +545,31 @@ impl Cluster {
         })
     }
 
-    /// Registers this replica; returns how many are alive.
-    pub async fn heartbeat(&self, ttl: Duration) -> R<u32> {
+    /// Registers this replica (`returning`: back from an outage); returns
+    /// how many are alive and how many others came back lately.
+    pub async fn heartbeat(&self, ttl: Duration, returning: bool) -> R<(u32, u32)> {
         let mut conn = self.0.conn.clone();
         let key = format!("{}:replicas", self.0.prefix);
+        let back = format!("{}:returning", self.0.prefix);
         let mut inv = self.0.scripts.heartbeat.prepare_invoke();
-        inv.key(&key).arg(&self.0.replica).arg(ms_of(ttl)).arg("");
+        inv.key(&key)
+            .key(&back)
+            .arg(&self.0.replica)
+            .arg(ms_of(ttl))
+            .arg("")
+            .arg(if returning { "1" } else { "0" })
+            .arg(ms_of(self.hold()));
         let sent = now_ms();
         let r: Vec<redis::Value> = self.timed(inv.invoke_async(&mut conn)).await?;
-        let server_now = r
-            .first()
-            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
-            .ok_or("unexpected heartbeat answer")?;
-        let ids: Vec<String> = r
+        let int = |i: usize| {
+            r.get(i)
+                .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+        };
+        let server_now = int(0).ok_or("unexpected heartbeat answer")?;
+        let others_back = u32::try_from(int(1).unwrap_or(0)).unwrap_or(0);
+        let mut ids: Vec<String> = r
             .iter()
-            .skip(1)
+            .skip(2)
             .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
             .collect();
         // Half the round trip on each side.
@@ -524,10 +579,9 @@ impl Cluster {
             .offset_ms
             .store(server_now.saturating_sub(mid), Ordering::Release);
         let alive = u32::try_from(ids.len()).unwrap_or(u32::MAX).max(1);
-        if let Ok(mut r) = self.0.status.replicas.lock() {
-            *r = ids;
-        }
-        Ok(alive)
+        ids.sort();
+        self.0.status.counts().replicas = ids;
+        Ok((alive, others_back))
     }
 
     /// Listens on the channel (reconnecting) and hands other replicas'
@@ -570,9 +624,10 @@ impl Cluster {
 
     /// Beats once and records what it found; returns the replicas alive.
     pub async fn beat(&self, ttl: Duration) -> R<u32> {
-        match self.heartbeat(ttl).await {
-            Ok(alive) => {
-                self.set_alive(alive);
+        let returning = self.status().degraded() && self.status().counted() > 0;
+        match self.heartbeat(ttl, returning).await {
+            Ok((alive, back)) => {
+                self.set_alive(alive, back);
                 self.set_degraded(false);
                 Ok(alive)
             }
@@ -587,12 +642,25 @@ impl Cluster {
         self.0.status.degraded.swap(degraded, Ordering::AcqRel) != degraded
     }
 
-    pub(crate) fn set_alive(&self, alive: u32) -> bool {
-        let before = (self.0.status.alive(), self.0.status.counted());
+    pub(crate) fn set_alive(&self, alive: u32, returning: u32) -> bool {
         // A replica missing for three windows (at least 10 s) is gone.
         let grace = self.0.window_ms.saturating_mul(3).max(10_000);
-        self.0.status.record_alive(alive, now_ms(), grace);
-        before != (self.0.status.alive(), self.0.status.counted())
+        self.0
+            .status
+            .record_alive(alive, returning, now_ms(), grace)
+    }
+
+    /// How long a returning replica's share stays held (its grants made
+    /// while cut off may not be in Redis yet): a window, a heartbeat's
+    /// lifetime and a command timeout.
+    pub fn hold(&self) -> Duration {
+        Duration::from_millis(self.0.window_ms.max(0) as u64) + HEARTBEAT_TTL + self.0.timeout
+    }
+
+    /// When grants the other replicas reserved before they could notice
+    /// this one cut off have surely left the window: fill it as of then.
+    pub fn fill_delay(&self) -> Duration {
+        HEARTBEAT_TTL + HEARTBEAT_EVERY + self.0.timeout
     }
 }
 
@@ -601,20 +669,55 @@ impl Cluster {
 pub struct ClusterBeat {
     cluster: Cluster,
     notify: Recipient<ClusterChanged>,
-    every: Duration,
+    /// Where the replica count is saved, so a restart while Redis is down
+    /// still knows its share.
+    store: Option<Addr<crate::store::DbExecutor>>,
+    saved: u32,
     log: Logger,
     beating: bool,
 }
 
 impl ClusterBeat {
-    pub fn new(cluster: Cluster, notify: Recipient<ClusterChanged>, log: Logger) -> Self {
+    pub fn new(
+        cluster: Cluster,
+        notify: Recipient<ClusterChanged>,
+        store: Option<Addr<crate::store::DbExecutor>>,
+        log: Logger,
+    ) -> Self {
+        let saved = cluster.status().counted();
         Self {
             cluster,
             notify,
-            every: Duration::from_secs(1),
+            store,
+            saved,
             log,
             beating: false,
         }
+    }
+
+    fn save_count(&mut self, ctx: &mut Context<Self>) {
+        let counted = self.cluster.status().counted();
+        let Some(db) = self
+            .store
+            .clone()
+            .filter(|_| counted != self.saved && counted > 0)
+        else {
+            return;
+        };
+        self.saved = counted;
+        let log = self.log.clone();
+        ctx.spawn(
+            async move {
+                let r = crate::store::run(&db, move |c| {
+                    crate::db::set_config(c, SEEN_KEY, &counted.to_string())
+                })
+                .await;
+                if let Err(e) = r {
+                    warn!(log, "could not save the replica count"; "error" => e.to_string());
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -622,32 +725,34 @@ impl Actor for ClusterBeat {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.every, |act, ctx| {
+        ctx.run_interval(HEARTBEAT_EVERY, |act, ctx| {
             if act.beating {
                 return;
             }
             act.beating = true;
             let cluster = act.cluster.clone();
-            let ttl = act.every * 3;
+            // Coming back from an outage: say so, so the others keep this
+            // replica's share free until its grants are surely synced.
+            let returning = cluster.status().degraded();
             ctx.spawn(
-                async move { cluster.heartbeat(ttl).await }
+                async move { cluster.heartbeat(HEARTBEAT_TTL, returning).await }
                     .into_actor(act)
-                    .map(|res, act, _| {
+                    .map(|res, act, ctx| {
                         act.beating = false;
                         let c = &act.cluster;
                         let changed = match res {
-                            Ok(alive) => {
+                            Ok((alive, others_back)) => {
                                 let back = c.set_degraded(false);
                                 if back {
                                     info!(act.log, "redis reachable: shared rate state in use"; "replicas" => alive);
                                 }
-                                c.set_alive(alive) | back
+                                c.set_alive(alive, others_back) | back
                             }
                             Err(e) => {
                                 let lost = c.set_degraded(true);
                                 if lost {
                                     warn!(act.log, "redis unreachable: serving on a share of each limit";
-                                        "error" => e, "replicas" => c.status().share_of());
+                                        "error" => e, "replicas" => c.status().counted());
                                 }
                                 lost
                             }
@@ -655,9 +760,10 @@ impl Actor for ClusterBeat {
                         if changed {
                             act.notify.do_send(ClusterChanged {
                                 degraded: c.status().degraded(),
-                                alive: c.status().share_of(),
+                                counted: c.status().counted(),
                             });
                         }
+                        act.save_count(ctx);
                     }),
             );
         });
@@ -692,7 +798,9 @@ mod tests {
             .arg(member)
             .arg(if emergency { "1" } else { "0" })
             .arg(1)
-            .arg(now);
+            .arg(now)
+            .arg(0)
+            .arg(1);
         inv.invoke_async(&mut conn).await.expect("script runs")
     }
 
@@ -716,6 +824,7 @@ mod tests {
             "t",
             Duration::from_secs(2),
             Duration::from_millis(W as u64),
+            None,
         )
         .expect("client")
     }
@@ -865,6 +974,7 @@ mod tests {
             "t",
             Duration::from_millis(100),
             Duration::from_secs(1),
+            None,
         )
         .expect("client");
         assert!(c.beat(Duration::from_secs(3)).await.is_ok());

@@ -30,7 +30,12 @@ impl Actor for PoolSupervisor {
             if !self.started_cluster {
                 self.started_cluster = true;
                 cluster.spawn_subscriber(ctx.address().recipient(), self.log.clone());
-                let beat = ClusterBeat::new(cluster, ctx.address().recipient(), self.log.clone());
+                let beat = ClusterBeat::new(
+                    cluster,
+                    ctx.address().recipient(),
+                    self.store.clone(),
+                    self.log.clone(),
+                );
                 beat.start();
             }
         }

@@ -229,8 +229,8 @@ impl Handler<ClusterEvent> for PoolSupervisor {
     type Result = ();
     /// Another replica's change: to the backend whose key it names.
     fn handle(&mut self, msg: ClusterEvent, _ctx: &mut Self::Context) {
-        if let Some(e) = self.entries.iter().find(|e| e.key_id == msg.key) {
-            e.addr.do_send(msg);
+        for e in self.entries.iter().filter(|e| e.key_id == msg.key) {
+            e.addr.do_send(msg.clone());
         }
     }
 }

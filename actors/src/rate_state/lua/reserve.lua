@@ -3,7 +3,8 @@
 -- KEYS[3] state (hash: until, upstream_until, health, effective).
 -- ARGV[1] window ms, ARGV[2] limit, ARGV[3] member (unique per grant),
 -- ARGV[4] '1' for an emergency probe, ARGV[5] emergency limit, ARGV[6] now
--- (tests only). Returns {granted, code, at, now}:
+-- (tests only), ARGV[7] replicas whose shares stay free (cut off, or just
+-- back), ARGV[8] replicas counted. Returns {granted, code, at, now}:
 --   {1, used after, now, now}  granted
 --   {0, 1, free_at, now}       window full until free_at
 --   {0, 2, until, now}         cooling until
@@ -20,6 +21,13 @@ end
 local effective = tonumber(s[4])
 if effective and effective > 0 and effective < limit then
   limit = effective
+end
+-- The shares of replicas that may serve without Redis stay free for them
+-- (each at most ceil(limit / counted)).
+local missing = tonumber(ARGV[7]) or 0
+local counted = tonumber(ARGV[8]) or 1
+if missing > 0 and counted > 0 then
+  limit = limit - missing * math.ceil(limit / counted)
 end
 if limit < 1 then
   return {0, 1, now + window, now}
