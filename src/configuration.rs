@@ -70,6 +70,21 @@ pub struct RawSettings {
     /// Upstream attempts per request for failures other than 429.
     pub max_attempts: u32,
     pub max_body_bytes: usize,
+    /// Most bytes one upstream SSE event may hold before it ends.
+    pub max_event_bytes: usize,
+    /// A request body that sends nothing for this long, or takes longer in
+    /// all, is answered 408 (seconds).
+    pub body_idle_timeout: f64,
+    pub body_timeout: f64,
+    /// How long SIGTERM lets in-flight requests finish (seconds).
+    pub drain_timeout: f64,
+    /// The metrics listener's address (apart from `host`).
+    pub metrics_host: String,
+    /// Browser origins besides the gateway's own that may call it.
+    pub allowed_origins: Vec<String>,
+    /// Host names besides loopback ones accepted when no token or client
+    /// key protects a request.
+    pub allowed_hosts: Vec<String>,
     /// Default upstream timeout in seconds.
     pub timeout: f64,
     pub workers: Option<usize>,
@@ -126,6 +141,13 @@ impl Default for RawSettings {
             retry_after_max: 3600.0,
             max_attempts: 3,
             max_body_bytes: 10 * 1024 * 1024,
+            max_event_bytes: 4 * 1024 * 1024,
+            body_idle_timeout: 10.0,
+            body_timeout: 60.0,
+            drain_timeout: 30.0,
+            metrics_host: "127.0.0.1".into(),
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             timeout: 120.0,
             workers: None,
             stats_flush_interval: 5.0,
@@ -248,6 +270,13 @@ pub struct Settings {
     pub backup_retention_days: u32,
     pub max_attempts: u32,
     pub max_body_bytes: usize,
+    pub max_event_bytes: usize,
+    pub body_idle_timeout: Duration,
+    pub body_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub metrics_host: IpAddr,
+    pub allowed_origins: Vec<String>,
+    pub allowed_hosts: Vec<String>,
     pub workers: Option<usize>,
     pub log_level: slog::Level,
     pub log_json: bool,
@@ -382,7 +411,16 @@ impl Settings {
         }
         if sources.env {
             builder =
-                builder.add_source(config::Environment::with_prefix("SIDECAR").try_parsing(true));
+                // Values stay text (a token `000123` is not the number 123);
+                // numeric settings are converted when they are read. Lists
+                // are comma-separated.
+                builder.add_source(
+                    config::Environment::with_prefix("SIDECAR")
+                        .try_parsing(false)
+                        .list_separator(",")
+                        .with_list_parse_key("allowed_origins")
+                        .with_list_parse_key("allowed_hosts"),
+                );
             // Kept from the old system without the prefix.
             for (var, key) in [("LOG_LEVEL", "log_level"), ("LOG_FORMAT", "log_format")] {
                 if let Ok(v) = std::env::var(var) {
@@ -743,6 +781,29 @@ impl RawSettings {
             backup_retention_days: self.backup_retention_days.max(1),
             max_attempts: self.max_attempts,
             max_body_bytes: self.max_body_bytes,
+            max_event_bytes: self.max_event_bytes.max(1024),
+            body_idle_timeout: positive_secs(src, "body_idle_timeout", self.body_idle_timeout)?,
+            body_timeout: positive_secs(src, "body_timeout", self.body_timeout)?,
+            drain_timeout: secs(src, "drain_timeout", self.drain_timeout)?,
+            metrics_host: self.metrics_host.trim().parse().map_err(|_| {
+                ConfigError::new(
+                    src,
+                    "metrics_host",
+                    format!("not an IP address: {:?}", self.metrics_host),
+                )
+            })?,
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            allowed_hosts: self
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
             workers: self.workers,
             log_level: parse_level(src, self.log_level.as_deref())?,
             log_json,

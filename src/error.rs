@@ -26,6 +26,8 @@ pub enum ApiError {
     ModelNotAllowed(String),
     #[error("request body is larger than the limit of {0} bytes")]
     BodyTooLarge(usize),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("missing API key: send `Authorization: Bearer <key>`")]
     MissingKey,
     #[error("invalid API key")]
@@ -85,6 +87,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ApiError::ModelNotAllowed(_) => ("permission_error", "model_not_allowed"),
             ApiError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
+            ApiError::BodyTimeout => ("invalid_request_error", "request_timeout"),
             ApiError::MissingKey => ("authentication_error", "missing_api_key"),
             ApiError::InvalidKey => ("authentication_error", "invalid_api_key"),
             ApiError::ClientRateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
@@ -135,6 +138,7 @@ impl ResponseError for ApiError {
             ApiError::ModelNotFound(_) | ApiError::UnknownPath => StatusCode::NOT_FOUND,
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MissingKey | ApiError::InvalidKey => StatusCode::UNAUTHORIZED,
             ApiError::ClientRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Acquire(AcquireError::UnknownModel) => StatusCode::NOT_FOUND,

@@ -45,6 +45,24 @@ fn read_key_file(path: &Path) -> anyhow::Result<KeyRing> {
     KeyRing::from_hex(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// A key file others may read: the reason to warn, if so.
+pub fn readable_by_others(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Some(format!(
+                "the encryption key file {} has mode {:o}: others can read it (chmod 600)",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    let _ = path;
+    None
+}
+
 /// The path of the key file kept beside the database.
 pub fn beside_path(db_path: &Path) -> PathBuf {
     db_path
@@ -80,7 +98,7 @@ pub fn resolve(settings: &Settings) -> anyhow::Result<(KeyRing, KeySource)> {
         ));
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+        sidecar_actors::db::private_dir(parent)?;
     }
     let hex = KeyRing::generate_hex();
     write_private(&path, &hex)?;

@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod guard;
 pub mod import;
 pub mod keys;
 pub mod metrics;

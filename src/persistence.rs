@@ -22,6 +22,37 @@ pub struct Boot {
 
 pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
     let (ring, source) = keys::resolve(settings)?;
+    let fresh = match &source {
+        KeySource::Beside {
+            path,
+            created: true,
+        } => Some(path.clone()),
+        _ => None,
+    };
+    let booted = boot_with(settings, ring, source, log);
+    if let (Err(_), Some(path)) = (&booted, fresh) {
+        // A start that failed must not leave a key that nothing uses (and
+        // that the next start would take as the database's own).
+        let _ = std::fs::remove_file(path);
+    }
+    booted
+}
+
+fn boot_with(
+    settings: &Settings,
+    ring: KeyRing,
+    source: KeySource,
+    log: &Logger,
+) -> anyhow::Result<Boot> {
+    let key_path = match &source {
+        KeySource::File(p) | KeySource::Credential(p) | KeySource::Beside { path: p, .. } => {
+            Some(p.clone())
+        }
+        KeySource::Env => None,
+    };
+    if let Some(why) = key_path.as_deref().and_then(keys::readable_by_others) {
+        warn!(log, "{}", why);
+    }
     if let KeySource::Beside { path, created } = &source {
         warn!(log, "encryption key is stored beside the database: a stolen data folder exposes every API key. \
                     In production load it as a systemd credential (LoadCredential=encryption-key:/etc/sidecar/encryption.key) \

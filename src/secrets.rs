@@ -1,54 +1,124 @@
 //! Keeping backend keys in: wherever upstream text can carry a key (an
-//! error body that echoes it, a header), it is masked before it goes on.
-
-use std::borrow::Cow;
+//! error body that echoes it, a header, an event in a stream), the key — or
+//! any long prefix of it — is masked before it goes on, to a client, a log,
+//! the dashboard or the database.
 
 use bytes::Bytes;
+use memchr::memmem;
 use sidecar_actors::ApiKey;
 
-/// `text` with every occurrence of `key` replaced by its masked form.
-pub fn mask<'a>(text: &'a str, key: &ApiKey) -> Cow<'a, str> {
-    let secret = key.expose();
-    if secret.is_empty() || !text.contains(secret) {
-        return Cow::Borrowed(text);
-    }
-    Cow::Owned(text.replace(secret, &key.masked()))
+/// How much of a key, from its start, counts as the key: enough to use or
+/// guess it, more than a masked hint (`nvapi-****abcd`) shows.
+const PREFIX: usize = 12;
+
+/// Finds and masks one key in any bytes.
+pub struct Masker {
+    key: Vec<u8>,
+    masked: Vec<u8>,
+    needle: memmem::Finder<'static>,
 }
 
-/// The same for bytes that may not be text.
-pub fn mask_bytes(body: &[u8], key: &ApiKey) -> Bytes {
-    let secret = key.expose().as_bytes();
-    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
-        return Bytes::copy_from_slice(body);
-    }
-    let masked = key.masked();
-    let mut out = Vec::with_capacity(body.len());
-    let mut i = 0;
-    while i < body.len() {
-        if body[i..].starts_with(secret) {
-            out.extend_from_slice(masked.as_bytes());
-            i += secret.len();
-        } else {
-            out.push(body[i]);
-            i += 1;
+impl Masker {
+    pub fn new(key: &ApiKey) -> Self {
+        let key = key.expose().as_bytes().to_vec();
+        let masked = ApiKey::new(String::from_utf8_lossy(&key).to_string())
+            .masked()
+            .into_bytes();
+        let head = key[..key.len().min(PREFIX)].to_vec();
+        Self {
+            needle: memmem::Finder::new(&head).into_owned(),
+            key,
+            masked,
         }
     }
-    Bytes::from(out)
+
+    /// True when `hay` holds the key or a long prefix of it.
+    pub fn found_in(&self, hay: &[u8]) -> bool {
+        !self.key.is_empty() && self.needle.find(hay).is_some()
+    }
+
+    /// `hay` with every occurrence masked, or `None` when there is none.
+    pub fn mask(&self, hay: &[u8]) -> Option<Vec<u8>> {
+        if !self.found_in(hay) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(hay.len());
+        let mut rest = hay;
+        while let Some(i) = self.needle.find(rest) {
+            out.extend_from_slice(&rest[..i]);
+            // The match runs as far as it follows the key.
+            let len = rest[i..]
+                .iter()
+                .zip(&self.key)
+                .take_while(|(a, b)| a == b)
+                .count();
+            out.extend_from_slice(&self.masked);
+            rest = &rest[i + len..];
+        }
+        out.extend_from_slice(rest);
+        Some(out)
+    }
+
+    pub fn mask_bytes(&self, body: Bytes) -> Bytes {
+        match self.mask(&body) {
+            Some(m) => Bytes::from(m),
+            None => body,
+        }
+    }
+
+    pub fn mask_str(&self, text: &str) -> String {
+        match self.mask(text.as_bytes()) {
+            Some(m) => String::from_utf8_lossy(&m).to_string(),
+            None => text.to_string(),
+        }
+    }
+}
+
+/// The same for one-off uses.
+pub fn mask_bytes(body: &[u8], key: &ApiKey) -> Bytes {
+    Masker::new(key).mask_bytes(Bytes::copy_from_slice(body))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
-    fn masks_every_occurrence() {
+    fn masks_the_key_and_long_prefixes() {
         let key = ApiKey::new("nvapi-secret-abcd1234");
-        let body = b"Incorrect API key provided: nvapi-secret-abcd1234 (nvapi-secret-abcd1234)";
-        let out = mask_bytes(body, &key);
-        assert!(!out.windows(10).any(|w| w == b"secret-abc"));
+        let m = Masker::new(&key);
+        let out = m
+            .mask(b"Incorrect API key provided: nvapi-secret-abcd1234 (nvapi-secret-abcd1234)")
+            .unwrap();
+        assert!(!m.found_in(&out));
         assert_eq!(
-            mask("x nvapi-secret-abcd1234 y", &key),
-            "x nvapi-****1234 y"
+            String::from_utf8(out).unwrap(),
+            "Incorrect API key provided: nvapi-****1234 (nvapi-****1234)"
         );
+        // A truncated echo is still the key's.
+        assert_eq!(
+            m.mask_str("key nvapi-secret-ab..."),
+            "key nvapi-****1234..."
+        );
+        // The masked hint itself is not.
+        assert_eq!(m.mask(b"nvapi-****1234"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn nothing_of_the_key_survives(
+            key in "[a-zA-Z0-9_-]{16,64}",
+            pre in proptest::collection::vec(any::<u8>(), 0..64),
+            post in proptest::collection::vec(any::<u8>(), 0..64),
+            cut in 12usize..64,
+        ) {
+            let k = ApiKey::new(key.clone());
+            let m = Masker::new(&k);
+            let part = &key.as_bytes()[..cut.min(key.len())];
+            let hay = [pre.as_slice(), part, post.as_slice(), key.as_bytes()].concat();
+            let out = m.mask(&hay).expect("found");
+            prop_assert!(memmem::find(&out, &key.as_bytes()[..12]).is_none());
+        }
     }
 }

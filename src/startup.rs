@@ -24,6 +24,7 @@ use sidecar_actors::stats::{Flush, StatsActor};
 use sidecar_actors::store::DbExecutor;
 use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober, Tuning};
 use slog::{info, warn, Logger};
+use tokio_util::task::TaskTracker;
 
 use crate::admin::runtime::RuntimeConfig;
 use crate::client_keys::ClientKeys;
@@ -39,16 +40,24 @@ use crate::{admin, metrics_server, notify, persistence, upstream};
 /// per worker and lives in its own app data.
 pub struct AppState {
     pub supervisor: Addr<PoolSupervisor>,
+    /// One token per request still running (streams included): the final
+    /// stats flush waits for them, so a stream cut by the drain is counted.
+    pub live: TaskTracker,
     pub client_keys: ClientKeys,
     pub max_attempts: u32,
     pub max_body_bytes: usize,
+    /// Most bytes one upstream SSE event may hold before it ends.
+    pub max_event_bytes: usize,
+    pub body_idle_timeout: Duration,
+    pub body_timeout: Duration,
     pub events: EventSink,
     pub log: Logger,
     pub db: Addr<DbExecutor>,
     pub ring: KeyRing,
     pub stats: Addr<StatsActor>,
     pub backup: Addr<BackupActor>,
-    pub admin_token: Option<String>,
+    admin_token: std::sync::RwLock<Option<String>>,
+    browser: std::sync::RwLock<Arc<BrowserPolicy>>,
     pub origin: Sources,
     pub settings_source: String,
     pub default_timeout: Duration,
@@ -59,6 +68,8 @@ pub struct AppState {
     pub db_path: PathBuf,
     /// Where rate state lives beyond this process.
     pub rate: RateState,
+    /// The settings the process started with: what a reload cannot change.
+    pub started: Settings,
     runtime: Mutex<RuntimeConfig>,
     queue_timeout_ms: AtomicU64,
 }
@@ -80,6 +91,37 @@ impl AppState {
         }
     }
 
+    /// The admin token in force (a reload may change it).
+    pub fn admin_token(&self) -> Option<String> {
+        match self.admin_token.read() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_admin_token(&self, token: Option<String>) {
+        match self.admin_token.write() {
+            Ok(mut t) => *t = token,
+            Err(p) => *p.into_inner() = token,
+        }
+    }
+
+    /// Which browser origins and host names are allowed (a reload may
+    /// change them).
+    pub fn browser(&self) -> Arc<BrowserPolicy> {
+        match self.browser.read() {
+            Ok(b) => b.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_browser(&self, policy: BrowserPolicy) {
+        match self.browser.write() {
+            Ok(mut b) => *b = Arc::new(policy),
+            Err(p) => *p.into_inner() = Arc::new(policy),
+        }
+    }
+
     pub fn queue_timeout(&self) -> Duration {
         Duration::from_millis(self.queue_timeout_ms.load(Ordering::Relaxed))
     }
@@ -93,6 +135,22 @@ impl AppState {
         if let Ok(models) = self.supervisor.send(ListModels).await {
             self.metrics
                 .set_known_models(models.iter().map(|m| m.to_string()));
+        }
+    }
+}
+
+/// The origins and hosts a browser request may come from or name.
+#[derive(Debug, Clone, Default)]
+pub struct BrowserPolicy {
+    pub allowed_origins: Vec<String>,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl BrowserPolicy {
+    pub fn of(settings: &Settings) -> Self {
+        Self {
+            allowed_origins: settings.allowed_origins.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
         }
     }
 }
@@ -174,6 +232,7 @@ impl GatewayHandle {
 pub struct Application {
     port: u16,
     metrics_port: u16,
+    live: TaskTracker,
     server: Server,
     metrics: Server,
     handle: GatewayHandle,
@@ -281,11 +340,15 @@ impl Application {
         if settings.admin_token.is_none() {
             warn!(log, "SIDECAR_ADMIN_TOKEN is not set: the admin API and dashboard answer loopback clients only");
         }
+        let live = TaskTracker::new();
         let state = web::Data::new(AppState {
             supervisor: supervisor.clone(),
             client_keys: ClientKeys::new(&settings.client_keys, settings.tuning.window),
             max_attempts: settings.max_attempts,
             max_body_bytes: settings.max_body_bytes,
+            max_event_bytes: settings.max_event_bytes,
+            body_idle_timeout: settings.body_idle_timeout,
+            body_timeout: settings.body_timeout,
             events: EventSink {
                 log: log.clone(),
                 stats: Some(stats.clone()),
@@ -296,7 +359,8 @@ impl Application {
             ring: boot.ring,
             stats: stats.clone(),
             backup: backup.clone(),
-            admin_token: settings.admin_token.clone(),
+            admin_token: std::sync::RwLock::new(settings.admin_token.clone()),
+            browser: std::sync::RwLock::new(Arc::new(BrowserPolicy::of(settings))),
             origin: settings.origin.clone(),
             settings_source: settings.source.clone(),
             default_timeout: settings.default_timeout,
@@ -306,6 +370,8 @@ impl Application {
             test_hooks: std::env::var("SIDECAR_TEST_HOOKS").is_ok_and(|v| v == "1"),
             db_path: settings.db_path.clone(),
             rate: rate.clone(),
+            started: settings.clone(),
+            live: live.clone(),
             queue_timeout_ms: AtomicU64::new((runtime.queue_timeout * 1000.0) as u64),
             runtime: Mutex::new(runtime),
         });
@@ -314,6 +380,7 @@ impl Application {
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(crate::guard::browser))
                 .app_data(app_state.clone())
                 .app_data(web::Data::new(upstream::build_client()))
                 .wrap_fn(|req, srv| {
@@ -340,14 +407,20 @@ impl Application {
                 .configure(admin::configure)
                 .configure(dashboard::configure)
                 .default_service(web::to(not_found))
+                .wrap(crate::guard::cors(app_state.clone()))
         })
-        .shutdown_timeout(30)
+        .shutdown_timeout(settings.drain_timeout.as_secs().max(1))
+        // A client that closes its side has left (as nginx sees it, 499):
+        // the handler is dropped and its upstream call cancelled, instead of
+        // running on to the upstream timeout for nobody.
+        .h1_allow_half_closed(false)
         .disable_signals()
         .listen(listener)?;
         if let Some(w) = settings.workers {
             server = server.workers(w.max(1));
         }
-        let metrics_listener = TcpListener::bind((settings.host, settings.metrics_port))?;
+        // Metrics have no auth: their own address, loopback unless told.
+        let metrics_listener = TcpListener::bind((settings.metrics_host, settings.metrics_port))?;
         let metrics_port = metrics_listener.local_addr()?.port();
         let metrics_srv = metrics_server::run(metrics_listener, state.clone())?;
         let server = server.run();
@@ -362,6 +435,7 @@ impl Application {
         Ok(Application {
             port,
             metrics_port,
+            live,
             server,
             metrics: metrics_srv,
             handle,
@@ -420,6 +494,15 @@ impl Application {
         actix_web::rt::spawn(self.metrics);
         notify::ready();
         let served = self.server.await;
+        // Requests the drain cut are dropped with their workers; each writes
+        // its record as it goes. Wait for the last before the final flush.
+        self.live.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.live.wait())
+            .await
+            .is_err()
+        {
+            warn!(self.log, "requests still unfinished after the drain"; "count" => self.live.len());
+        }
         save_windows(&self.supervisor, &self.rate, &self.log).await;
         match tokio::time::timeout(Duration::from_secs(15), self.stats.send(Flush)).await {
             Ok(Ok(Ok(rows))) => info!(self.log, "stats flushed at shutdown"; "rows" => rows),

@@ -245,6 +245,9 @@ pub enum Outcome {
     ServerError {
         status: u16,
     },
+    /// A success status whose body is not what the endpoint answers (not
+    /// JSON): the upstream's fault, like a 5xx.
+    BadAnswer,
     Timeout,
     Connect,
     /// The upstream's stream broke: cut, stalled, or ended before its first byte.
@@ -263,6 +266,7 @@ impl Outcome {
             Outcome::RateLimited { .. } => "rate_limited",
             Outcome::AuthFailed { .. } => "auth_failed",
             Outcome::ServerError { .. } => "server_error",
+            Outcome::BadAnswer => "bad_answer",
             Outcome::Timeout => "timeout",
             Outcome::Connect => "connect_error",
             Outcome::StreamBroken => "stream_broken",

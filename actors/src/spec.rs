@@ -144,7 +144,7 @@ impl BackendSpec {
 }
 
 /// Gateway-wide tuning shared by every actor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tuning {
     /// The provider's rate window (60 s in production; short in tests).
     pub window: Duration,

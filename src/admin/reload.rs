@@ -46,10 +46,106 @@ pub async fn reload(state: &AppState) -> Result<serde_json::Value, ApiError> {
         state.supervisor.do_send(UpsertBackend(r.to_spec()));
     }
     state.refresh_models().await;
-    info!(state.log, "configuration reloaded"; "backends" => records.len(), "removed" => removed);
-    Ok(
-        json!({"reloaded": true, "backends": records.len(), "removed": removed, "source": settings.source}),
-    )
+    // Applied live: the admin token and the browser rules.
+    let token_changed = state.admin_token() != settings.admin_token;
+    state.set_admin_token(settings.admin_token.clone());
+    state.set_browser(crate::startup::BrowserPolicy::of(&settings));
+    let needs_restart = needs_restart(&state.started, &settings);
+    if needs_restart.is_empty() {
+        info!(state.log, "configuration reloaded"; "backends" => records.len(), "removed" => removed,
+            "admin_token_changed" => token_changed);
+    } else {
+        warn!(state.log, "configuration reloaded; some changes take effect only after a restart";
+            "backends" => records.len(), "removed" => removed, "admin_token_changed" => token_changed,
+            "needs_restart" => needs_restart.join(", "));
+    }
+    Ok(json!({
+        "reloaded": true,
+        "backends": records.len(),
+        "removed": removed,
+        "source": settings.source,
+        "applied": ["backends", "admin_token", "allowed_origins", "allowed_hosts"],
+        "admin_token_changed": token_changed,
+        "needs_restart": needs_restart,
+    }))
+}
+
+/// Settings read only at start that the file now sets differently.
+fn needs_restart(started: &Settings, now: &Settings) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut differs = |name: &'static str, changed: bool| {
+        if changed {
+            out.push(name);
+        }
+    };
+    differs("host", started.host != now.host);
+    differs("port", started.port != now.port);
+    differs("metrics_host", started.metrics_host != now.metrics_host);
+    differs("metrics_port", started.metrics_port != now.metrics_port);
+    differs("db_path", started.db_path != now.db_path);
+    differs("backup_dir", started.backup_dir != now.backup_dir);
+    differs("workers", started.workers != now.workers);
+    differs("state_backend / redis_url", started.state != now.state);
+    differs(
+        "encryption_key",
+        started.encryption_key != now.encryption_key,
+    );
+    differs(
+        "encryption_key_file",
+        started.encryption_key_file != now.encryption_key_file,
+    );
+    differs(
+        "max_body_bytes",
+        started.max_body_bytes != now.max_body_bytes,
+    );
+    differs(
+        "max_event_bytes",
+        started.max_event_bytes != now.max_event_bytes,
+    );
+    differs(
+        "body_idle_timeout / body_timeout",
+        started.body_idle_timeout != now.body_idle_timeout
+            || started.body_timeout != now.body_timeout,
+    );
+    differs("drain_timeout", started.drain_timeout != now.drain_timeout);
+    differs("max_attempts", started.max_attempts != now.max_attempts);
+    differs(
+        "client_keys",
+        started.client_keys.len() != now.client_keys.len()
+            || started
+                .client_keys
+                .iter()
+                .zip(&now.client_keys)
+                .any(|(a, b)| {
+                    a.key_sha256 != b.key_sha256 || a.models != b.models || a.rpm != b.rpm
+                }),
+    );
+    // The file's tuning is read at start; runtime changes go through
+    // PATCH /config. A changed file value is named, not dropped silently.
+    differs(
+        "tuning (window_secs, cooldown_*, queue_*, health_*, key_retest_*, retry_after_max, …)",
+        started.tuning != now.tuning,
+    );
+    differs(
+        "rate_rpm / timeout",
+        started.default_rpm != now.default_rpm || started.default_timeout != now.default_timeout,
+    );
+    differs(
+        "stats_flush_interval / usage_retention_days / backup_interval / backup_retention_days",
+        started.stats_flush_interval != now.stats_flush_interval
+            || started.usage_retention_days != now.usage_retention_days
+            || started.backup_interval != now.backup_interval
+            || started.backup_retention_days != now.backup_retention_days,
+    );
+    differs(
+        "allow_unauthenticated",
+        started.allow_unauthenticated != now.allow_unauthenticated,
+    );
+    differs(
+        "log_level / log_format",
+        started.log_level != now.log_level || started.log_json != now.log_json,
+    );
+    out
 }
 
 pub async fn reload_handler(

@@ -24,6 +24,13 @@ pub enum Fault {
     Hang,
     /// Streams this many chunks, then drops the connection.
     ResetAfter(u32),
+    /// Echoes the key it was sent, in the body and an `x-echo-key` header,
+    /// with this status (200: a normal answer or stream that carries it).
+    EchoKey(u16),
+    /// A stream whose first event never ends (`data: ` and endless bytes).
+    EndlessEvent,
+    /// A 200 whose body is not JSON.
+    InvalidJson,
 }
 
 impl FromStr for Fault {
@@ -34,13 +41,21 @@ impl FromStr for Fault {
             "429" | "ratelimit" => Ok(Fault::RateLimit(None)),
             "hang" => Ok(Fault::Hang),
             "reset" => Ok(Fault::ResetAfter(2)),
+            "endless" => Ok(Fault::EndlessEvent),
+            "invalid-json" => Ok(Fault::InvalidJson),
+            echo if echo.starts_with("echo-key-") => echo["echo-key-".len()..]
+                .parse::<u16>()
+                .ok()
+                .filter(|s| (200..=599).contains(s))
+                .map(Fault::EchoKey)
+                .ok_or_else(|| format!("bad fault {echo:?}: echo-key-STATUS")),
             other => other
                 .parse::<u16>()
                 .ok()
                 .filter(|s| (400..=599).contains(s))
                 .map(Fault::Status)
                 .ok_or_else(|| {
-                    format!("unknown fault {other:?}: use none, 401, 500, 429, hang or reset")
+                    format!("unknown fault {other:?}: use none, 401, 500, 429, hang, reset, endless, invalid-json or echo-key-STATUS")
                 }),
         }
     }

@@ -6,6 +6,7 @@
 //! answers, and per-key counts at `GET /_mock/stats`. Tests, the demo and the
 //! benchmarks all use it; it binds wherever it is told (loopback in tests).
 
+mod hostile;
 mod keys;
 
 use keys::{admit, Admission, Ask, KeyState, RateHeaders};
@@ -191,6 +192,10 @@ async fn answer(
         }
         Admission::Fault(Fault::Status(status)) => {
             return error_json(status, "simulated failure", "server_error")
+        }
+        Admission::Fault(f @ (Fault::EchoKey(_) | Fault::EndlessEvent | Fault::InvalidJson)) => {
+            let stream = json.get("stream") == Some(&Value::Bool(true));
+            return hostile::answer(f, &key, stream);
         }
         Admission::Fault(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(60)).await;

@@ -24,7 +24,7 @@ use super::stream::{first_chunk, PassThrough, StreamContext};
 use crate::error::ApiError;
 use crate::events::RequestFinished;
 use crate::metrics::Metrics;
-use crate::secrets;
+use crate::secrets::Masker;
 use crate::startup::{AppState, RequestId};
 use crate::upstream::{self, classify_send_error, limits, usage, Answer};
 
@@ -34,6 +34,8 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 const ERROR_BODY_BYTES: usize = 64 * 1024;
 /// Name of the header that tells clients which backend served them.
 pub const BACKEND_HEADER: &str = "x-sidecar-backend";
+/// The failure signature of a success status with a body that is not JSON.
+const BAD_ANSWER: u16 = 200;
 /// Attempts of any kind (429s included) one request may make.
 const MAX_TOTAL_ATTEMPTS: u32 = 16;
 /// Leases one request may get back unsent (the backend closed, or the
@@ -97,6 +99,8 @@ pub async fn embeddings(
 pub struct Trace {
     pub started: Instant,
     pub record: RequestFinished,
+    /// Counts the request as running until its record is written.
+    pub live: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 async fn proxy(
@@ -111,29 +115,63 @@ async fn proxy(
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_else(|| Arc::from("-"));
-    let mut trace = Trace {
-        started: Instant::now(),
-        record: RequestFinished {
-            request_id,
-            endpoint: endpoint.path(),
-            ..Default::default()
+    let mut guard = Unanswered {
+        trace: Trace {
+            started: Instant::now(),
+            record: RequestFinished {
+                request_id,
+                endpoint: endpoint.path(),
+                ..Default::default()
+            },
+            live: state.live.token(),
         },
+        events: state.events.clone(),
+        done: false,
     };
-    match handle(endpoint, &req, body, &state, &client, &mut trace).await {
-        Ok(Reply::Streaming(res)) => res,
-        Ok(Reply::Done(res)) => {
-            trace.record.status = res.status().as_u16();
-            trace.record.latency = trace.started.elapsed();
-            trace.record.emit(&state.events);
-            res
+    let trace = &mut guard.trace;
+    let res = match handle(endpoint, &req, body, &state, &client, trace).await {
+        Ok(Reply::Streaming(res)) => {
+            // The stream writes its own line when it ends.
+            guard.done = true;
+            return res;
         }
+        Ok(Reply::Done(res)) => res,
         Err(err) => {
             let res = actix_web::ResponseError::error_response(&err);
-            trace.record.status = res.status().as_u16();
-            trace.record.latency = trace.started.elapsed();
             trace.record.error_code = Some(err.code());
-            trace.record.emit(&state.events);
             res
+        }
+    };
+    trace.record.status = res.status().as_u16();
+    guard.finish();
+    res
+}
+
+/// A request's log line and usage record, written exactly once: when it is
+/// answered, or — if the client goes away first and actix drops the
+/// handler, cancelling the upstream call with it — as 499.
+struct Unanswered {
+    trace: Trace,
+    events: crate::events::EventSink,
+    done: bool,
+}
+
+impl Unanswered {
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.trace.record.latency = self.trace.started.elapsed();
+            self.trace.record.emit(&self.events);
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.done {
+            self.trace.record.status = 499;
+            self.trace.record.error_code = Some("client_disconnected");
+            self.finish();
         }
     }
 }
@@ -153,7 +191,7 @@ async fn handle(
     trace: &mut Trace,
 ) -> Result<Reply, ApiError> {
     let mut p = prepare(endpoint, req, payload, state, trace).await?;
-    let mut tries = Tries::new(state.max_attempts, state.metrics.clone());
+    let mut tries = Tries::new(state.max_attempts, state.metrics.clone(), state.log.clone());
     // However many attempts it takes, the request waits for capacity this
     // long at most.
     let deadline = Instant::now() + state.queue_timeout();
@@ -199,7 +237,14 @@ async fn prepare(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let client_key = state.client_keys.authenticate(authorization)?;
-    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let body = read_body(
+        req,
+        payload,
+        state.max_body_bytes,
+        state.body_idle_timeout,
+        state.body_timeout,
+    )
+    .await?;
     let mut json = parse_object(&body)?;
     let model: Arc<str> = match json.get("model") {
         Some(Value::String(s)) if !s.trim().is_empty() => Arc::from(s.as_str()),
@@ -340,7 +385,7 @@ async fn attempt(
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .map(|b| secrets::mask_bytes(&b, &lease.api_key))
+                    .map(|b| Masker::new(&lease.api_key).mask_bytes(b))
                     .unwrap_or_default();
             let detail = format!("upstream {status}{}", snippet(&body));
             let outcome = answer.failure(status, res.headers());
@@ -384,6 +429,7 @@ async fn attempt(
                     Trace {
                         started: trace.started,
                         record: Default::default(),
+                        live: trace.live.clone(),
                     },
                 );
                 let ctx = StreamContext {
@@ -393,6 +439,7 @@ async fn attempt(
                     attempt_start: started,
                     ttft,
                     limits: provider,
+                    max_event_bytes: state.max_event_bytes,
                 };
                 let body = PassThrough::new(body_stream, first, p.strip_usage, ctx);
                 Step::Streaming(builder.streaming(body))
@@ -423,7 +470,22 @@ async fn attempt(
     let outcome = if answer == Answer::ClientError {
         Outcome::ClientError { status }
     } else {
-        let used = usage::from_body(&bytes);
+        let Ok(used) = usage::from_json_body(&bytes) else {
+            // A 200 whose body is not JSON is the upstream's fault: tried
+            // elsewhere (nothing has gone to the client yet), and a strike.
+            let detail = format!("upstream {status} with a body that is not JSON");
+            return Step::Retry(Box::new(Failed {
+                report: Report::new(Outcome::BadAnswer, latency)
+                    .detail(detail)
+                    .limits(provider),
+                lease,
+                kind: FailKind::ServerError {
+                    status: BAD_ANSWER,
+                    body: Bytes::new(),
+                    content_type: None,
+                },
+            }));
+        };
         if let Some(u) = used {
             trace.record.cost = u.cost(lease.price_in, lease.price_out);
         }
@@ -433,25 +495,33 @@ async fn attempt(
             completion_tokens: used.and_then(|u| u.completion_tokens),
         }
     };
-    let body = if answer == Answer::ClientError {
-        secrets::mask_bytes(&bytes, &lease.api_key)
-    } else {
-        bytes
-    };
+    // An upstream may echo the key in anything it answers.
+    let body = Masker::new(&lease.api_key).mask_bytes(bytes);
     lease.finish(Report::new(outcome, latency).limits(provider));
     Step::Answered(builder.body(body))
 }
 
 /// The client's response head: the upstream's status and forwardable
-/// headers, and which backend served it.
+/// headers (the backend's key masked wherever one carries it), and which
+/// backend served it.
 fn response_builder(
     status: actix_web::http::StatusCode,
     headers: &actix_web::http::header::HeaderMap,
     lease: &Lease,
 ) -> actix_web::HttpResponseBuilder {
     let mut builder = HttpResponse::build(status);
+    let masker = Masker::new(&lease.api_key);
     for (n, v) in upstream::forwardable_response_headers(headers) {
-        builder.append_header((n, v));
+        match masker.mask(v.as_bytes()) {
+            None => {
+                builder.append_header((n, v));
+            }
+            Some(masked) => {
+                if let Ok(v) = HeaderValue::from_bytes(&masked) {
+                    builder.append_header((n, v));
+                }
+            }
+        }
     }
     builder.insert_header((BACKEND_HEADER, lease.name.to_string()));
     builder
@@ -465,24 +535,29 @@ struct Tries {
     max_failures: u32,
     total: u32,
     unsent: u32,
+    /// Backends that answered this request 429, once each.
+    limited: Vec<BackendId>,
     last: Option<ApiError>,
     /// 5xx failures whose blame waits: a second backend answering the same
     /// status shows the failure follows the request (a poison request).
     strikes: Vec<(PendingStrike, u16)>,
     metrics: Arc<Metrics>,
+    log: slog::Logger,
 }
 
 impl Tries {
-    fn new(max_failures: u32, metrics: Arc<Metrics>) -> Self {
+    fn new(max_failures: u32, metrics: Arc<Metrics>, log: slog::Logger) -> Self {
         Self {
             exclude: Vec::new(),
             failures: 0,
             max_failures,
             total: 0,
             unsent: 0,
+            limited: Vec::new(),
             last: None,
             strikes: Vec::new(),
             metrics,
+            log,
         }
     }
 
@@ -519,6 +594,8 @@ impl Tries {
             kind,
         } = f;
         let out_of_tries = |me: &Self| me.total >= MAX_TOTAL_ATTEMPTS;
+        slog::trace!(self.log, "attempt failed";
+            "backend" => lease.name.to_string(), "outcome" => report.outcome.label(), "attempt" => self.total);
         match kind {
             FailKind::NotSent => {
                 // The backend closed since the grant; its fresh view is with
@@ -541,7 +618,15 @@ impl Tries {
                     .cooldowns
                     .with_label_values(&[&lease.name])
                     .inc();
-                // Not excluded: once it has cooled it may serve this request.
+                // Once it has cooled it may serve this request; a second
+                // 429 (its emergency probe failed too) and the request looks
+                // elsewhere or gets 503, instead of probing a key that keeps
+                // refusing once per Retry-After until its deadline.
+                if self.limited.contains(&lease.backend) {
+                    self.exclude.push(lease.backend);
+                } else {
+                    self.limited.push(lease.backend);
+                }
                 lease.settle(report).await;
             }
             FailKind::ServerError {
@@ -568,6 +653,13 @@ impl Tries {
                     {
                         s.absolve();
                     }
+                    if status == BAD_ANSWER {
+                        return Err(ApiError::Upstream {
+                            message: "every backend tried answered with a body that is not JSON"
+                                .into(),
+                            timeout: false,
+                        });
+                    }
                     return Err(ApiError::UpstreamAnswer {
                         status,
                         body,
@@ -578,7 +670,11 @@ impl Tries {
                 self.exclude.push(backend);
                 self.failures += 1;
                 self.last = Some(ApiError::Upstream {
-                    message: format!("backend {name}: upstream {status}{}", snippet(&body)),
+                    message: if status == BAD_ANSWER {
+                        format!("backend {name}: upstream answered with a body that is not JSON")
+                    } else {
+                        format!("backend {name}: upstream {status}{}", snippet(&body))
+                    },
                     timeout: false,
                 });
             }
@@ -638,11 +734,17 @@ async fn acquire(
     }
 }
 
+/// Reads the request body: at most `max` bytes, no gap between chunks
+/// longer than `idle`, all of it within `total` (a client that drips or
+/// stalls gets 408 instead of holding a worker's connection).
 async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     max: usize,
+    idle: Duration,
+    total: Duration,
 ) -> Result<Bytes, ApiError> {
+    let deadline = Instant::now() + total;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -652,7 +754,13 @@ async fn read_body(
         return Err(ApiError::BodyTooLarge(max));
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(1024).min(max));
-    while let Some(chunk) = payload.next().await {
+    loop {
+        let wait = (Instant::now() + idle).min(deadline);
+        let next = match tokio::time::timeout_at(wait, payload.next()).await {
+            Ok(next) => next,
+            Err(_) => return Err(ApiError::BodyTimeout),
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError::InvalidRequest(format!("could not read the request body: {e}"))
         })?;

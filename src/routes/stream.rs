@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::proxy::Trace;
 use crate::events::EventSink;
+use crate::secrets::Masker;
 use crate::upstream::sse::SseFilter;
 
 pub type UpstreamBody = LocalBoxStream<'static, Result<Bytes, awc::error::PayloadError>>;
@@ -59,6 +60,8 @@ pub struct StreamContext {
     pub ttft: Duration,
     /// What the provider's headers said about its limits.
     pub limits: Option<ProviderLimits>,
+    /// The most one event may hold before it ends.
+    pub max_event_bytes: usize,
 }
 
 pub struct PassThrough {
@@ -70,7 +73,15 @@ pub struct PassThrough {
     ctx: Option<StreamContext>,
     /// A truncated stream's last bytes went out; the cut follows.
     cut_next: bool,
+    /// The first chunk made the stream broken (an endless first event).
+    broken_first: bool,
+    /// Masks the backend's key wherever an event carries it.
+    masker: Masker,
 }
+
+/// Upstream chunks taken in one poll before yielding to the runtime: a
+/// flood of tiny chunks must not hold a worker.
+const CHUNKS_PER_POLL: usize = 32;
 
 impl PassThrough {
     pub fn new(
@@ -79,8 +90,12 @@ impl PassThrough {
         strip_usage: bool,
         ctx: StreamContext,
     ) -> Self {
-        let mut filter = SseFilter::new(strip_usage);
-        let first = filter.push(first);
+        let mut filter = SseFilter::bounded(strip_usage, ctx.max_event_bytes);
+        let masker = Masker::new(&ctx.lease.api_key);
+        let (first, broken_first) = match filter.push(first) {
+            Ok(b) => (masker.mask_bytes(b), false),
+            Err(_) => (Bytes::new(), true),
+        };
         let idle = ctx.lease.timeout;
         Self {
             upstream,
@@ -90,6 +105,8 @@ impl PassThrough {
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             ctx: Some(ctx),
             cut_next: false,
+            broken_first,
+            masker,
         }
     }
 
@@ -141,18 +158,35 @@ impl Stream for PassThrough {
                 return Poll::Ready(Some(Ok(first)));
             }
         }
+        if this.broken_first {
+            this.broken_first = false;
+            this.conclude(
+                Outcome::StreamBroken,
+                502,
+                Some("an upstream event grew past the limit without ending".into()),
+            );
+            return Poll::Ready(Some(Err(stream_error("upstream event too large"))));
+        }
         if this.ctx.is_none() {
             return Poll::Ready(None);
         }
-        loop {
+        for _ in 0..CHUNKS_PER_POLL {
             match this.upstream.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.idle_timer.as_mut().reset(Instant::now() + this.idle);
-                    let out = this.filter.push(chunk);
+                    let out = match this.filter.push(chunk) {
+                        Ok(out) => out,
+                        Err(e) => {
+                            this.conclude(Outcome::StreamBroken, 502, Some(e.to_string()));
+                            return Poll::Ready(Some(Err(stream_error(
+                                "upstream event too large",
+                            ))));
+                        }
+                    };
                     if out.is_empty() {
                         continue;
                     }
-                    return Poll::Ready(Some(Ok(out)));
+                    return Poll::Ready(Some(Ok(this.masker.mask_bytes(out))));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let detail = format!("stream broke after the first byte: {e}");
@@ -160,7 +194,7 @@ impl Stream for PassThrough {
                     return Poll::Ready(Some(Err(stream_error("upstream stream broke"))));
                 }
                 Poll::Ready(None) => {
-                    let rest = this.filter.finish();
+                    let rest = this.masker.mask_bytes(this.filter.finish());
                     if !this.filter.saw_done {
                         // awc reports a connection closed mid-body as a clean
                         // end; an OpenAI stream that really ended says [DONE].
@@ -199,6 +233,10 @@ impl Stream for PassThrough {
                 }
             }
         }
+        // Many chunks and nothing to send yet: let other tasks run, and come
+        // back at once.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

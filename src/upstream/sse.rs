@@ -10,13 +10,25 @@ use serde::Deserialize;
 
 use super::usage::{contains, Usage};
 
+/// The default bound on one event still waiting for its blank line.
+pub const MAX_PENDING_EVENT: usize = 4 * 1024 * 1024;
+
 #[derive(Debug, Default)]
 pub struct SseFilter {
     strip_usage_chunk: bool,
     partial: BytesMut,
+    /// How far `partial` has been searched for an event's end: new bytes
+    /// only are scanned, never the whole buffer again.
+    scanned: usize,
+    max_pending: usize,
     pub usage: Option<Usage>,
     pub saw_done: bool,
 }
+
+/// An event grew past the bound without ending: the stream is broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an upstream event grew past {0} bytes without ending")]
+pub struct EventTooLarge(pub usize);
 
 #[derive(Deserialize)]
 struct Chunk {
@@ -30,9 +42,10 @@ fn ends_an_event(chunk: &[u8]) -> bool {
     chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n")
 }
 
-/// Finds the end of the first complete event: the index just past its blank line.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// Finds the end of the first complete event at or after `from`: the index
+/// just past its blank line.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' {
             if buf[i + 1] == b'\n' {
@@ -49,35 +62,51 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 
 impl SseFilter {
     pub fn new(strip_usage_chunk: bool) -> Self {
+        Self::bounded(strip_usage_chunk, MAX_PENDING_EVENT)
+    }
+
+    /// An incomplete event may hold at most `max_pending` bytes.
+    pub fn bounded(strip_usage_chunk: bool, max_pending: usize) -> Self {
         Self {
             strip_usage_chunk,
+            max_pending: max_pending.max(1024),
             ..Default::default()
         }
     }
 
     /// Takes one upstream chunk; returns the bytes to send to the client now.
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+    pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLarge> {
         // The common case: whole events with nothing to read or remove pass
         // through as they are, without a copy.
         if self.partial.is_empty() && ends_an_event(&chunk) && !contains(&chunk, b"\"usage\"") {
             if contains(&chunk, b"[DONE]") {
                 self.saw_done = true;
             }
-            return chunk;
+            return Ok(chunk);
         }
         self.partial.extend_from_slice(&chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.partial) {
+        // A blank line may straddle the old and new bytes: back up two.
+        let mut from = self.scanned.saturating_sub(2);
+        while let Some(end) = event_end(&self.partial, from) {
             let event = self.partial.split_to(end);
             if self.keep(&event) {
                 out.extend_from_slice(&event);
             }
+            from = 0;
         }
-        out.freeze()
+        self.scanned = self.partial.len();
+        if self.partial.len() > self.max_pending {
+            self.partial.clear();
+            self.scanned = 0;
+            return Err(EventTooLarge(self.max_pending));
+        }
+        Ok(out.freeze())
     }
 
     /// Whatever is left when the upstream closes (an event without its blank line).
     pub fn finish(&mut self) -> Bytes {
+        self.scanned = 0;
         let rest = self.partial.split().freeze();
         if !rest.is_empty() && self.keep(&rest) {
             rest
@@ -132,6 +161,67 @@ fn data_of(event: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Events and what the filter keeps of them, fed in the given pieces.
+    fn run(f: &mut SseFilter, bytes: &[u8], cuts: &[usize]) -> Result<Vec<u8>, EventTooLarge> {
+        let mut out = Vec::new();
+        let mut last = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        for c in cuts.into_iter().chain([bytes.len()]) {
+            if c > last {
+                out.extend_from_slice(&f.push(Bytes::copy_from_slice(&bytes[last..c]))?);
+                last = c;
+            }
+        }
+        out.extend_from_slice(&f.finish());
+        Ok(out)
+    }
+
+    proptest! {
+        /// However a byte stream is split, the client gets the same bytes and
+        /// the same usage.
+        #[test]
+        fn any_split_gives_the_same_events(
+            events in proptest::collection::vec(prop_oneof![
+                Just(CONTENT.to_string()),
+                Just(USAGE.to_string()),
+                Just("data: x\r\n\r\n".to_string()),
+                Just(": comment\n\n".to_string()),
+                "[ -~]{0,40}\n\n",
+                "[ -~\n]{0,40}",
+            ], 0..12),
+            cuts in proptest::collection::vec(any::<usize>(), 0..16),
+            strip in any::<bool>(),
+        ) {
+            let all = events.concat();
+            let mut whole = SseFilter::new(strip);
+            let one = run(&mut whole, all.as_bytes(), &[]).unwrap();
+            let mut split = SseFilter::new(strip);
+            let many = run(&mut split, all.as_bytes(), &cuts).unwrap();
+            prop_assert_eq!(one, many);
+            prop_assert_eq!(whole.usage, split.usage);
+            prop_assert_eq!(whole.saw_done, split.saw_done);
+        }
+
+        /// An event that never ends is cut at the bound; memory stays bounded.
+        #[test]
+        fn an_endless_event_is_bounded(piece in 1usize..4096, n in 1usize..2000) {
+            let mut f = SseFilter::bounded(false, 64 * 1024);
+            let mut broke = false;
+            let chunk = Bytes::from(vec![b'a'; piece]);
+            f.push(Bytes::from_static(b"data: ")).unwrap();
+            for _ in 0..n {
+                match f.push(chunk.clone()) {
+                    Ok(out) => prop_assert!(out.is_empty()),
+                    Err(_) => { broke = true; break; }
+                }
+                prop_assert!(f.partial.len() <= 64 * 1024);
+            }
+            prop_assert_eq!(broke, piece * n + 6 > 64 * 1024);
+        }
+    }
 
     const CONTENT: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
     const USAGE: &str =
@@ -142,7 +232,7 @@ mod tests {
     fn strips_usage_only_chunk_and_records_usage() {
         let mut f = SseFilter::new(true);
         let all = format!("{CONTENT}{USAGE}{DONE}");
-        let out = f.push(Bytes::from(all));
+        let out = f.push(Bytes::from(all)).unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             format!("{CONTENT}{DONE}")
@@ -161,18 +251,18 @@ mod tests {
     fn whole_events_without_usage_pass_through_without_a_copy() {
         let mut f = SseFilter::new(true);
         let chunk = Bytes::from(format!("{CONTENT}{CONTENT}"));
-        let out = f.push(chunk.clone());
+        let out = f.push(chunk.clone()).unwrap();
         assert_eq!(out, chunk);
         assert_eq!(out.as_ptr(), chunk.as_ptr(), "same buffer, not a copy");
         let done = Bytes::from_static(DONE.as_bytes());
-        assert_eq!(f.push(done.clone()).as_ptr(), done.as_ptr());
+        assert_eq!(f.push(done.clone()).unwrap().as_ptr(), done.as_ptr());
         assert!(f.saw_done);
     }
 
     #[test]
     fn keeps_usage_chunk_when_client_asked() {
         let mut f = SseFilter::new(false);
-        let out = f.push(Bytes::from_static(USAGE.as_bytes()));
+        let out = f.push(Bytes::from_static(USAGE.as_bytes())).unwrap();
         assert_eq!(&out[..], USAGE.as_bytes());
         assert!(f.usage.is_some());
     }
@@ -184,7 +274,7 @@ mod tests {
         let bytes = all.as_bytes();
         let mut out = Vec::new();
         for piece in bytes.chunks(7) {
-            out.extend_from_slice(&f.push(Bytes::copy_from_slice(piece)));
+            out.extend_from_slice(&f.push(Bytes::copy_from_slice(piece)).unwrap());
         }
         out.extend_from_slice(&f.finish());
         assert_eq!(String::from_utf8(out).unwrap(), format!("{CONTENT}{DONE}"));
@@ -196,7 +286,7 @@ mod tests {
         let mut f = SseFilter::new(true);
         let ev = "data: not json \"usage\"\r\n\r\n";
         assert_eq!(
-            &f.push(Bytes::from_static(ev.as_bytes()))[..],
+            &f.push(Bytes::from_static(ev.as_bytes())).unwrap()[..],
             ev.as_bytes()
         );
         assert_eq!(f.usage, None);

@@ -24,6 +24,12 @@ struct WithUsage {
     usage: Option<Usage>,
 }
 
+/// Usage from a whole (non-streaming) JSON body, if it has one; `Err` when
+/// the body is not JSON at all (parsed once: the parse is the check).
+pub fn from_json_body(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    serde_json::from_slice::<WithUsage>(body).map(|w| w.usage)
+}
+
 /// Usage from a whole (non-streaming) response body, if it has one.
 pub fn from_body(body: &[u8]) -> Option<Usage> {
     if !contains(body, b"\"usage\"") {

@@ -7,6 +7,7 @@ mod bad_input;
 mod config;
 mod dashboard;
 mod failover;
+mod hardening;
 mod helpers;
 mod key_state;
 mod persistence;

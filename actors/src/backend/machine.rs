@@ -751,10 +751,13 @@ impl KeyMachine {
                     now,
                 ));
             }
-            Outcome::ServerError { status } => {
+            Outcome::ServerError { .. } | Outcome::BadAnswer => {
                 self.totals.failures += 1;
                 ch.merge(self.on_answer(false, now));
-                let detail = detail.unwrap_or_else(|| format!("upstream {status}"));
+                let detail = detail.unwrap_or_else(|| match outcome {
+                    Outcome::ServerError { status } => format!("upstream {status}"),
+                    _ => "upstream answer was not valid JSON".to_string(),
+                });
                 match strike {
                     Strike::Now => ch.merge(self.on_failure(rec.at, detail, now)),
                     Strike::Deferred => {

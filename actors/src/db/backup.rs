@@ -36,7 +36,7 @@ pub fn backup(
     retention_days: u32,
 ) -> Result<BackupReport, DbError> {
     let started = std::time::Instant::now();
-    std::fs::create_dir_all(dir)?;
+    super::private_dir(dir)?;
     let now = SystemTime::now();
     let mut path = dir.join(format!("{PREFIX}{}{SUFFIX}", stamp(now)));
     let mut n = 1;
@@ -47,6 +47,9 @@ pub fn backup(
     let target = path
         .to_str()
         .ok_or_else(|| DbError::Invalid("backup path is not UTF-8".into()))?;
+    // VACUUM INTO takes an empty file: created 0600 first, so a copy of
+    // every encrypted key is never readable by others, even for a moment.
+    super::private_file(&path)?;
     diesel::sql_query("VACUUM INTO ?")
         .bind::<diesel::sql_types::Text, _>(target)
         .execute(conn)?;
@@ -102,10 +105,11 @@ pub fn restore(backup: &Path, db_path: &Path) -> Result<(), DbError> {
     integrity_check(&mut copy)?;
     drop(copy);
     if let Some(parent) = db_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
+        super::private_dir(parent)?;
     }
     let tmp = db_path.with_extension("restore-tmp");
     std::fs::copy(backup, &tmp)?;
+    super::private_file(&tmp)?;
     for ext in ["-wal", "-shm"] {
         let mut side = db_path.as_os_str().to_owned();
         side.push(ext);

@@ -47,6 +47,41 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Creates a folder (and its missing parents) that only the owner can
+/// enter (0700); an existing one is left as it is.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+/// Makes sure a file exists and only the owner can read it (0600). SQLite
+/// gives its `-wal` and `-shm` files the database file's mode.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+    }
+    Ok(())
+}
+
 /// Opens (creating its folder and file if needed) and configures a connection.
 pub fn connect(path: &Path) -> Result<SqliteConnection, DbError> {
     let open_err = |message: String| DbError::Open {
@@ -54,9 +89,10 @@ pub fn connect(path: &Path) -> Result<SqliteConnection, DbError> {
         message,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
+        private_dir(parent)
             .map_err(|e| open_err(format!("cannot create {}: {e}", parent.display())))?;
     }
+    private_file(path).map_err(|e| open_err(format!("cannot create the file: {e}")))?;
     let url = path
         .to_str()
         .ok_or_else(|| open_err("path is not UTF-8".into()))?;
