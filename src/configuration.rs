@@ -541,7 +541,8 @@ fn secs(source: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
             format!("must be a number of seconds ≥ 0, got {v}"),
         ));
     }
-    Ok(Duration::from_secs_f64(v))
+    Duration::try_from_secs_f64(v)
+        .map_err(|e| ConfigError::new(source, key, format!("{v} seconds: {e}")))
 }
 
 fn positive_secs(source: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {

@@ -280,7 +280,8 @@ fn main() -> ExitCode {
             let mock = MockUpstream::start(
                 MockConfig {
                     keys,
-                    window: Duration::from_secs_f64(window.max(0.001)),
+                    window: Duration::try_from_secs_f64(window.max(0.001))
+                        .context("--window must be a number of seconds")?,
                     latency: Duration::from_millis(latency_ms),
                     chunks,
                     chunk_interval: Duration::from_millis(chunk_ms),

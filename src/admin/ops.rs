@@ -278,9 +278,8 @@ pub async fn test_freeze(
 ) -> Result<HttpResponse, ApiError> {
     hooks_enabled(&state)?;
     authorize(&req, &state)?;
-    state.supervisor.do_send(TestFreeze(Duration::from_secs_f64(
-        q.seconds.clamp(0.0, 600.0),
-    )));
+    let seconds = Duration::try_from_secs_f64(q.seconds.clamp(0.0, 600.0)).unwrap_or_default();
+    state.supervisor.do_send(TestFreeze(seconds));
     Ok(HttpResponse::Ok().json(json!({"frozen_for_s": q.seconds})))
 }
 

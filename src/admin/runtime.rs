@@ -57,11 +57,15 @@ impl RuntimeConfig {
     pub fn apply(&self, base: &Tuning) -> Tuning {
         let mut t = base.clone();
         t.queue_max = self.queue_max;
-        t.queue_timeout = Duration::from_secs_f64(self.queue_timeout);
-        t.cooldown_base = Duration::from_secs_f64(self.cooldown_base);
-        t.cooldown_max = Duration::from_secs_f64(self.cooldown_max);
+        t.queue_timeout =
+            Duration::try_from_secs_f64(self.queue_timeout).unwrap_or(base.queue_timeout);
+        t.cooldown_base =
+            Duration::try_from_secs_f64(self.cooldown_base).unwrap_or(base.cooldown_base);
+        t.cooldown_max =
+            Duration::try_from_secs_f64(self.cooldown_max).unwrap_or(base.cooldown_max);
         t.emergency_fraction = self.emergency_fraction;
-        t.health_interval = Duration::from_secs_f64(self.health_interval);
+        t.health_interval =
+            Duration::try_from_secs_f64(self.health_interval).unwrap_or(base.health_interval);
         t
     }
 

@@ -246,10 +246,7 @@ async fn prepare(
     )
     .await?;
     let mut json = parse_object(&body)?;
-    let model: Arc<str> = match json.get("model") {
-        Some(Value::String(s)) if !s.trim().is_empty() => Arc::from(s.as_str()),
-        _ => return Err(ApiError::MissingModel),
-    };
+    let model = model_of(&json)?;
     trace.record.model = Some(model.clone());
     let default_priority = client_key
         .as_ref()
@@ -780,6 +777,13 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+fn model_of(json: &Map<String, Value>) -> Result<Arc<str>, ApiError> {
+    match json.get("model") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Arc::from(s.as_str())),
+        _ => Err(ApiError::MissingModel),
+    }
+}
+
 fn priority_of(req: &HttpRequest, default: Priority) -> Result<Priority, ApiError> {
     match req.headers().get("x-priority") {
         None => Ok(default),
@@ -846,5 +850,53 @@ mod tests {
         let mut json = Map::new();
         json.insert("max_tokens".into(), Value::from(u64::MAX));
         assert_eq!(estimate_tokens(4000, &json), MAX_EST_TOKENS);
+    }
+
+    use proptest::prelude::*;
+
+    /// Request bodies as clients may send them: JSON objects with the
+    /// fields the gateway reads, holding anything.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let scalar = prop_oneof![
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            Just(Value::Null),
+        ];
+        let field = prop_oneof![
+            Just("model"),
+            Just("max_tokens"),
+            Just("max_completion_tokens"),
+            Just("stream"),
+            Just("stream_options"),
+            Just("messages"),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::collection::vec((field, scalar), 0..6).prop_map(|kv| {
+                let m: Map<String, Value> =
+                    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                serde_json::to_vec(&Value::Object(m)).unwrap_or_default()
+            }),
+        ]
+    }
+
+    proptest! {
+        /// No body panics the request preparation; the estimate is bounded.
+        #[test]
+        fn any_body_is_parsed_without_panic(bytes in body()) {
+            if let Ok(mut json) = parse_object(&bytes) {
+                let model = model_of(&json);
+                if let Ok(m) = &model {
+                    prop_assert!(!m.trim().is_empty());
+                }
+                let _ = request_stream_usage(&mut json);
+                prop_assert!(estimate_tokens(bytes.len(), &json) <= MAX_EST_TOKENS);
+            }
+        }
     }
 }
