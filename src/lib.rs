@@ -1,24 +1,24 @@
 //! sidecar: an OpenAI-compatible gateway that pools many rate-limited LLM API
 //! keys behind one endpoint. The actors live in the `sidecar-actors` crate;
-//! this crate is the HTTP edge, configuration, the simulated upstream and the CLI.
+//! this crate is the HTTP edge around them, one room per concern (the README's
+//! "How it works" walks through them).
 
+/// The admin API under `/api/admin` and the dashboard it feeds.
 pub mod admin;
-pub mod client_keys;
-pub mod configuration;
-pub mod dashboard;
-pub mod demo;
-pub mod error;
-pub mod events;
-pub mod guard;
-pub mod import;
-pub mod keys;
-pub mod metrics;
-pub mod metrics_server;
-pub mod mock_upstream;
-pub mod notify;
-pub mod persistence;
-pub mod routes;
-pub mod secrets;
+/// Subcommands besides `serve`: demo, import, keys, backup and restore.
+pub mod cli;
+/// Metrics, health, systemd notification, logging and the events they count.
+pub mod ops;
+/// The OpenAI-compatible routes: prepare a request, attempt it upstream,
+/// classify the answer, stream it back.
+pub mod proxy;
+/// The settings file and environment: raw schema, loading, validation.
+pub mod settings;
+/// The simulated upstream (a faithful provider with every fault we defend against).
+pub mod sim;
+/// Builds the HTTP servers on their listeners and wires the actors.
 pub mod startup;
-pub mod telemetry;
-pub mod upstream;
+/// SQLite at start: migrations, the encryption key, backends loaded.
+pub mod store;
+/// What every route shares: the error shape and the browser guard.
+pub mod web;

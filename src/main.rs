@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sidecar::configuration::{Settings, Sources};
-use sidecar::demo::{self, DemoOptions};
-use sidecar::mock_upstream::{MockConfig, MockKey, MockUpstream};
+use sidecar::cli::demo::{self, DemoOptions};
+use sidecar::ops::telemetry;
+use sidecar::settings::{Settings, Sources};
+use sidecar::sim::{MockConfig, MockKey, MockUpstream};
 use sidecar::startup::Application;
-use sidecar::{keys, telemetry};
+use sidecar::store::keys;
 use sidecar_actors::db::{self, KeyRing};
 
 #[derive(Parser)]
@@ -156,9 +157,9 @@ fn import(
             .ok_or_else(|| anyhow::anyhow!("--models takes CANONICAL=NATIVE, got {m:?}"))?;
         extra.insert(c.trim().to_string(), n.trim().to_string());
     }
-    let backends = sidecar::import::parse(file, settings.default_rpm, &extra)?;
+    let backends = sidecar::cli::import::parse(file, settings.default_rpm, &extra)?;
     let (mut conn, ring) = open_db(&settings)?;
-    let r = sidecar::import::import(&mut conn, &ring, &backends)?;
+    let r = sidecar::cli::import::import(&mut conn, &ring, &backends)?;
     println!(
         "{}: {} added, {} updated, {} unchanged (database {})",
         file.display(),
@@ -316,7 +317,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::HashKey { key } => {
-            println!("{}", hex::encode(sidecar::client_keys::sha256(&key)));
+            println!("{}", hex::encode(sidecar::proxy::client_keys::sha256(&key)));
             Ok(())
         }
     };

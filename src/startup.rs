@@ -26,15 +26,17 @@ use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober, Tuning};
 use slog::{info, warn, Logger};
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
+use crate::admin::dashboard::{self, Snapshots};
 use crate::admin::runtime::RuntimeConfig;
-use crate::client_keys::ClientKeys;
-use crate::configuration::{Settings, Sources, StateSettings};
-use crate::dashboard::{self, Snapshots};
-use crate::error::ApiError;
-use crate::events::EventSink;
-use crate::metrics::Metrics;
-use crate::routes::{health, models, proxy};
-use crate::{admin, metrics_server, notify, persistence, upstream};
+use crate::ops::events::EventSink;
+use crate::ops::metrics::Metrics;
+use crate::ops::{health, metrics_server, notify};
+use crate::proxy::client_keys::ClientKeys;
+use crate::proxy::{self, models, upstream};
+use crate::settings::{Settings, Sources, StateSettings};
+use crate::store::boot as persistence;
+use crate::web::error::ApiError;
 
 /// Shared by every worker. Holds only thread-safe handles; the awc client is
 /// per worker and lives in its own app data.
@@ -380,7 +382,7 @@ impl Application {
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
-                .wrap(actix_web::middleware::from_fn(crate::guard::browser))
+                .wrap(actix_web::middleware::from_fn(crate::web::guard::browser))
                 .app_data(app_state.clone())
                 .app_data(web::Data::new(upstream::build_client()))
                 .wrap_fn(|req, srv| {
@@ -407,7 +409,7 @@ impl Application {
                 .configure(admin::configure)
                 .configure(dashboard::configure)
                 .default_service(web::to(not_found))
-                .wrap(crate::guard::cors(app_state.clone()))
+                .wrap(crate::web::guard::cors(app_state.clone()))
         })
         .shutdown_timeout(settings.drain_timeout.as_secs().max(1))
         // A client that closes its side has left (as nginx sees it, 499):
@@ -513,7 +515,7 @@ impl Application {
         }
         // Give slog-async a moment to hand over the last lines, then write them.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        crate::telemetry::flush();
+        crate::ops::telemetry::flush();
         served
     }
 }

@@ -19,10 +19,10 @@ use sidecar_actors::store;
 use sidecar_actors::{ApiKey, BackendId, Pool};
 
 use super::authorize;
-use crate::configuration::{RawBackend, RawModel};
-use crate::error::ApiError;
+use crate::proxy::upstream;
+use crate::settings::{RawBackend, RawModel};
 use crate::startup::AppState;
-use crate::upstream;
+use crate::web::error::ApiError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,7 +250,7 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .collect();
     Ok(HttpResponse::Ok().json(json!({
         "backends": out,
-        "state": crate::routes::health::state_json(&state.rate),
+        "state": crate::ops::health::state_json(&state.rate),
     })))
 }
 

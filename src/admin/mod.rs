@@ -4,6 +4,7 @@
 //! request bodies with unknown fields are rejected naming them.
 
 mod backends;
+pub mod dashboard;
 mod ops;
 pub mod reload;
 pub mod runtime;
@@ -12,8 +13,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
 pub use ops::snapshot_json;
 
@@ -119,7 +120,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/reload", web::post().to(reload::reload_handler))
             .route("/backup", web::post().to(ops::backup_now))
             .route("/actors", web::get().to(ops::actors))
-            .route("/events", web::get().to(crate::dashboard::events))
+            .route("/events", web::get().to(crate::admin::dashboard::events))
             .route("/test/freeze", web::post().to(ops::test_freeze))
             .route("/test/crash/{id}", web::post().to(ops::test_crash)),
     );

@@ -17,9 +17,9 @@ use sidecar_actors::{store, BackendId, Pool};
 use tokio::time::Instant;
 
 use super::authorize;
-use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
 fn secs_until(at: Option<Instant>, now: Instant) -> Option<f64> {
     at.map(|t| t.saturating_duration_since(now).as_secs_f64())
@@ -137,7 +137,7 @@ pub async fn pools(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpR
     let live = snapshot_json(
         &snap,
         &state.metrics,
-        &crate::routes::health::state_json(&state.rate),
+        &crate::ops::health::state_json(&state.rate),
     );
     let today = store::run(&state.db, usage::pool_summary).await?;
     Ok(HttpResponse::Ok()
@@ -241,7 +241,7 @@ pub async fn actors(
     let mut out = snapshot_json(
         &snap,
         &state.metrics,
-        &crate::routes::health::state_json(&state.rate),
+        &crate::ops::health::state_json(&state.rate),
     );
     let flush = state.stats.send(GetFlushStatus).await.ok();
     let backup = state.backup.send(GetBackupStatus).await.ok();

@@ -10,9 +10,9 @@ use sidecar_actors::store;
 use slog::{info, warn};
 
 use super::authorize;
-use crate::configuration::Settings;
-use crate::error::ApiError;
+use crate::settings::Settings;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
 pub async fn reload(state: &AppState) -> Result<serde_json::Value, ApiError> {
     let settings = Settings::load(&state.origin).map_err(|e| {

@@ -11,8 +11,8 @@ use sidecar_actors::messages::UpdateTuning;
 use sidecar_actors::{db, store, Tuning};
 
 use super::authorize;
-use crate::error::ApiError;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
 pub const CONFIG_KEY: &str = "runtime_config";
 

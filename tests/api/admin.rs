@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use sidecar::mock_upstream::{Fault, MockConfig, MockKey};
+use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::messages::TestCrashBackend;
 use sidecar_actors::Status;
 
@@ -478,8 +478,8 @@ async fn metrics_after_traffic_and_bounded_labels() {
 /// its actor and traffic, one removed retires.
 #[actix_web::test]
 async fn reload_applies_the_file_to_the_running_actors() {
-    use sidecar::configuration::{Settings, Sources};
-    let mock = sidecar::mock_upstream::MockUpstream::spawn(MockConfig {
+    use sidecar::settings::{Settings, Sources};
+    let mock = sidecar::sim::MockUpstream::spawn(MockConfig {
         keys: vec![MockKey::new("k-1", None), MockKey::new("k-2", None)],
         ..Default::default()
     })

@@ -1,6 +1,6 @@
 use serde_json::{json, Value};
-use sidecar::client_keys::sha256;
-use sidecar::mock_upstream::{MockConfig, MockKey};
+use sidecar::proxy::client_keys::sha256;
+use sidecar::sim::{MockConfig, MockKey};
 
 use crate::helpers::{backend, spawn_app};
 

@@ -1,13 +1,13 @@
 use std::io::Write;
 use std::process::Command;
 
-use sidecar::configuration::{Settings, Sources};
+use sidecar::settings::{Settings, Sources};
 
 fn load_file(
     text: &str,
 ) -> (
     tempfile::NamedTempFile,
-    Result<Settings, sidecar::configuration::ConfigError>,
+    Result<Settings, sidecar::settings::ConfigError>,
 ) {
     let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     f.write_all(text.as_bytes()).unwrap();
@@ -113,7 +113,7 @@ fn check_config_command_exits_non_zero_with_the_message() {
 
 #[test]
 fn single_key_environment_form_yields_one_backend() {
-    let raw = sidecar::configuration::RawSettings {
+    let raw = sidecar::settings::RawSettings {
         api_key: Some("nvapi-single".into()),
         upstream: Some("https://integrate.api.nvidia.com/v1".into()),
         models: Some("meta/llama-3.1-8b-instruct".into()),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sidecar::mock_upstream::{MockConfig, MockKey};
+use sidecar::sim::{MockConfig, MockKey};
 
 use crate::helpers::{backend, chat_body, spawn_app};
 

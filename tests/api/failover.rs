@@ -3,7 +3,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use serde_json::json;
-use sidecar::mock_upstream::{Fault, MockConfig, MockKey};
+use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
 use tokio::time::Instant;
 

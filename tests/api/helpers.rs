@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use awc::http::header::HeaderMap;
 use serde_json::Value;
-use sidecar::configuration::{Settings, Sources};
-use sidecar::mock_upstream::{MockConfig, MockUpstream};
+use sidecar::settings::{Settings, Sources};
+use sidecar::sim::{MockConfig, MockUpstream};
 use sidecar::startup::Application;
 use sidecar::startup::GatewayHandle;
 use sidecar_actors::backup::BackupActor;

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sidecar::mock_upstream::{Fault, MockConfig, MockKey};
+use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::backup::{BackupNow, GetBackupStatus};
 use sidecar_actors::db::{self, usage};
 use sidecar_actors::stats::Flush;
@@ -249,7 +249,7 @@ async fn keys_are_encrypted_and_a_wrong_key_is_refused() {
         "{err}"
     );
 
-    let mock = sidecar::mock_upstream::MockUpstream::spawn(MockConfig::default()).unwrap();
+    let mock = sidecar::sim::MockUpstream::spawn(MockConfig::default()).unwrap();
     let mut malformed = test_settings(PRICED, &mock, dir.path());
     malformed.encryption_key = Some("not-hex".into());
     let err = start_gateway(mock, Arc::clone(&dir), malformed)

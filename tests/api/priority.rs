@@ -2,7 +2,7 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use sidecar::mock_upstream::{MockConfig, MockKey};
+use sidecar::sim::{MockConfig, MockKey};
 use tokio::time::Instant;
 
 use crate::helpers::{backend, chat_body, spawn_app};

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sidecar::mock_upstream::{MockConfig, MockKey, MockUpstream};
+use sidecar::sim::{MockConfig, MockKey, MockUpstream};
 use sidecar_actors::db::{self, backends, usage, KeyRing};
 use tokio::time::Instant;
 

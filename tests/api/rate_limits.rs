@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use sidecar::mock_upstream::{Fault, MockConfig, MockKey};
+use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
 use tokio::time::Instant;
 
@@ -266,7 +266,7 @@ async fn client_key_rpm_is_enforced() {
         keys: vec![MockKey::new("k-1", None)],
         ..Default::default()
     };
-    let key_hash = hex::encode(sidecar::client_keys::sha256("ck-1"));
+    let key_hash = hex::encode(sidecar::proxy::client_keys::sha256("ck-1"));
     let toml = format!(
         "{}[[client_keys]]\nname = \"small\"\nkey_sha256 = \"{key_hash}\"\nrpm = 2\n",
         backend("b", "k-1", "primary", 1000, "")

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use sidecar::mock_upstream::{Fault, KeyStats, MockConfig, MockKey, MockUpstream};
+use sidecar::sim::{Fault, KeyStats, MockConfig, MockKey, MockUpstream};
 use sidecar_actors::testing::RedisServer;
 use tokio::time::Instant;
 

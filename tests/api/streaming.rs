@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::json;
-use sidecar::mock_upstream::{MockConfig, MockKey};
+use sidecar::sim::{MockConfig, MockKey};
 use tokio::time::Instant;
 
 use crate::helpers::{backend, spawn_app, TestApp};

@@ -11,11 +11,11 @@ use serde_json::json;
 use sidecar_actors::{GetSnapshot, PoolSupervisor, Status};
 use slog::{info, Logger};
 
-use crate::configuration::{Settings, Sources};
-use crate::mock_upstream::{Fault, MockConfig, MockKey, MockUpstream};
+use crate::settings::{Settings, Sources};
+use crate::sim::{Fault, MockConfig, MockKey, MockUpstream};
 use crate::startup::Application;
 
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 pub struct DemoOptions {
     pub port: u16,
@@ -91,7 +91,7 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
 }
 
 async fn generate_traffic(base: String, rps: f64, log: Logger) {
-    let client = crate::upstream::build_client();
+    let client = crate::proxy::upstream::build_client();
     let every = Duration::from_secs_f64(1.0 / rps.max(0.01));
     let mut tick = tokio::time::interval(every);
     let mut n: u64 = 0;

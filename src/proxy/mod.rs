@@ -7,6 +7,15 @@
 //! are retried on another backend until the first byte has gone to the
 //! client; after that the answer is the client's.
 
+pub mod client_keys;
+pub mod limits;
+pub mod models;
+pub mod secrets;
+pub mod sse;
+pub mod stream;
+pub mod upstream;
+pub mod usage;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,13 +29,13 @@ use sidecar_actors::{
 };
 use tokio::time::Instant;
 
-use super::stream::{first_chunk, PassThrough, StreamContext};
-use crate::error::ApiError;
-use crate::events::RequestFinished;
-use crate::metrics::Metrics;
-use crate::secrets::Masker;
+use crate::ops::events::RequestFinished;
+use crate::ops::metrics::Metrics;
+use crate::proxy::secrets::Masker;
 use crate::startup::{AppState, RequestId};
-use crate::upstream::{self, classify_send_error, limits, usage, Answer};
+use crate::web::error::ApiError;
+use stream::{first_chunk, PassThrough, StreamContext};
+use upstream::{classify_send_error, Answer};
 
 /// Largest non-streaming upstream answer we buffer.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -152,7 +161,7 @@ async fn proxy(
 /// handler, cancelling the upstream call with it — as 499.
 struct Unanswered {
     trace: Trace,
-    events: crate::events::EventSink,
+    events: crate::ops::events::EventSink,
     done: bool,
 }
 

@@ -18,8 +18,8 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::web;
 
-use crate::error::ApiError;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
 /// The authority (`host[:port]`) of an origin like `http://host:port`.
 fn authority(origin: &str) -> Option<&str> {
@@ -156,7 +156,7 @@ pub fn cors(state: web::Data<AppState>) -> actix_cors::Cors {
         .allow_any_header()
         .expose_headers([
             header::RETRY_AFTER.as_str(),
-            crate::routes::proxy::BACKEND_HEADER,
+            crate::proxy::BACKEND_HEADER,
             "x-request-id",
         ])
         .max_age(600)

@@ -9,10 +9,10 @@ use actix::Addr;
 use sidecar_actors::stats::{RecordUsage, StatsActor};
 use sidecar_actors::{BackendId, Pool};
 
-use crate::metrics::{status_class, Metrics};
+use crate::ops::metrics::{status_class, Metrics};
 use slog::{info, warn, Logger};
 
-use crate::upstream::usage::Usage;
+use crate::proxy::usage::Usage;
 
 /// One client request, finished (answered, failed, or its stream ended).
 #[derive(Debug, Clone, Default)]

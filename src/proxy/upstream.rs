@@ -1,15 +1,13 @@
 //! Talking to upstream providers with awc: one client per worker thread
 //! (awc's client is not `Send`), header hygiene, and error classification.
 
-pub mod limits;
-pub mod sse;
-pub mod usage;
-
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use awc::error::SendRequestError;
 use sidecar_actors::Outcome;
+
+use super::limits;
 
 /// Builds the per-worker upstream client. Timeouts are set per request from
 /// the backend's settings; connection reuse keeps added latency low.

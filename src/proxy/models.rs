@@ -2,8 +2,8 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 use sidecar_actors::ListModels;
 
-use crate::error::ApiError;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
 /// `GET /v1/models`: canonical models of enabled backends, OpenAI list format.
 pub async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

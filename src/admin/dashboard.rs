@@ -15,13 +15,13 @@ use sidecar_actors::PoolSupervisor;
 use tokio::sync::{broadcast, watch};
 
 use crate::admin::{authorize, snapshot_json};
-use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::startup::AppState;
+use crate::web::error::ApiError;
 
-const HTML: &str = include_str!("../static/dashboard.html");
-const JS: &str = include_str!("../static/dashboard.js");
-const CSS: &str = include_str!("../static/dashboard.css");
+const HTML: &str = include_str!("../../static/dashboard.html");
+const JS: &str = include_str!("../../static/dashboard.js");
+const CSS: &str = include_str!("../../static/dashboard.css");
 
 /// Only the gateway itself may be contacted by the page.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
@@ -102,7 +102,7 @@ impl Snapshots {
                 let Ok(snap) = supervisor.send(GetSnapshot).await else {
                     continue;
                 };
-                let shared = crate::routes::health::state_json(&rate);
+                let shared = crate::ops::health::state_json(&rate);
                 let json: Arc<str> = Arc::from(snapshot_json(&snap, &metrics, &shared).to_string());
                 if let Ok(mut l) = me.latest.write() {
                     *l = Some(json.clone());

@@ -12,10 +12,10 @@ use futures_util::{Future, Stream, StreamExt};
 use sidecar_actors::{Lease, Outcome, ProviderLimits, Report};
 use tokio::time::{Instant, Sleep};
 
-use super::proxy::Trace;
-use crate::events::EventSink;
-use crate::secrets::Masker;
-use crate::upstream::sse::SseFilter;
+use super::Trace;
+use crate::ops::events::EventSink;
+use crate::proxy::secrets::Masker;
+use crate::proxy::sse::SseFilter;
 
 pub type UpstreamBody = LocalBoxStream<'static, Result<Bytes, awc::error::PayloadError>>;
 

@@ -6,8 +6,8 @@ use sidecar_actors::db::{self, backends, rate, KeyRing};
 use sidecar_actors::BackendSpec;
 use slog::{info, warn, Logger};
 
-use crate::configuration::{Settings, StateSettings};
-use crate::keys::{self, KeySource};
+use crate::settings::{Settings, StateSettings};
+use crate::store::keys::{self, KeySource};
 
 pub struct Boot {
     pub ring: KeyRing,

@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 use sidecar_actors::limiter::RollingLimiter;
 use tokio::time::Instant;
 
-use crate::configuration::ClientKey;
-use crate::error::ApiError;
+use crate::settings::ClientKey;
+use crate::web::error::ApiError;
 
 pub struct ClientKeys {
     keys: HashMap<[u8; 32], Arc<ClientEntry>>,

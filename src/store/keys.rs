@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sidecar_actors::db::KeyRing;
 
-use crate::configuration::Settings;
+use crate::settings::Settings;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {

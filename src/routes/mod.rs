@@ -1,4 +1,0 @@
-pub mod health;
-pub mod models;
-pub mod proxy;
-pub mod stream;

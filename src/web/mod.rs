@@ -1,0 +1,4 @@
+//! What the proxy and the admin API share at the HTTP edge.
+
+pub mod error;
+pub mod guard;
