@@ -3,8 +3,6 @@
 //! listener beside it.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,147 +13,29 @@ use actix_web::{web, App, HttpMessage, HttpServer};
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 use sidecar_actors::backup::BackupActor;
-use sidecar_actors::db::KeyRing;
-use sidecar_actors::messages::ListModels;
 use sidecar_actors::messages::{CollectGrants, Drain};
 use sidecar_actors::rate_state::embedded::FlushGrants;
 use sidecar_actors::rate_state::{Cluster, GrantLogger, RateState, SAVE_EVERY};
 use sidecar_actors::stats::{Flush, StatsActor};
 use sidecar_actors::store::DbExecutor;
-use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober, Tuning};
+use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober};
 use slog::{info, warn, Logger};
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::admin::dashboard::{self, Snapshots};
 use crate::admin::runtime::RuntimeConfig;
+use crate::admin::AdminState;
 use crate::ops::events::EventSink;
 use crate::ops::metrics::Metrics;
 use crate::ops::{health, metrics_server, notify};
 use crate::proxy::client_keys::ClientKeys;
 use crate::proxy::{self, models, upstream};
-use crate::settings::{Settings, Sources, StateSettings};
+use crate::proxy::{ProxyState, QueueTimeout, RequestLimits};
+use crate::settings::{Settings, StateSettings};
 use crate::store::boot as persistence;
+use crate::web::access::Access;
 use crate::web::error::ApiError;
-
-/// Shared by every worker. Holds only thread-safe handles; the awc client is
-/// per worker and lives in its own app data.
-pub struct AppState {
-    pub supervisor: Addr<PoolSupervisor>,
-    /// One token per request still running (streams included): the final
-    /// stats flush waits for them, so a stream cut by the drain is counted.
-    pub live: TaskTracker,
-    pub client_keys: ClientKeys,
-    pub max_attempts: u32,
-    pub max_body_bytes: usize,
-    /// Most bytes one upstream SSE event may hold before it ends.
-    pub max_event_bytes: usize,
-    pub body_idle_timeout: Duration,
-    pub body_timeout: Duration,
-    pub events: EventSink,
-    pub log: Logger,
-    pub db: Addr<DbExecutor>,
-    pub ring: KeyRing,
-    pub stats: Addr<StatsActor>,
-    pub backup: Addr<BackupActor>,
-    admin_token: std::sync::RwLock<Option<String>>,
-    browser: std::sync::RwLock<Arc<BrowserPolicy>>,
-    pub origin: Sources,
-    pub settings_source: String,
-    pub default_timeout: Duration,
-    pub base_tuning: Tuning,
-    pub metrics: Arc<Metrics>,
-    pub snapshots: Arc<Snapshots>,
-    pub test_hooks: bool,
-    pub db_path: PathBuf,
-    /// Where rate state lives beyond this process.
-    pub rate: RateState,
-    /// The settings the process started with: what a reload cannot change.
-    pub started: Settings,
-    runtime: Mutex<RuntimeConfig>,
-    queue_timeout_ms: AtomicU64,
-}
-
-impl AppState {
-    pub fn runtime(&self) -> RuntimeConfig {
-        match self.runtime.lock() {
-            Ok(r) => r.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    pub fn set_runtime(&self, r: RuntimeConfig) {
-        self.queue_timeout_ms
-            .store((r.queue_timeout * 1000.0) as u64, Ordering::Relaxed);
-        match self.runtime.lock() {
-            Ok(mut g) => *g = r,
-            Err(p) => *p.into_inner() = r,
-        }
-    }
-
-    /// The admin token in force (a reload may change it).
-    pub fn admin_token(&self) -> Option<String> {
-        match self.admin_token.read() {
-            Ok(t) => t.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    pub fn set_admin_token(&self, token: Option<String>) {
-        match self.admin_token.write() {
-            Ok(mut t) => *t = token,
-            Err(p) => *p.into_inner() = token,
-        }
-    }
-
-    /// Which browser origins and host names are allowed (a reload may
-    /// change them).
-    pub fn browser(&self) -> Arc<BrowserPolicy> {
-        match self.browser.read() {
-            Ok(b) => b.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    pub fn set_browser(&self, policy: BrowserPolicy) {
-        match self.browser.write() {
-            Ok(mut b) => *b = Arc::new(policy),
-            Err(p) => *p.into_inner() = Arc::new(policy),
-        }
-    }
-
-    pub fn queue_timeout(&self) -> Duration {
-        Duration::from_millis(self.queue_timeout_ms.load(Ordering::Relaxed))
-    }
-
-    pub fn default_rpm(&self) -> u32 {
-        self.runtime().default_rpm
-    }
-
-    /// Refreshes the set of models metrics may use as label values.
-    pub async fn refresh_models(&self) {
-        if let Ok(models) = self.supervisor.send(ListModels).await {
-            self.metrics
-                .set_known_models(models.iter().map(|m| m.to_string()));
-        }
-    }
-}
-
-/// The origins and hosts a browser request may come from or name.
-#[derive(Debug, Clone, Default)]
-pub struct BrowserPolicy {
-    pub allowed_origins: Vec<String>,
-    pub allowed_hosts: Vec<String>,
-}
-
-impl BrowserPolicy {
-    pub fn of(settings: &Settings) -> Self {
-        Self {
-            allowed_origins: settings.allowed_origins.clone(),
-            allowed_hosts: settings.allowed_hosts.clone(),
-        }
-    }
-}
 
 /// The id of one request, taken from the client's `x-request-id` when it is
 /// sane, generated otherwise; echoed on every response.
@@ -343,26 +223,37 @@ impl Application {
             warn!(log, "SIDECAR_ADMIN_TOKEN is not set: the admin API and dashboard answer loopback clients only");
         }
         let live = TaskTracker::new();
-        let state = web::Data::new(AppState {
+        let access = web::Data::new(Access::new(settings));
+        let queue_timeout = QueueTimeout::new(tuning.queue_timeout);
+        let events = EventSink {
+            log: log.clone(),
+            stats: Some(stats.clone()),
+            metrics: Some(metrics.clone()),
+        };
+        let proxy_state = web::Data::new(ProxyState {
             supervisor: supervisor.clone(),
             client_keys: ClientKeys::new(&settings.client_keys, settings.tuning.window),
-            max_attempts: settings.max_attempts,
-            max_body_bytes: settings.max_body_bytes,
-            max_event_bytes: settings.max_event_bytes,
-            body_idle_timeout: settings.body_idle_timeout,
-            body_timeout: settings.body_timeout,
-            events: EventSink {
-                log: log.clone(),
-                stats: Some(stats.clone()),
-                metrics: Some(metrics.clone()),
+            limits: RequestLimits {
+                max_attempts: settings.max_attempts,
+                max_body_bytes: settings.max_body_bytes,
+                max_event_bytes: settings.max_event_bytes,
+                body_idle_timeout: settings.body_idle_timeout,
+                body_timeout: settings.body_timeout,
             },
+            queue_timeout: queue_timeout.clone(),
+            events,
+            metrics: metrics.clone(),
+            log: log.clone(),
+            live: live.clone(),
+        });
+        let state = web::Data::new(AdminState {
+            supervisor: supervisor.clone(),
             log: log.clone(),
             db: db.clone(),
             ring: boot.ring,
             stats: stats.clone(),
             backup: backup.clone(),
-            admin_token: std::sync::RwLock::new(settings.admin_token.clone()),
-            browser: std::sync::RwLock::new(Arc::new(BrowserPolicy::of(settings))),
+            access: access.clone(),
             origin: settings.origin.clone(),
             settings_source: settings.source.clone(),
             default_timeout: settings.default_timeout,
@@ -373,17 +264,20 @@ impl Application {
             db_path: settings.db_path.clone(),
             rate: rate.clone(),
             started: settings.clone(),
-            live: live.clone(),
-            queue_timeout_ms: AtomicU64::new((runtime.queue_timeout * 1000.0) as u64),
             runtime: Mutex::new(runtime),
+            queue_timeout,
         });
         state.refresh_models().await;
         admin::reload::spawn_sighup(state.clone());
-        let app_state = state.clone();
+        let admin_state = state.clone();
+        let health_state = web::Data::new(health::HealthState {
+            supervisor: supervisor.clone(),
+            rate: rate.clone(),
+        });
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(crate::web::guard::browser))
-                .app_data(app_state.clone())
+                .app_data(access.clone())
                 .app_data(web::Data::new(upstream::build_client()))
                 .wrap_fn(|req, srv| {
                     let id = request_id_from(&req);
@@ -397,19 +291,24 @@ impl Application {
                         Ok(res)
                     }
                 })
-                .route("/health", web::get().to(health::live))
-                .route("/health/ready", web::get().to(health::ready))
+                .service(
+                    web::scope("/health")
+                        .app_data(health_state.clone())
+                        .route("", web::get().to(health::live))
+                        .route("/ready", web::get().to(health::ready)),
+                )
                 .service(
                     web::scope("/v1")
+                        .app_data(proxy_state.clone())
                         .route("/chat/completions", web::post().to(proxy::chat_completions))
                         .route("/completions", web::post().to(proxy::completions))
                         .route("/embeddings", web::post().to(proxy::embeddings))
                         .route("/models", web::get().to(models::list_models)),
                 )
-                .configure(admin::configure)
+                .service(admin::scope(admin_state.clone()))
                 .configure(dashboard::configure)
                 .default_service(web::to(not_found))
-                .wrap(crate::web::guard::cors(app_state.clone()))
+                .wrap(crate::web::guard::cors(access.clone()))
         })
         .shutdown_timeout(settings.drain_timeout.as_secs().max(1))
         // A client that closes its side has left (as nginx sees it, 499):

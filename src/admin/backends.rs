@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sidecar_actors::db::backends::{
@@ -18,10 +18,9 @@ use sidecar_actors::messages::{
 use sidecar_actors::store;
 use sidecar_actors::{ApiKey, BackendId, Pool};
 
-use super::authorize;
+use crate::admin::AdminState;
 use crate::proxy::upstream;
 use crate::settings::{RawBackend, RawModel};
-use crate::startup::AppState;
 use crate::web::error::ApiError;
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +96,7 @@ pub fn backend_json(r: &BackendRecord, live: Option<&BackendView>) -> Value {
     })
 }
 
-async fn snapshot(state: &AppState) -> Vec<BackendView> {
+async fn snapshot(state: &AdminState) -> Vec<BackendView> {
     state
         .supervisor
         .send(GetSnapshot)
@@ -106,14 +105,14 @@ async fn snapshot(state: &AppState) -> Vec<BackendView> {
         .unwrap_or_default()
 }
 
-async fn record(state: &AppState, id: BackendId) -> Result<BackendRecord, ApiError> {
+async fn record(state: &AdminState, id: BackendId) -> Result<BackendRecord, ApiError> {
     let ring = state.ring.clone();
     store::run(&state.db, move |c| db_backends::find_by_id(c, &ring, id))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no backend with id {id}")))
 }
 
-fn refuse_config(r: &BackendRecord, state: &AppState) -> Result<(), ApiError> {
+fn refuse_config(r: &BackendRecord, state: &AdminState) -> Result<(), ApiError> {
     if r.settings.source == Source::Config {
         return Err(ApiError::admin(
             StatusCode::CONFLICT,
@@ -128,7 +127,7 @@ fn refuse_config(r: &BackendRecord, state: &AppState) -> Result<(), ApiError> {
 }
 
 /// Validates through the same rules as the config file.
-fn validate(settings: &BackendSettings, state: &AppState) -> Result<(), ApiError> {
+fn validate(settings: &BackendSettings, state: &AdminState) -> Result<(), ApiError> {
     let raw = RawBackend {
         name: settings.name.clone(),
         base_url: settings.base_url.clone(),
@@ -223,7 +222,7 @@ pub async fn test_key(
 }
 
 async fn save_and_apply(
-    state: &AppState,
+    state: &AdminState,
     settings: BackendSettings,
 ) -> Result<BackendRecord, ApiError> {
     let ring = state.ring.clone();
@@ -239,8 +238,7 @@ async fn save_and_apply(
     Ok(rec)
 }
 
-pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn list(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     let ring = state.ring.clone();
     let records = store::run(&state.db, move |c| db_backends::load_all(c, &ring)).await?;
     let live = snapshot(&state).await;
@@ -255,24 +253,20 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 }
 
 pub async fn get(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let r = record(&state, path.into_inner()).await?;
     let live = snapshot(&state).await;
     Ok(HttpResponse::Ok().json(backend_json(&r, live.iter().find(|v| v.id == r.id))))
 }
 
 pub async fn create(
-    req: HttpRequest,
     body: web::Json<BackendIn>,
     q: web::Query<WriteQuery>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let b = body.into_inner();
     let rpm = b.rpm_limit.unwrap_or(state.default_rpm());
     let settings = BackendSettings {
@@ -324,14 +318,12 @@ pub async fn create(
 }
 
 pub async fn update(
-    req: HttpRequest,
     path: web::Path<BackendId>,
     body: web::Json<BackendPatch>,
     q: web::Query<WriteQuery>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let r = record(&state, path.into_inner()).await?;
     refuse_config(&r, &state)?;
     let p = body.into_inner();
@@ -387,11 +379,9 @@ pub async fn update(
 }
 
 pub async fn delete(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let r = record(&state, path.into_inner()).await?;
     refuse_config(&r, &state)?;
     let id = r.id;
@@ -403,12 +393,10 @@ pub async fn delete(
 }
 
 async fn set_enabled(
-    req: HttpRequest,
     id: BackendId,
     enabled: bool,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let r = record(&state, id).await?;
     refuse_config(&r, &state)?;
     let mut s = r.settings.clone();
@@ -418,28 +406,24 @@ async fn set_enabled(
 }
 
 pub async fn enable(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    set_enabled(req, path.into_inner(), true, state).await
+    set_enabled(path.into_inner(), true, state).await
 }
 
 pub async fn disable(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    set_enabled(req, path.into_inner(), false, state).await
+    set_enabled(path.into_inner(), false, state).await
 }
 
 pub async fn test(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let r = record(&state, path.into_inner()).await?;
     let timeout = Duration::from_secs_f64(r.settings.timeout_secs.clamp(1.0, 30.0));
     let result = test_key(&client, &r.settings.base_url, &r.settings.api_key, timeout).await;
@@ -472,11 +456,9 @@ pub async fn test(
 }
 
 pub async fn reset_cooldown(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let id = path.into_inner();
     let done = state
         .supervisor

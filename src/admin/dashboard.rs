@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use actix::Addr;
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use bytes::Bytes;
 use sidecar_actors::messages::GetSnapshot;
 use sidecar_actors::rate_state::RateState;
 use sidecar_actors::PoolSupervisor;
 use tokio::sync::{broadcast, watch};
 
-use crate::admin::{authorize, snapshot_json};
+use crate::admin::snapshot_json;
+use crate::admin::AdminState;
 use crate::ops::metrics::Metrics;
-use crate::startup::AppState;
 use crate::web::error::ApiError;
 
 const HTML: &str = include_str!("../../static/dashboard.html");
@@ -118,11 +118,7 @@ fn event(data: &str) -> Bytes {
 }
 
 /// `GET /api/admin/events`: the live snapshot stream.
-pub async fn events(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn events(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     let snapshots = state.snapshots.clone();
     let rx = snapshots.tx.subscribe();
     let stop = snapshots.shutdown.subscribe();

@@ -8,20 +8,29 @@ pub mod dashboard;
 mod ops;
 pub mod reload;
 pub mod runtime;
+mod state;
 
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::web;
 use subtle::ConstantTimeEq;
 
-use crate::startup::AppState;
+use crate::web::access::Access;
 use crate::web::error::ApiError;
+pub use state::AdminState;
 
 pub use ops::snapshot_json;
 
-/// Checks the caller. `?token=` is accepted on the live-events stream only
-/// (`EventSource` cannot send headers): anywhere else a token in a URL ends
-/// up in histories and logs.
-pub fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+/// The one gate of the admin scope: every route under `/api/admin` passes
+/// here, so no handler can forget it. `?token=` is accepted on the
+/// live-events stream only (`EventSource` cannot send headers): anywhere
+/// else a token in a URL ends up in histories and logs.
+pub async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let header = req
         .headers()
         .get("authorization")
@@ -36,11 +45,17 @@ pub fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
         })
         .flatten();
     let peer = req.peer_addr().map(|a| a.ip());
-    check(
-        state.admin_token().as_deref(),
-        header.or(query).as_deref(),
-        peer,
-    )
+    let expected = req.app_data::<web::Data<Access>>().map(|a| a.admin_token());
+    let decision = match expected {
+        Some(expected) => check(expected.as_deref(), header.or(query).as_deref(), peer),
+        None => Err(ApiError::Internal(
+            "the admin scope has no access policy".into(),
+        )),
+    };
+    match decision {
+        Ok(()) => next.call(req).await.map(|r| r.map_into_boxed_body()),
+        Err(e) => Ok(req.error_response(e).map_into_boxed_body()),
+    }
 }
 
 /// The decision itself: a configured token must match (constant time);
@@ -93,9 +108,22 @@ fn query_config() -> web::QueryConfig {
     })
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
+/// The admin scope: one guard in front of every route, one state behind.
+pub fn scope(
+    state: web::Data<AdminState>,
+) -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<BoxBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    {
         web::scope("/api/admin")
+            .wrap(from_fn(guard))
+            .app_data(state)
             .app_data(json_config())
             .app_data(query_config())
             .route("/backends", web::get().to(backends::list))
@@ -122,8 +150,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/actors", web::get().to(ops::actors))
             .route("/events", web::get().to(crate::admin::dashboard::events))
             .route("/test/freeze", web::post().to(ops::test_freeze))
-            .route("/test/crash/{id}", web::post().to(ops::test_crash)),
-    );
+            .route("/test/crash/{id}", web::post().to(ops::test_crash))
+    }
 }
 
 #[cfg(test)]

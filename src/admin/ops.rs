@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use prometheus::core::Collector;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,9 +16,8 @@ use sidecar_actors::stats::GetFlushStatus;
 use sidecar_actors::{store, BackendId, Pool};
 use tokio::time::Instant;
 
-use super::authorize;
+use crate::admin::AdminState;
 use crate::ops::metrics::Metrics;
-use crate::startup::AppState;
 use crate::web::error::ApiError;
 
 fn secs_until(at: Option<Instant>, now: Instant) -> Option<f64> {
@@ -123,7 +122,7 @@ pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics, state: &Value) -> V
     })
 }
 
-async fn pool_snapshot(state: &AppState) -> Result<PoolSnapshot, ApiError> {
+async fn pool_snapshot(state: &AdminState) -> Result<PoolSnapshot, ApiError> {
     state
         .supervisor
         .send(GetSnapshot)
@@ -131,8 +130,7 @@ async fn pool_snapshot(state: &AppState) -> Result<PoolSnapshot, ApiError> {
         .map_err(|_| ApiError::Internal("supervisor unavailable".into()))
 }
 
-pub async fn pools(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn pools(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     let snap = pool_snapshot(&state).await?;
     let live = snapshot_json(
         &snap,
@@ -144,11 +142,7 @@ pub async fn pools(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpR
         .json(json!({"live": live["pools"], "today": today, "queue": live["queue"]})))
 }
 
-pub async fn stats_total(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn stats_total(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(store::run(&state.db, usage::total_stats).await?))
 }
 
@@ -164,11 +158,9 @@ fn default_hours() -> u32 {
 }
 
 pub async fn stats_hourly(
-    req: HttpRequest,
     q: web::Query<HourlyQuery>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let (id, hours) = (q.backend_id, q.hours.clamp(1, 24 * 90));
     let rows = store::run(&state.db, move |c| usage::hourly_usage(c, id, hours)).await?;
     Ok(HttpResponse::Ok().json(json!({"hours": hours, "rows": rows})))
@@ -185,11 +177,9 @@ fn default_days() -> u32 {
 }
 
 pub async fn stats_daily(
-    req: HttpRequest,
     q: web::Query<DailyQuery>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let days = q.days.clamp(1, 3650);
     let rows = store::run(&state.db, move |c| usage::daily_stats(c, days)).await?;
     Ok(HttpResponse::Ok().json(json!({"days": days, "rows": rows})))
@@ -206,21 +196,15 @@ fn default_limit() -> u32 {
 }
 
 pub async fn stats_cooldowns(
-    req: HttpRequest,
     q: web::Query<CooldownQuery>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let limit = q.limit.clamp(1, 1000);
     let rows = store::run(&state.db, move |c| usage::cooldown_history(c, limit)).await?;
     Ok(HttpResponse::Ok().json(json!({"rows": rows})))
 }
 
-pub async fn backup_now(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn backup_now(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     match state.backup.send(BackupNow).await {
         Ok(Ok(report)) => Ok(HttpResponse::Ok().json(report)),
         Ok(Err(e)) => Err(ApiError::admin(
@@ -232,11 +216,7 @@ pub async fn backup_now(
     }
 }
 
-pub async fn actors(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn actors(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     let snap = pool_snapshot(&state).await?;
     let mut out = snapshot_json(
         &snap,
@@ -256,7 +236,7 @@ pub async fn actors(
     Ok(HttpResponse::Ok().json(out))
 }
 
-fn hooks_enabled(state: &AppState) -> Result<(), ApiError> {
+fn hooks_enabled(state: &AdminState) -> Result<(), ApiError> {
     if state.test_hooks {
         Ok(())
     } else {
@@ -272,12 +252,10 @@ pub struct FreezeQuery {
 
 /// Test-only (SIDECAR_TEST_HOOKS=1): the supervisor stops answering pings.
 pub async fn test_freeze(
-    req: HttpRequest,
     q: web::Query<FreezeQuery>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     hooks_enabled(&state)?;
-    authorize(&req, &state)?;
     let seconds = Duration::try_from_secs_f64(q.seconds.clamp(0.0, 600.0)).unwrap_or_default();
     state.supervisor.do_send(TestFreeze(seconds));
     Ok(HttpResponse::Ok().json(json!({"frozen_for_s": q.seconds})))
@@ -285,12 +263,10 @@ pub async fn test_freeze(
 
 /// Test-only (SIDECAR_TEST_HOOKS=1): a backend actor fails and is restarted.
 pub async fn test_crash(
-    req: HttpRequest,
     path: web::Path<BackendId>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     hooks_enabled(&state)?;
-    authorize(&req, &state)?;
     let ok = state
         .supervisor
         .send(TestCrashBackend(path.into_inner()))

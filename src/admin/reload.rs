@@ -2,19 +2,18 @@
 //! backends are synced into the database and the running actors follow:
 //! new ones start, changed ones are reconfigured, removed ones retire.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde_json::json;
 use sidecar_actors::db::backends;
 use sidecar_actors::messages::{GetSnapshot, RemoveBackend, UpsertBackend};
 use sidecar_actors::store;
 use slog::{info, warn};
 
-use super::authorize;
+use crate::admin::AdminState;
 use crate::settings::Settings;
-use crate::startup::AppState;
 use crate::web::error::ApiError;
 
-pub async fn reload(state: &AppState) -> Result<serde_json::Value, ApiError> {
+pub async fn reload(state: &AdminState) -> Result<serde_json::Value, ApiError> {
     let settings = Settings::load(&state.origin).map_err(|e| {
         ApiError::admin(
             actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -47,9 +46,11 @@ pub async fn reload(state: &AppState) -> Result<serde_json::Value, ApiError> {
     }
     state.refresh_models().await;
     // Applied live: the admin token and the browser rules.
-    let token_changed = state.admin_token() != settings.admin_token;
-    state.set_admin_token(settings.admin_token.clone());
-    state.set_browser(crate::startup::BrowserPolicy::of(&settings));
+    let token_changed = state.access.admin_token() != settings.admin_token;
+    state.access.set_admin_token(settings.admin_token.clone());
+    state
+        .access
+        .set_browser(crate::web::access::BrowserPolicy::of(&settings));
     let needs_restart = needs_restart(&state.started, &settings);
     if needs_restart.is_empty() {
         info!(state.log, "configuration reloaded"; "backends" => records.len(), "removed" => removed,
@@ -148,16 +149,12 @@ fn needs_restart(started: &Settings, now: &Settings) -> Vec<&'static str> {
     out
 }
 
-pub async fn reload_handler(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn reload_handler(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(reload(&state).await?))
 }
 
 /// Reloads on every SIGHUP.
-pub fn spawn_sighup(state: web::Data<AppState>) {
+pub fn spawn_sighup(state: web::Data<AdminState>) {
     actix_web::rt::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {

@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use sidecar_actors::messages::UpdateTuning;
 use sidecar_actors::{db, store, Tuning};
 
-use super::authorize;
-use crate::startup::AppState;
+use crate::admin::AdminState;
 use crate::web::error::ApiError;
 
 pub const CONFIG_KEY: &str = "runtime_config";
@@ -109,17 +108,14 @@ impl RuntimeConfig {
     }
 }
 
-pub async fn get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
+pub async fn get(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.runtime()))
 }
 
 pub async fn patch(
-    req: HttpRequest,
     body: web::Json<RuntimePatch>,
-    state: web::Data<AppState>,
+    state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state)?;
     let next = state
         .runtime()
         .patched(&body)

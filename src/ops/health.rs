@@ -3,8 +3,13 @@ use serde_json::json;
 use sidecar_actors::{GetSnapshot, Status};
 
 use sidecar_actors::rate_state::RateState;
+use sidecar_actors::PoolSupervisor;
 
-use crate::startup::AppState;
+/// What the health routes touch.
+pub struct HealthState {
+    pub supervisor: actix::Addr<PoolSupervisor>,
+    pub rate: RateState,
+}
 
 /// Liveness: the process answers.
 pub async fn live() -> HttpResponse {
@@ -28,7 +33,7 @@ pub fn state_json(rate: &RateState) -> serde_json::Value {
 /// Readiness: at least one backend can take traffic now. With Redis
 /// unreachable the gateway is still ready (it serves on a share of each
 /// limit) and says so in `degraded`.
-pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+pub async fn ready(state: web::Data<HealthState>) -> HttpResponse {
     let snapshot = match state.supervisor.send(GetSnapshot).await {
         Ok(s) => s,
         Err(_) => {

@@ -9,9 +9,9 @@ use sidecar_actors::backup::GetBackupStatus;
 use sidecar_actors::messages::GetSnapshot;
 use sidecar_actors::stats::GetFlushStatus;
 
-use crate::startup::AppState;
+use crate::admin::AdminState;
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     let m = &state.metrics;
     if let Ok(snap) = state.supervisor.send(GetSnapshot).await {
         m.observe_snapshot(&snap);
@@ -49,7 +49,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(m.encode())
 }
 
-pub fn run(listener: TcpListener, state: web::Data<AppState>) -> std::io::Result<Server> {
+pub fn run(listener: TcpListener, state: web::Data<AdminState>) -> std::io::Result<Server> {
     Ok(HttpServer::new(move || {
         App::new()
             .app_data(state.clone())

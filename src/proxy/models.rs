@@ -2,11 +2,11 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 use sidecar_actors::ListModels;
 
-use crate::startup::AppState;
+use super::ProxyState;
 use crate::web::error::ApiError;
 
 /// `GET /v1/models`: canonical models of enabled backends, OpenAI list format.
-pub async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn list_models(state: web::Data<ProxyState>) -> Result<HttpResponse, ApiError> {
     let models = state
         .supervisor
         .send(ListModels)

@@ -18,7 +18,7 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::web;
 
-use crate::startup::AppState;
+use crate::web::access::Access;
 use crate::web::error::ApiError;
 
 /// The authority (`host[:port]`) of an origin like `http://host:port`.
@@ -142,11 +142,11 @@ pub fn check(r: &Request<'_>, p: &Policy<'_>) -> Result<(), ApiError> {
 /// answers carry `Access-Control-Allow-Origin`, so the browser lets the page
 /// read them. Any other origin gets no CORS headers and is refused by
 /// [`browser`]; the gateway's own pages are same-origin and need none.
-pub fn cors(state: web::Data<AppState>) -> actix_cors::Cors {
+pub fn cors(access: web::Data<Access>) -> actix_cors::Cors {
     actix_cors::Cors::default()
         .allowed_origin_fn(move |origin, _| {
             let origin = origin.to_str().unwrap_or("").trim().trim_end_matches('/');
-            state
+            access
                 .browser()
                 .allowed_origins
                 .iter()
@@ -168,7 +168,7 @@ pub async fn browser(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    let decision = match req.app_data::<web::Data<AppState>>() {
+    let decision = match req.app_data::<web::Data<Access>>() {
         None => Ok(()),
         Some(state) => {
             let h = req.headers();
@@ -186,7 +186,7 @@ pub async fn browser(
                     allowed_origins: &policy.allowed_origins,
                     allowed_hosts: &policy.allowed_hosts,
                     admin_token: state.admin_token().is_some(),
-                    client_keys: !state.client_keys.is_empty(),
+                    client_keys: state.client_keys,
                 },
             )
         }

@@ -1,4 +1,5 @@
 //! What the proxy and the admin API share at the HTTP edge.
 
+pub mod access;
 pub mod error;
 pub mod guard;

@@ -1,0 +1,236 @@
+//! Reading a request before any backend is involved: client key, body
+//! (bounded in size and time), model, priority and the token estimate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::{web, HttpRequest};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
+use sidecar_actors::Priority;
+use tokio::time::Instant;
+
+use super::ProxyState;
+use super::{upstream, Endpoint, Trace};
+use crate::web::error::ApiError;
+
+/// The largest token estimate one request can reserve: whatever a client
+/// writes in `max_tokens`, the window's arithmetic stays far from overflow.
+pub(crate) const MAX_EST_TOKENS: u64 = 1 << 32;
+
+/// A request, read and checked, ready to be sent.
+pub(crate) struct Prepared {
+    pub(crate) model: Arc<str>,
+    pub(crate) priority: Priority,
+    pub(crate) stream: bool,
+    pub(crate) strip_usage: bool,
+    pub(crate) est_tokens: u64,
+    pub(crate) json: Map<String, Value>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Client key, body, model, priority and the token estimate.
+pub(crate) async fn prepare(
+    endpoint: Endpoint,
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &ProxyState,
+    trace: &mut Trace,
+) -> Result<Prepared, ApiError> {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let client_key = state.client_keys.authenticate(authorization)?;
+    let body = read_body(
+        req,
+        payload,
+        state.limits.max_body_bytes,
+        state.limits.body_idle_timeout,
+        state.limits.body_timeout,
+    )
+    .await?;
+    let mut json = parse_object(&body)?;
+    let model = model_of(&json)?;
+    trace.record.model = Some(model.clone());
+    let default_priority = client_key
+        .as_ref()
+        .map_or(Priority::Normal, |c| c.key.priority);
+    let priority = priority_of(req, default_priority)?;
+    if let Some(c) = &client_key {
+        c.check_model(&model)?;
+        c.take()?;
+    }
+    let stream = endpoint.streams() && json.get("stream") == Some(&Value::Bool(true));
+    trace.record.stream = stream;
+    let strip_usage = stream && request_stream_usage(&mut json);
+    let est_tokens = estimate_tokens(body.len(), &json);
+    Ok(Prepared {
+        model,
+        priority,
+        stream,
+        strip_usage,
+        est_tokens,
+        json,
+        headers: upstream::forwardable_request_headers(req.headers()),
+    })
+}
+
+/// Reads the request body: at most `max` bytes, no gap between chunks
+/// longer than `idle`, all of it within `total` (a client that drips or
+/// stalls gets 408 instead of holding a worker's connection).
+pub(crate) async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    max: usize,
+    idle: Duration,
+    total: Duration,
+) -> Result<Bytes, ApiError> {
+    let deadline = Instant::now() + total;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(ApiError::BodyTooLarge(max));
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(1024).min(max));
+    loop {
+        let wait = (Instant::now() + idle).min(deadline);
+        let next = match tokio::time::timeout_at(wait, payload.next()).await {
+            Ok(next) => next,
+            Err(_) => return Err(ApiError::BodyTimeout),
+        };
+        let Some(chunk) = next else { break };
+        let chunk = chunk.map_err(|e| {
+            ApiError::InvalidRequest(format!("could not read the request body: {e}"))
+        })?;
+        if buf.len().saturating_add(chunk.len()) > max {
+            return Err(ApiError::BodyTooLarge(max));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::MissingModel),
+        Err(e) => Err(ApiError::MalformedJson(e.to_string())),
+    }
+}
+
+pub(crate) fn model_of(json: &Map<String, Value>) -> Result<Arc<str>, ApiError> {
+    match json.get("model") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Arc::from(s.as_str())),
+        _ => Err(ApiError::MissingModel),
+    }
+}
+
+pub(crate) fn priority_of(req: &HttpRequest, default: Priority) -> Result<Priority, ApiError> {
+    match req.headers().get("x-priority") {
+        None => Ok(default),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| ApiError::InvalidRequest("X-Priority must be text".into()))?
+            .parse()
+            .map_err(|e: String| ApiError::InvalidRequest(format!("X-Priority: {e}"))),
+    }
+}
+
+/// A rough count for TPM-limited backends: ~4 bytes a token plus the
+/// completion budget the client asked for (saturating: the client's
+/// numbers can be anything).
+pub(crate) fn estimate_tokens(body_len: usize, json: &Map<String, Value>) -> u64 {
+    let completion = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| json.get(*k).and_then(Value::as_u64))
+        .unwrap_or(0);
+    (body_len as u64 / 4)
+        .saturating_add(completion)
+        .min(MAX_EST_TOKENS)
+}
+
+/// Asks for upstream usage in the stream; true when the client had not, so
+/// the usage-only chunk must be removed before the client sees it.
+pub(crate) fn request_stream_usage(json: &mut Map<String, Value>) -> bool {
+    let opts = json
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    match opts {
+        Value::Object(o) => {
+            if o.get("include_usage") == Some(&Value::Bool(true)) {
+                false
+            } else {
+                o.insert("include_usage".into(), Value::Bool(true));
+                true
+            }
+        }
+        // Not ours to fix: the upstream will say what is wrong with it.
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_estimate_saturates() {
+        let mut json = Map::new();
+        json.insert("max_tokens".into(), Value::from(u64::MAX));
+        assert_eq!(estimate_tokens(4000, &json), MAX_EST_TOKENS);
+    }
+
+    use proptest::prelude::*;
+
+    /// Request bodies as clients may send them: JSON objects with the
+    /// fields the gateway reads, holding anything.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let scalar = prop_oneof![
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            Just(Value::Null),
+        ];
+        let field = prop_oneof![
+            Just("model"),
+            Just("max_tokens"),
+            Just("max_completion_tokens"),
+            Just("stream"),
+            Just("stream_options"),
+            Just("messages"),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::collection::vec((field, scalar), 0..6).prop_map(|kv| {
+                let m: Map<String, Value> =
+                    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                serde_json::to_vec(&Value::Object(m)).unwrap_or_default()
+            }),
+        ]
+    }
+
+    proptest! {
+        /// No body panics the request preparation; the estimate is bounded.
+        #[test]
+        fn any_body_is_parsed_without_panic(bytes in body()) {
+            if let Ok(mut json) = parse_object(&bytes) {
+                let model = model_of(&json);
+                if let Ok(m) = &model {
+                    prop_assert!(!m.trim().is_empty());
+                }
+                let _ = request_stream_usage(&mut json);
+                prop_assert!(estimate_tokens(bytes.len(), &json) <= MAX_EST_TOKENS);
+            }
+        }
+    }
+}
