@@ -19,6 +19,7 @@ use sidecar_actors::store;
 use sidecar_actors::{ApiKey, BackendId, Pool};
 
 use crate::admin::AdminState;
+use crate::proxy::secrets::Masker;
 use crate::proxy::upstream;
 use crate::settings::{RawBackend, RawModel};
 use crate::web::error::ApiError;
@@ -209,6 +210,9 @@ pub async fn test_key(
             let status = r.status().as_u16();
             if status == 401 || status == 403 {
                 let body = r.body().limit(2048).await.unwrap_or_default();
+                // Providers echo the key they reject; it must not come back.
+                let masker = Masker::new(&ApiKey::new(key.to_string()));
+                let body = masker.mask_bytes(body);
                 let text: String = String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(200).collect();
                 return Err(ApiError::admin(
                     StatusCode::UNPROCESSABLE_ENTITY,

@@ -373,6 +373,12 @@ async fn models(req: HttpRequest, state: web::Data<MockState>) -> HttpResponse {
     if let Fault::Status(status) = fault {
         return error_json(status, "simulated failure", "server_error");
     }
+    // A provider that echoes a rejected key does so on every route.
+    if let Fault::EchoKey(status) = fault {
+        if status >= 400 {
+            return hostile::answer(fault, &key, false);
+        }
+    }
     let data: Vec<Value> = state
         .models
         .iter()
