@@ -8,6 +8,7 @@ pub mod cooldown;
 pub mod db;
 pub mod gate;
 pub mod health;
+pub mod lease;
 pub mod limiter;
 pub mod messages;
 pub mod probe;
@@ -21,6 +22,7 @@ pub mod supervisor;
 #[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod view;
 
 pub use backend::BackendActor;
 pub use messages::*;

@@ -149,8 +149,7 @@ pub fn scope(
             .route("/backup", web::post().to(ops::backup_now))
             .route("/actors", web::get().to(ops::actors))
             .route("/events", web::get().to(crate::admin::dashboard::events))
-            .route("/test/freeze", web::post().to(ops::test_freeze))
-            .route("/test/crash/{id}", web::post().to(ops::test_crash))
+            .configure(ops::test_routes)
     }
 }
 

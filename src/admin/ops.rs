@@ -1,7 +1,5 @@
 //! Pools, stats, backup, the live actor states, and test-only hooks.
 
-use std::time::Duration;
-
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use prometheus::core::Collector;
@@ -9,9 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sidecar_actors::backup::{BackupNow, GetBackupStatus};
 use sidecar_actors::db::usage;
-use sidecar_actors::messages::{
-    BackendView, GetSnapshot, PoolSnapshot, Status, TestCrashBackend, TestFreeze,
-};
+use sidecar_actors::messages::{BackendView, GetSnapshot, PoolSnapshot, Status};
 use sidecar_actors::stats::GetFlushStatus;
 use sidecar_actors::{store, BackendId, Pool};
 use tokio::time::Instant;
@@ -19,6 +15,8 @@ use tokio::time::Instant;
 use crate::admin::AdminState;
 use crate::ops::metrics::Metrics;
 use crate::web::error::ApiError;
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+use sidecar_actors::messages::{TestCrashBackend, TestFreeze};
 
 fn secs_until(at: Option<Instant>, now: Instant) -> Option<f64> {
     at.map(|t| t.saturating_duration_since(now).as_secs_f64())
@@ -236,6 +234,7 @@ pub async fn actors(state: web::Data<AdminState>) -> Result<HttpResponse, ApiErr
     Ok(HttpResponse::Ok().json(out))
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 fn hooks_enabled(state: &AdminState) -> Result<(), ApiError> {
     if state.test_hooks {
         Ok(())
@@ -244,23 +243,27 @@ fn hooks_enabled(state: &AdminState) -> Result<(), ApiError> {
     }
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeQuery {
     seconds: f64,
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 /// Test-only (SIDECAR_TEST_HOOKS=1): the supervisor stops answering pings.
 pub async fn test_freeze(
     q: web::Query<FreezeQuery>,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     hooks_enabled(&state)?;
-    let seconds = Duration::try_from_secs_f64(q.seconds.clamp(0.0, 600.0)).unwrap_or_default();
+    let seconds =
+        std::time::Duration::try_from_secs_f64(q.seconds.clamp(0.0, 600.0)).unwrap_or_default();
     state.supervisor.do_send(TestFreeze(seconds));
     Ok(HttpResponse::Ok().json(json!({"frozen_for_s": q.seconds})))
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 /// Test-only (SIDECAR_TEST_HOOKS=1): a backend actor fails and is restarted.
 pub async fn test_crash(
     path: web::Path<BackendId>,
@@ -273,4 +276,15 @@ pub async fn test_crash(
         .await
         .unwrap_or(false);
     Ok(HttpResponse::Ok().json(json!({"crashed": ok})))
+}
+
+/// The test-only routes: compiled into debug builds (what the tests run) or
+/// with the `test-hooks` feature, never into a release build, and even
+/// there answered only with `SIDECAR_TEST_HOOKS=1`.
+pub fn test_routes(cfg: &mut web::ServiceConfig) {
+    #[cfg(any(debug_assertions, feature = "test-hooks"))]
+    cfg.route("/test/freeze", web::post().to(test_freeze))
+        .route("/test/crash/{id}", web::post().to(test_crash));
+    #[cfg(not(any(debug_assertions, feature = "test-hooks")))]
+    let _ = cfg;
 }

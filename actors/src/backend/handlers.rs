@@ -2,8 +2,10 @@ use actix::prelude::*;
 use tokio::time::Instant;
 
 use super::BackendActor;
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+use crate::messages::Crash;
 use crate::messages::{
-    Crash, Finish, GetGrants, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown, Retune,
+    Finish, GetGrants, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown, Retune,
     Shutdown, Verdict,
 };
 use crate::rate_state::{ClusterChanged, ClusterEvent};
@@ -97,6 +99,7 @@ impl Handler<ResetCooldown> for BackendActor {
     }
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 impl Handler<Crash> for BackendActor {
     type Result = ();
     fn handle(&mut self, _msg: Crash, ctx: &mut Self::Context) {

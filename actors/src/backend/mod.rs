@@ -9,6 +9,7 @@ mod handlers;
 pub mod machine;
 mod shared;
 
+pub mod messages;
 use std::sync::Arc;
 
 use actix::prelude::*;

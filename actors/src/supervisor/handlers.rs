@@ -10,10 +10,12 @@ use super::chooser::{retry_after, too_late};
 use super::queue::Waiter;
 use super::{Decision, Need, PoolSupervisor};
 use crate::messages::{
-    Acquire, AcquireError, BackendUpdate, CollectGrants, Crash, Drain, GetBackendView, GetGrants,
+    Acquire, AcquireError, BackendUpdate, CollectGrants, Drain, GetBackendView, GetGrants,
     GetSnapshot, GetView, KeyTested, ListModels, Ping, PoolSnapshot, Reconfigure, RemoveBackend,
-    ResetCooldown, Shutdown, TestCrashBackend, TestFreeze, Ticket, UpdateTuning, UpsertBackend,
+    ResetCooldown, Shutdown, Ticket, UpdateTuning, UpsertBackend,
 };
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+use crate::messages::{Crash, TestCrashBackend, TestFreeze};
 use crate::rate_state::{ClusterChanged, ClusterEvent};
 
 impl Handler<Acquire> for PoolSupervisor {
@@ -156,6 +158,7 @@ impl Handler<Ping> for PoolSupervisor {
     }
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 impl Handler<TestFreeze> for PoolSupervisor {
     type Result = ();
     fn handle(&mut self, msg: TestFreeze, _ctx: &mut Self::Context) {
@@ -186,6 +189,7 @@ impl Handler<ResetCooldown> for PoolSupervisor {
     }
 }
 
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
 impl Handler<TestCrashBackend> for PoolSupervisor {
     type Result = bool;
     fn handle(&mut self, msg: TestCrashBackend, _ctx: &mut Self::Context) -> bool {

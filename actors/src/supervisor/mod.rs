@@ -9,6 +9,7 @@ pub mod chooser;
 mod handlers;
 mod queue;
 
+pub mod messages;
 use std::sync::Arc;
 use std::time::Duration;
 

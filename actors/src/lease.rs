@@ -1,0 +1,251 @@
+//! A lease: the right to send one request to one backend, and the one way
+//! its outcome gets back to that backend (a `Recipient<Finish>`, so the
+//! lease knows no actor type).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::gate::Gate;
+use crate::messages::*;
+use crate::spec::{ApiKey, BackendId, Pool};
+
+/// Queue priority from `X-Priority`; lower value is served first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    Urgent = 0,
+    High = 1,
+    #[default]
+    Normal = 2,
+    Low = 3,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 4] = [
+        Priority::Urgent,
+        Priority::High,
+        Priority::Normal,
+        Priority::Low,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Urgent => "urgent",
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "urgent" => Ok(Priority::Urgent),
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            _ => Err("priority must be one of urgent, high, normal, low".to_string()),
+        }
+    }
+}
+
+/// The right to send one request to one backend. Report how it went with
+/// [`Lease::finish`]; a lease dropped unreported is returned as unused or
+/// cancelled, so a backend's in-flight count can never leak.
+pub struct Lease {
+    pub id: u64,
+    pub backend: BackendId,
+    pub name: Arc<str>,
+    pub pool: Pool,
+    pub base_url: Arc<str>,
+    pub api_key: ApiKey,
+    pub native_model: Arc<str>,
+    pub price_in: f64,
+    pub price_out: f64,
+    pub timeout: Duration,
+    pub emergency: bool,
+    pub granted_at: Instant,
+    pub(crate) gate: Arc<Gate>,
+    /// With shared state: whether the shared window took this lease.
+    pub(crate) confirm: Option<oneshot::Receiver<bool>>,
+    pub(crate) finish_to: Recipient<Finish>,
+    pub(crate) verdict_to: Recipient<Verdict>,
+    pub(crate) used: bool,
+    pub(crate) reported: bool,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("backend", &self.name)
+            .field("emergency", &self.emergency)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// The last check before sending: false when the backend closed since
+    /// the lease was granted (a 429, a rejected key, down), or the shared
+    /// window (Redis) did not take it. Then report the lease as unused and
+    /// ask again.
+    pub async fn admitted(&mut self) -> bool {
+        if let Some(rx) = self.confirm.take() {
+            // The backend answers within Redis's own timeout; the guard only
+            // covers a backend that stopped.
+            match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                Ok(Ok(true)) => {}
+                _ => return false,
+            }
+        }
+        self.gate.admits(self.emergency, Instant::now())
+    }
+
+    /// Marks that the request is about to go upstream: from here on, dropping
+    /// the lease counts as a cancelled request, not an unused slot.
+    pub fn mark_used(&mut self) {
+        self.used = true;
+    }
+
+    fn message(&mut self, report: Report) -> Finish {
+        self.reported = true;
+        Finish {
+            lease_id: self.id,
+            report,
+        }
+    }
+
+    pub fn finish(mut self, report: Report) {
+        let msg = self.message(report);
+        self.finish_to.do_send(msg);
+    }
+
+    /// Like [`Lease::finish`], but waits until the backend has applied the
+    /// outcome and pushed its new state to the supervisor. Used before
+    /// retrying elsewhere, so the next `Acquire` sees this backend cooling or
+    /// down rather than the state from before.
+    pub async fn settle(mut self, report: Report) {
+        let msg = self.message(report);
+        // A stopped backend has nothing left to update.
+        let _ = self.finish_to.send(msg).await;
+    }
+
+    /// Settles a failure whose blame waits for the request's next attempt.
+    pub async fn settle_deferred(mut self, report: Report) -> PendingStrike {
+        let strike = PendingStrike {
+            lease_id: self.id,
+            backend: self.backend,
+            to: self.verdict_to.clone(),
+            decided: false,
+        };
+        let msg = self.message(report.deferred());
+        let _ = self.finish_to.send(msg).await;
+        strike
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.reported {
+            let outcome = if self.used {
+                Outcome::Cancelled
+            } else {
+                Outcome::Unused
+            };
+            let msg = self.message(Report::new(outcome, self.granted_at.elapsed()));
+            self.finish_to.do_send(msg);
+        }
+    }
+}
+
+/// A deferred health strike. Dropped undecided, it counts against the key:
+/// without evidence that the request was at fault, the key was.
+pub struct PendingStrike {
+    lease_id: u64,
+    pub backend: BackendId,
+    to: Recipient<Verdict>,
+    decided: bool,
+}
+
+impl PendingStrike {
+    /// The same failure followed the request to another key: not this key's.
+    pub fn absolve(mut self) {
+        self.decided = true;
+        self.to.do_send(Verdict {
+            lease_id: self.lease_id,
+            counts: false,
+        });
+    }
+}
+
+impl Drop for PendingStrike {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.to.do_send(Verdict {
+                lease_id: self.lease_id,
+                counts: true,
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AcquireError {
+    #[error("no enabled backend serves this model")]
+    UnknownModel,
+    #[error("the request queue is full")]
+    QueueFull { retry_after: Duration },
+    #[error("no backend had capacity within the queue timeout")]
+    QueueTimeout { retry_after: Duration },
+    #[error("every backend for this model is rate limited")]
+    Exhausted { retry_after: Duration },
+    #[error("no backend for this model is available")]
+    Unavailable { retry_after: Duration },
+    #[error("the pool supervisor is not running")]
+    SupervisorGone,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl AcquireError {
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AcquireError::QueueFull { retry_after }
+            | AcquireError::QueueTimeout { retry_after }
+            | AcquireError::Exhausted { retry_after }
+            | AcquireError::Unavailable { retry_after } => Some(*retry_after),
+            AcquireError::ShuttingDown => Some(Duration::from_secs(1)),
+            AcquireError::UnknownModel | AcquireError::SupervisorGone => None,
+        }
+    }
+}
+
+/// What `Acquire` answers: a lease now, or a place in the queue.
+pub enum Ticket {
+    Ready(Lease),
+    Queued(oneshot::Receiver<Result<Lease, AcquireError>>),
+}
+
+/// Handler → backend (through [`Lease`]): how the attempt ended.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Finish {
+    pub lease_id: u64,
+    pub report: Report,
+}
+
+/// Handler → backend (through [`PendingStrike`]): whether a deferred
+/// failure counts against the key.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Verdict {
+    pub lease_id: u64,
+    pub counts: bool,
+}
