@@ -121,7 +121,7 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<Settings> {
 /// Opens the database with the configured key, proving it with the canary.
 fn open_db(settings: &Settings) -> anyhow::Result<(diesel::SqliteConnection, KeyRing)> {
     let (ring, source) = keys::resolve(settings)?;
-    let mut conn = db::open(&settings.db_path)?;
+    let mut conn = db::open(&settings.storage.db_path)?;
     ring.check_canary(&mut conn)
         .map_err(|e| anyhow::anyhow!("{e} (key from {})", source.describe()))?;
     Ok((conn, ring))
@@ -157,7 +157,12 @@ fn import(
             .ok_or_else(|| anyhow::anyhow!("--models takes CANONICAL=NATIVE, got {m:?}"))?;
         extra.insert(c.trim().to_string(), n.trim().to_string());
     }
-    let backends = sidecar::cli::import::parse(file, settings.default_rpm, &extra)?;
+    let backends = sidecar::cli::import::parse(
+        file,
+        settings.limits.default_rpm,
+        settings.limits.default_timeout,
+        &extra,
+    )?;
     let (mut conn, ring) = open_db(&settings)?;
     let r = sidecar::cli::import::import(&mut conn, &ring, &backends)?;
     println!(
@@ -166,18 +171,18 @@ fn import(
         r.added,
         r.updated,
         r.unchanged,
-        settings.db_path.display()
+        settings.storage.db_path.display()
     );
     Ok(())
 }
 
 fn backup(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config)?;
-    let mut conn = db::open(&settings.db_path)?;
+    let mut conn = db::open(&settings.storage.db_path)?;
     let r = db::backup::backup(
         &mut conn,
-        &settings.backup_dir,
-        settings.backup_retention_days,
+        &settings.storage.backup_dir,
+        settings.storage.backup_retention_days,
     )?;
     println!(
         "backup {} ({} bytes, integrity ok, {} old copies removed)",
@@ -190,7 +195,7 @@ fn backup(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config)?;
-    let log = telemetry::build_logger(settings.log_level, settings.log_json);
+    let log = telemetry::build_logger(settings.logging.level, settings.logging.json);
     actix_web::rt::System::new().block_on(async move {
         let listener = proxy_listener(&settings, &log)?;
         let app = Application::build(&settings, listener, log).await?;
@@ -211,20 +216,24 @@ fn proxy_listener(settings: &Settings, log: &slog::Logger) -> anyhow::Result<Tcp
             "address" => l.local_addr().map(|a| a.to_string()).unwrap_or_default());
         return Ok(l);
     }
-    TcpListener::bind((settings.host, settings.port))
-        .with_context(|| format!("cannot listen on {}:{}", settings.host, settings.port))
+    TcpListener::bind((settings.server.host, settings.server.port)).with_context(|| {
+        format!(
+            "cannot listen on {}:{}",
+            settings.server.host, settings.server.port
+        )
+    })
 }
 
 /// What `check-config` shows: the effective settings after layering, keys masked.
 fn print_settings(s: &Settings) {
-    let t = &s.tuning;
+    let t = &s.limits.tuning;
     println!(
         "{}: ok — {} backend(s), {} client key(s), listening on {}:{}",
         s.source,
         s.backends.len(),
         s.client_keys.len(),
-        s.host,
-        s.port
+        s.server.host,
+        s.server.port
     );
     println!(
         "window {:?} (+{:?} margin), cooldown {:?}..{:?}, queue {} for up to {:?}, max_attempts {}",
@@ -234,7 +243,7 @@ fn print_settings(s: &Settings) {
         t.cooldown_max,
         t.queue_max,
         t.queue_timeout,
-        s.max_attempts
+        s.limits.max_attempts
     );
     for b in &s.backends {
         let mut models: Vec<String> = b
@@ -312,8 +321,12 @@ fn main() -> ExitCode {
         } => import(config, &file, &models),
         Command::Backup { config } => backup(config),
         Command::Restore { file, config } => load(config).and_then(|s| {
-            sidecar_actors::db::backup::restore(&file, &s.db_path)?;
-            println!("restored {} into {}", file.display(), s.db_path.display());
+            sidecar_actors::db::backup::restore(&file, &s.storage.db_path)?;
+            println!(
+                "restored {} into {}",
+                file.display(),
+                s.storage.db_path.display()
+            );
             Ok(())
         }),
         Command::HashKey { key } => {

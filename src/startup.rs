@@ -133,7 +133,7 @@ async fn rate_state(
     replicas_seen: Option<u32>,
     log: &Logger,
 ) -> anyhow::Result<RateState> {
-    match &settings.state {
+    match &settings.storage.state {
         StateSettings::Embedded => {
             let (db, log) = (db.clone(), log.clone());
             Ok(RateState::Embedded(actix::Supervisor::start(move |_| {
@@ -145,7 +145,7 @@ async fn rate_state(
             prefix,
             timeout,
         } => {
-            let window = settings.tuning.window + settings.tuning.window_margin;
+            let window = settings.limits.tuning.window + settings.limits.tuning.window_margin;
             let cluster = Cluster::new(url, prefix, *timeout, window, replicas_seen)
                 .map_err(anyhow::Error::msg)?;
             match cluster.beat(Duration::from_secs(3)).await {
@@ -177,7 +177,8 @@ impl Application {
             actix_web::rt::task::spawn_blocking(move || persistence::boot(&settings, &log))
                 .await??
         };
-        let mut runtime = RuntimeConfig::from_tuning(&settings.tuning, settings.default_rpm);
+        let mut runtime =
+            RuntimeConfig::from_tuning(&settings.limits.tuning, settings.limits.default_rpm);
         if let Some(saved) = boot.runtime_json.as_deref() {
             match serde_json::from_str::<RuntimeConfig>(saved)
                 .map_err(|e| e.to_string())
@@ -189,17 +190,23 @@ impl Application {
                 }
             }
         }
-        let tuning = runtime.apply(&settings.tuning);
+        let tuning = runtime.apply(&settings.limits.tuning);
 
-        let db = DbExecutor::start(settings.db_path.clone(), log.clone());
+        let db = DbExecutor::start(settings.storage.db_path.clone(), log.clone());
         let stats = {
             let (db, log) = (db.clone(), log.clone());
-            let (every, keep) = (settings.stats_flush_interval, settings.usage_retention_days);
+            let (every, keep) = (
+                settings.storage.stats_flush_interval,
+                settings.storage.usage_retention_days,
+            );
             actix::Supervisor::start(move |_| StatsActor::new(db, every, keep, log))
         };
         let backup = {
-            let (db, log, dir) = (db.clone(), log.clone(), settings.backup_dir.clone());
-            let (every, keep) = (settings.backup_interval, settings.backup_retention_days);
+            let (db, log, dir) = (db.clone(), log.clone(), settings.storage.backup_dir.clone());
+            let (every, keep) = (
+                settings.storage.backup_interval,
+                settings.storage.backup_retention_days,
+            );
             actix::Supervisor::start(move |_| BackupActor::new(db, dir, every, keep, log))
         };
         let rate = rate_state(settings, &db, boot.replicas_seen, &log).await?;
@@ -219,7 +226,7 @@ impl Application {
         let metrics = Metrics::new();
         let snapshots = Snapshots::new();
         snapshots.spawn_publisher(supervisor.clone(), metrics.clone(), rate.clone());
-        if settings.admin_token.is_none() {
+        if settings.server.admin_token.is_none() {
             warn!(log, "SIDECAR_ADMIN_TOKEN is not set: the admin API and dashboard answer loopback clients only");
         }
         let live = TaskTracker::new();
@@ -232,13 +239,13 @@ impl Application {
         };
         let proxy_state = web::Data::new(ProxyState {
             supervisor: supervisor.clone(),
-            client_keys: ClientKeys::new(&settings.client_keys, settings.tuning.window),
+            client_keys: ClientKeys::new(&settings.client_keys, settings.limits.tuning.window),
             limits: RequestLimits {
-                max_attempts: settings.max_attempts,
-                max_body_bytes: settings.max_body_bytes,
-                max_event_bytes: settings.max_event_bytes,
-                body_idle_timeout: settings.body_idle_timeout,
-                body_timeout: settings.body_timeout,
+                max_attempts: settings.limits.max_attempts,
+                max_body_bytes: settings.limits.max_body_bytes,
+                max_event_bytes: settings.limits.max_event_bytes,
+                body_idle_timeout: settings.limits.body_idle_timeout,
+                body_timeout: settings.limits.body_timeout,
             },
             queue_timeout: queue_timeout.clone(),
             events,
@@ -256,12 +263,12 @@ impl Application {
             access: access.clone(),
             origin: settings.origin.clone(),
             settings_source: settings.source.clone(),
-            default_timeout: settings.default_timeout,
-            base_tuning: settings.tuning.clone(),
+            default_timeout: settings.limits.default_timeout,
+            base_tuning: settings.limits.tuning.clone(),
             metrics: metrics.clone(),
             snapshots: snapshots.clone(),
             test_hooks: std::env::var("SIDECAR_TEST_HOOKS").is_ok_and(|v| v == "1"),
-            db_path: settings.db_path.clone(),
+            db_path: settings.storage.db_path.clone(),
             rate: rate.clone(),
             started: settings.clone(),
             runtime: Mutex::new(runtime),
@@ -310,18 +317,19 @@ impl Application {
                 .default_service(web::to(not_found))
                 .wrap(crate::web::guard::cors(access.clone()))
         })
-        .shutdown_timeout(settings.drain_timeout.as_secs().max(1))
+        .shutdown_timeout(settings.server.drain_timeout.as_secs().max(1))
         // A client that closes its side has left (as nginx sees it, 499):
         // the handler is dropped and its upstream call cancelled, instead of
         // running on to the upstream timeout for nobody.
         .h1_allow_half_closed(false)
         .disable_signals()
         .listen(listener)?;
-        if let Some(w) = settings.workers {
+        if let Some(w) = settings.server.workers {
             server = server.workers(w.max(1));
         }
         // Metrics have no auth: their own address, loopback unless told.
-        let metrics_listener = TcpListener::bind((settings.metrics_host, settings.metrics_port))?;
+        let metrics_listener =
+            TcpListener::bind((settings.server.metrics_host, settings.server.metrics_port))?;
         let metrics_port = metrics_listener.local_addr()?.port();
         let metrics_srv = metrics_server::run(metrics_listener, state.clone())?;
         let server = server.run();

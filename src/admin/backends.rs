@@ -21,7 +21,7 @@ use sidecar_actors::{ApiKey, BackendId, Pool};
 use crate::admin::AdminState;
 use crate::proxy::secrets::Masker;
 use crate::proxy::upstream;
-use crate::settings::{RawBackend, RawModel};
+use crate::settings::{validate_backend, RawModel};
 use crate::web::error::ApiError;
 
 #[derive(Debug, Deserialize)]
@@ -129,44 +129,22 @@ fn refuse_config(r: &BackendRecord, state: &AdminState) -> Result<(), ApiError> 
 
 /// Validates through the same rules as the config file.
 fn validate(settings: &BackendSettings, state: &AdminState) -> Result<(), ApiError> {
-    let raw = RawBackend {
-        name: settings.name.clone(),
-        base_url: settings.base_url.clone(),
-        api_key: Some(settings.api_key.clone()),
-        api_key_env: None,
-        pool: settings.pool,
-        rpm_limit: Some(settings.rpm_limit),
-        burst: settings.burst,
-        tpm_limit: settings.tpm_limit,
-        max_concurrency: settings.max_concurrency,
-        weight: settings.weight,
-        timeout: Some(settings.timeout_secs),
-        enabled: settings.enabled,
-        models: settings
-            .models
-            .iter()
-            .map(|(k, m)| {
-                (
-                    k.clone(),
-                    RawModel::Detailed {
-                        native: m.native.clone(),
-                        price_in: m.price_in,
-                        price_out: m.price_out,
-                    },
-                )
-            })
-            .collect(),
-    };
-    raw.validate("request", 0, state.default_rpm(), state.default_timeout, 0)
-        .map(|_| ())
-        .map_err(|e| {
-            let field = e.key.trim_start_matches("backends[0].").to_string();
-            ApiError::admin(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_backend",
-                format!("{field}: {}", e.problem),
-            )
-        })
+    validate_backend(
+        settings,
+        "request",
+        0,
+        state.default_rpm(),
+        state.default_timeout,
+    )
+    .map(|_| ())
+    .map_err(|e| {
+        let field = e.key.trim_start_matches("backends[0].").to_string();
+        ApiError::admin(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_backend",
+            format!("{field}: {}", e.problem),
+        )
+    })
 }
 
 fn models_of(raw: HashMap<String, RawModel>) -> BTreeMap<String, ModelJson> {

@@ -46,8 +46,10 @@ pub async fn reload(state: &AdminState) -> Result<serde_json::Value, ApiError> {
     }
     state.refresh_models().await;
     // Applied live: the admin token and the browser rules.
-    let token_changed = state.access.admin_token() != settings.admin_token;
-    state.access.set_admin_token(settings.admin_token.clone());
+    let token_changed = state.access.admin_token() != settings.server.admin_token;
+    state
+        .access
+        .set_admin_token(settings.server.admin_token.clone());
     state
         .access
         .set_browser(crate::web::access::BrowserPolicy::of(&settings));
@@ -79,37 +81,55 @@ fn needs_restart(started: &Settings, now: &Settings) -> Vec<&'static str> {
             out.push(name);
         }
     };
-    differs("host", started.host != now.host);
-    differs("port", started.port != now.port);
-    differs("metrics_host", started.metrics_host != now.metrics_host);
-    differs("metrics_port", started.metrics_port != now.metrics_port);
-    differs("db_path", started.db_path != now.db_path);
-    differs("backup_dir", started.backup_dir != now.backup_dir);
-    differs("workers", started.workers != now.workers);
-    differs("state_backend / redis_url", started.state != now.state);
+    differs("host", started.server.host != now.server.host);
+    differs("port", started.server.port != now.server.port);
+    differs(
+        "metrics_host",
+        started.server.metrics_host != now.server.metrics_host,
+    );
+    differs(
+        "metrics_port",
+        started.server.metrics_port != now.server.metrics_port,
+    );
+    differs("db_path", started.storage.db_path != now.storage.db_path);
+    differs(
+        "backup_dir",
+        started.storage.backup_dir != now.storage.backup_dir,
+    );
+    differs("workers", started.server.workers != now.server.workers);
+    differs(
+        "state_backend / redis_url",
+        started.storage.state != now.storage.state,
+    );
     differs(
         "encryption_key",
-        started.encryption_key != now.encryption_key,
+        started.storage.encryption_key != now.storage.encryption_key,
     );
     differs(
         "encryption_key_file",
-        started.encryption_key_file != now.encryption_key_file,
+        started.storage.encryption_key_file != now.storage.encryption_key_file,
     );
     differs(
         "max_body_bytes",
-        started.max_body_bytes != now.max_body_bytes,
+        started.limits.max_body_bytes != now.limits.max_body_bytes,
     );
     differs(
         "max_event_bytes",
-        started.max_event_bytes != now.max_event_bytes,
+        started.limits.max_event_bytes != now.limits.max_event_bytes,
     );
     differs(
         "body_idle_timeout / body_timeout",
-        started.body_idle_timeout != now.body_idle_timeout
-            || started.body_timeout != now.body_timeout,
+        started.limits.body_idle_timeout != now.limits.body_idle_timeout
+            || started.limits.body_timeout != now.limits.body_timeout,
     );
-    differs("drain_timeout", started.drain_timeout != now.drain_timeout);
-    differs("max_attempts", started.max_attempts != now.max_attempts);
+    differs(
+        "drain_timeout",
+        started.server.drain_timeout != now.server.drain_timeout,
+    );
+    differs(
+        "max_attempts",
+        started.limits.max_attempts != now.limits.max_attempts,
+    );
     differs(
         "client_keys",
         started.client_keys.len() != now.client_keys.len()
@@ -125,26 +145,27 @@ fn needs_restart(started: &Settings, now: &Settings) -> Vec<&'static str> {
     // PATCH /config. A changed file value is named, not dropped silently.
     differs(
         "tuning (window_secs, cooldown_*, queue_*, health_*, key_retest_*, retry_after_max, …)",
-        started.tuning != now.tuning,
+        started.limits.tuning != now.limits.tuning,
     );
     differs(
         "rate_rpm / timeout",
-        started.default_rpm != now.default_rpm || started.default_timeout != now.default_timeout,
+        started.limits.default_rpm != now.limits.default_rpm
+            || started.limits.default_timeout != now.limits.default_timeout,
     );
     differs(
         "stats_flush_interval / usage_retention_days / backup_interval / backup_retention_days",
-        started.stats_flush_interval != now.stats_flush_interval
-            || started.usage_retention_days != now.usage_retention_days
-            || started.backup_interval != now.backup_interval
-            || started.backup_retention_days != now.backup_retention_days,
+        started.storage.stats_flush_interval != now.storage.stats_flush_interval
+            || started.storage.usage_retention_days != now.storage.usage_retention_days
+            || started.storage.backup_interval != now.storage.backup_interval
+            || started.storage.backup_retention_days != now.storage.backup_retention_days,
     );
     differs(
         "allow_unauthenticated",
-        started.allow_unauthenticated != now.allow_unauthenticated,
+        started.server.allow_unauthenticated != now.server.allow_unauthenticated,
     );
     differs(
         "log_level / log_format",
-        started.log_level != now.log_level || started.log_json != now.log_json,
+        started.logging.level != now.logging.level || started.logging.json != now.logging.json,
     );
     out
 }

@@ -52,16 +52,17 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
         env: false,
         inline: Some(text),
     })?;
-    settings.port = opts.port;
+    settings.server.port = opts.port;
     // Metrics beside the proxy port, so two demos (or a demo beside a real
     // gateway on 9191) do not collide.
-    settings.metrics_port = opts.port.wrapping_add(1);
-    let listener = TcpListener::bind((settings.host, settings.port)).with_context(|| {
-        format!(
-            "cannot listen on {}:{} (try --port)",
-            settings.host, settings.port
-        )
-    })?;
+    settings.server.metrics_port = opts.port.wrapping_add(1);
+    let listener =
+        TcpListener::bind((settings.server.host, settings.server.port)).with_context(|| {
+            format!(
+                "cannot listen on {}:{} (try --port)",
+                settings.server.host, settings.server.port
+            )
+        })?;
     let app = Application::build(&settings, listener, log.clone()).await?;
     let port = app.port();
     let supervisor = app.supervisor();
@@ -77,7 +78,7 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
          -d '{{\"model\":\"llama-3.1-8b\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n  \
          python: OpenAI(base_url=\"{base}/v1\", api_key=\"unused\")\n\n\
          traffic generator: {} req/s; a status line per backend every 10 s; Ctrl-C to stop\n",
-        settings.metrics_port,
+        settings.server.metrics_port,
         mock.base_url(),
         opts.rps
     );

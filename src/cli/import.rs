@@ -11,6 +11,8 @@ use sidecar_actors::db::backends::{upsert, BackendSettings, ModelJson, Source, U
 use sidecar_actors::db::KeyRing;
 use sidecar_actors::{BackendSpec, Pool};
 
+use crate::settings::validate_backend;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProviderList {
@@ -47,6 +49,7 @@ pub struct ImportReport {
 pub fn parse(
     path: &Path,
     default_rpm: u32,
+    default_timeout: std::time::Duration,
     extra_models: &BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<BackendSettings>> {
     let text = std::fs::read_to_string(path)
@@ -116,7 +119,7 @@ pub fn parse(
         .flatten()
         .collect::<Vec<_>>()
         .join("; ");
-        out.push(BackendSettings {
+        let b = BackendSettings {
             name,
             base_url: p.endpoint_url.trim().trim_end_matches('/').to_string(),
             api_key: p.api_key.trim().to_string(),
@@ -126,12 +129,22 @@ pub fn parse(
             tpm_limit: None,
             max_concurrency: None,
             weight: 1.0,
-            timeout_secs: 120.0,
+            timeout_secs: default_timeout.as_secs_f64(),
             models,
             enabled: true,
             source: Source::Import,
             notes: (!notes.is_empty()).then_some(notes),
-        });
+        };
+        // The same rules as the settings file and the admin API.
+        let src = path.display().to_string();
+        validate_backend(&b, &src, i, default_rpm, default_timeout).map_err(|e| {
+            let field = e.key.split_once('.').map_or(e.key.as_str(), |(_, f)| f);
+            anyhow::anyhow!("{}: {}", at(field), e.problem)
+        })?;
+        if out.iter().any(|o: &BackendSettings| o.name == b.name) {
+            anyhow::bail!("{}: {:?} is listed twice", at("account"), b.name);
+        }
+        out.push(b);
     }
     Ok(out)
 }

@@ -59,7 +59,7 @@ fn boot_with(
                     or set SIDECAR_ENCRYPTION_KEY_FILE";
             "path" => path.display().to_string(), "created" => *created);
     }
-    let mut conn = db::connect(&settings.db_path)?;
+    let mut conn = db::connect(&settings.storage.db_path)?;
     let migrations = db::migrate(&mut conn)?;
     ring.check_canary(&mut conn)
         .map_err(|e| anyhow::anyhow!("{e} (key from {})", source.describe()))?;
@@ -70,7 +70,7 @@ fn boot_with(
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&n| n > 0);
     let mut specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
-    if settings.state == StateSettings::Embedded {
+    if settings.storage.state == StateSettings::Embedded {
         restore_windows(&mut conn, &mut specs, log)?;
     }
     if specs.is_empty() {
@@ -78,7 +78,7 @@ fn boot_with(
                     SIDECAR_MODELS, or `sidecar import providers.yaml`; every model answers 404 until then");
     }
     info!(log, "database ready";
-        "path" => settings.db_path.display().to_string(),
+        "path" => settings.storage.db_path.display().to_string(),
         "migrations_applied" => migrations.len(),
         "backends" => specs.len(),
         "key" => source.describe());

@@ -73,12 +73,12 @@ pub fn beside_path(db_path: &Path) -> PathBuf {
 }
 
 pub fn resolve(settings: &Settings) -> anyhow::Result<(KeyRing, KeySource)> {
-    if let Some(hex) = &settings.encryption_key {
+    if let Some(hex) = &settings.storage.encryption_key {
         let ring =
             KeyRing::from_hex(hex).map_err(|e| anyhow::anyhow!("SIDECAR_ENCRYPTION_KEY: {e}"))?;
         return Ok((ring, KeySource::Env));
     }
-    if let Some(path) = &settings.encryption_key_file {
+    if let Some(path) = &settings.storage.encryption_key_file {
         return Ok((read_key_file(path)?, KeySource::File(path.clone())));
     }
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
@@ -87,7 +87,7 @@ pub fn resolve(settings: &Settings) -> anyhow::Result<(KeyRing, KeySource)> {
             return Ok((read_key_file(&path)?, KeySource::Credential(path)));
         }
     }
-    let path = beside_path(&settings.db_path);
+    let path = beside_path(&settings.storage.db_path);
     if path.exists() {
         return Ok((
             read_key_file(&path)?,

@@ -16,8 +16,8 @@ pub struct BrowserPolicy {
 impl BrowserPolicy {
     pub fn of(settings: &Settings) -> Self {
         Self {
-            allowed_origins: settings.allowed_origins.clone(),
-            allowed_hosts: settings.allowed_hosts.clone(),
+            allowed_origins: settings.server.allowed_origins.clone(),
+            allowed_hosts: settings.server.allowed_hosts.clone(),
         }
     }
 }
@@ -32,7 +32,7 @@ pub struct Access {
 impl Access {
     pub fn new(settings: &Settings) -> Self {
         Self {
-            admin_token: RwLock::new(settings.admin_token.clone()),
+            admin_token: RwLock::new(settings.server.admin_token.clone()),
             browser: RwLock::new(Arc::new(BrowserPolicy::of(settings))),
             client_keys: !settings.client_keys.is_empty(),
         }

@@ -496,10 +496,10 @@ async fn reload_applies_the_file_to_the_running_actors() {
         inline: None,
     })
     .unwrap();
-    settings.db_path = dir.path().join("sidecar.db");
-    settings.backup_dir = dir.path().join("backups");
-    settings.encryption_key = Some(crate::helpers::TEST_KEY.into());
-    settings.metrics_port = 0;
+    settings.storage.db_path = dir.path().join("sidecar.db");
+    settings.storage.backup_dir = dir.path().join("backups");
+    settings.storage.encryption_key = Some(crate::helpers::TEST_KEY.into());
+    settings.server.metrics_port = 0;
     let app = crate::helpers::start_gateway(mock, dir.clone(), settings)
         .await
         .unwrap();

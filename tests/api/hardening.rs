@@ -114,7 +114,7 @@ async fn no_key_leaves_through_any_channel() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut files = Vec::new();
     for ext in ["", "-wal"] {
-        let p = format!("{}{ext}", app.settings.db_path.display());
+        let p = format!("{}{ext}", app.settings.storage.db_path.display());
         files.extend(std::fs::read(&p).unwrap_or_default());
     }
     let logs = app.logs.text();
@@ -393,7 +393,7 @@ async fn a_stream_cut_by_the_drain_is_still_counted() {
         )
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let path = app.settings.db_path.clone();
+    let path = app.settings.storage.db_path.clone();
     let _dir = app.dir.clone();
     let _mock = app.handle_stop_keep_mock().await;
     let _ = stream.await;
@@ -770,7 +770,7 @@ async fn files_are_private_and_metrics_stay_on_loopback() {
         &mock,
         base.path(),
     );
-    settings.db_path = data.join("sidecar.db");
+    settings.storage.db_path = data.join("sidecar.db");
     let app = crate::helpers::start_gateway(mock, base.clone(), settings)
         .await
         .unwrap();
@@ -784,7 +784,7 @@ async fn files_are_private_and_metrics_stay_on_loopback() {
     };
     assert_eq!(mode(&data), 0o700, "data folder");
     assert_eq!(mode(&data.join("backups")), 0o700, "backup folder");
-    let db = app.settings.db_path.clone();
+    let db = app.settings.storage.db_path.clone();
     assert_eq!(mode(&db), 0o600, "database");
     let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
     assert_eq!(mode(&wal), 0o600, "WAL");
@@ -796,7 +796,7 @@ async fn files_are_private_and_metrics_stay_on_loopback() {
     for b in backups {
         assert_eq!(mode(&b.path()), 0o600, "{:?}", b.path());
     }
-    assert!(app.settings.metrics_host.is_loopback());
+    assert!(app.settings.server.metrics_host.is_loopback());
     assert!(app.metrics_base.contains("127.0.0.1"));
     app.stop().await;
 }
@@ -820,7 +820,7 @@ async fn a_failed_start_leaves_no_fresh_key_and_a_shared_key_file_is_warned_abou
     let mock = app.handle_stop_keep_mock().await;
     // …started with none configured: a fresh key is made, refused by the
     // canary, and must not stay behind.
-    settings.encryption_key = None;
+    settings.storage.encryption_key = None;
     let key_file = dir.path().join("encryption.key");
     let dir = std::sync::Arc::new(dir);
     let failed = crate::helpers::start_gateway(mock, dir.clone(), settings.clone()).await;

@@ -82,17 +82,17 @@ pub fn settings_from(toml: &str) -> Settings {
 /// The settings a test gateway runs with: its own database in `dir`.
 pub fn test_settings(toml: &str, mock: &MockUpstream, dir: &std::path::Path) -> Settings {
     let mut settings = settings_from(&toml.replace("{MOCK_URL}", &mock.base_url()));
-    settings.workers = Some(2);
-    settings.db_path = dir.join("sidecar.db");
+    settings.server.workers = Some(2);
+    settings.storage.db_path = dir.join("sidecar.db");
     if !toml.contains("backup_dir") {
-        settings.backup_dir = dir.join("backups");
+        settings.storage.backup_dir = dir.join("backups");
     }
-    if settings.encryption_key.is_none() {
-        settings.encryption_key = Some(TEST_KEY.to_string());
+    if settings.storage.encryption_key.is_none() {
+        settings.storage.encryption_key = Some(TEST_KEY.to_string());
     }
-    settings.metrics_port = 0;
+    settings.server.metrics_port = 0;
     if !toml.contains("stats_flush_interval") {
-        settings.stats_flush_interval = Duration::from_millis(200);
+        settings.storage.stats_flush_interval = Duration::from_millis(200);
     }
     settings
 }
@@ -289,7 +289,7 @@ impl TestApp {
 
     /// A connection to this app's database, for assertions.
     pub fn db(&self) -> diesel::SqliteConnection {
-        sidecar_actors::db::connect(&self.settings.db_path).expect("db opens")
+        sidecar_actors::db::connect(&self.settings.storage.db_path).expect("db opens")
     }
 
     /// Stops the gateway gracefully, keeping the mock running.

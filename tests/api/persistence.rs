@@ -185,7 +185,7 @@ async fn backups_are_checked_and_failures_do_not_disturb_serving() {
     let blocker = app.dir.path().join("not-a-dir");
     std::fs::write(&blocker, b"x").unwrap();
     let mut settings = app.settings.clone();
-    settings.backup_dir = blocker.join("backups");
+    settings.storage.backup_dir = blocker.join("backups");
     let app = {
         let (mock, dir) = (app.mock, app.dir.clone());
         start_gateway(mock, dir, settings).await.unwrap()
@@ -238,7 +238,7 @@ async fn keys_are_encrypted_and_a_wrong_key_is_refused() {
         }
     }
     let mut wrong = settings.clone();
-    wrong.encryption_key = Some("ff".repeat(32));
+    wrong.storage.encryption_key = Some("ff".repeat(32));
     let err = start_gateway(mock, dir.clone(), wrong)
         .await
         .err()
@@ -251,7 +251,7 @@ async fn keys_are_encrypted_and_a_wrong_key_is_refused() {
 
     let mock = sidecar::sim::MockUpstream::spawn(MockConfig::default()).unwrap();
     let mut malformed = test_settings(PRICED, &mock, dir.path());
-    malformed.encryption_key = Some("not-hex".into());
+    malformed.storage.encryption_key = Some("not-hex".into());
     let err = start_gateway(mock, Arc::clone(&dir), malformed)
         .await
         .err()
