@@ -10,15 +10,13 @@ use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpMessage, HttpServer};
-use futures_util::future::LocalBoxFuture;
-use futures_util::FutureExt;
 use sidecar_actors::backup::BackupActor;
 use sidecar_actors::messages::{CollectGrants, Drain};
 use sidecar_actors::rate_state::embedded::FlushGrants;
 use sidecar_actors::rate_state::{Cluster, GrantLogger, RateState, SAVE_EVERY};
 use sidecar_actors::stats::{Flush, StatsActor};
 use sidecar_actors::store::DbExecutor;
-use sidecar_actors::{BackendSpec, PoolSupervisor, ProbeOutcome, Prober};
+use sidecar_actors::{PoolSupervisor, Prober};
 use slog::{info, warn, Logger};
 use tokio_util::task::TaskTracker;
 
@@ -51,33 +49,6 @@ fn request_id_from(req: &actix_web::dev::ServiceRequest) -> Arc<str> {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
         .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().simple().to_string()))
-}
-
-/// Probes a backend with `GET {base_url}/models` and its own key: whether a
-/// down backend answers again, whether a rejected key is accepted again.
-pub struct HttpProber;
-
-thread_local! {
-    static PROBE_CLIENT: awc::Client = upstream::build_client();
-}
-
-impl Prober for HttpProber {
-    fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, ProbeOutcome> {
-        let timeout = spec.timeout.min(Duration::from_secs(10));
-        let req = PROBE_CLIENT
-            .with(|c| upstream::models_request(c, &spec.base_url, spec.api_key.expose(), timeout));
-        async move {
-            match req.send().await {
-                Err(e) => ProbeOutcome::Failed(e.to_string()),
-                Ok(res) => match res.status().as_u16() {
-                    200..=299 => ProbeOutcome::Ok,
-                    s @ (401 | 403) => ProbeOutcome::Rejected(s),
-                    s => ProbeOutcome::Failed(format!("probe answered {s}")),
-                },
-            }
-        }
-        .boxed_local()
-    }
 }
 
 /// Stops the gateway: STOPPING=1, live streams closed, in-flight requests
@@ -211,7 +182,7 @@ impl Application {
         };
         let rate = rate_state(settings, &db, boot.replicas_seen, &log).await?;
         let supervisor = {
-            let prober: Arc<dyn Prober> = Arc::new(HttpProber);
+            let prober: Arc<dyn Prober> = Arc::new(upstream::HttpProber);
             let (specs, tuning, log, store, rate) = (
                 boot.backends,
                 tuning.clone(),

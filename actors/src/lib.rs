@@ -29,4 +29,5 @@ pub use messages::*;
 pub use probe::Prober;
 pub use provider::ProviderLimits;
 pub use spec::{ApiKey, BackendId, BackendSpec, InitialState, ModelRoute, Pool, Tuning};
+pub use supervisor::chooser::{retry_after, retry_after_secs};
 pub use supervisor::PoolSupervisor;

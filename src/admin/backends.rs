@@ -13,14 +13,13 @@ use sidecar_actors::db::backends::{
     self as db_backends, BackendRecord, BackendSettings, ModelJson, Source,
 };
 use sidecar_actors::messages::{
-    BackendView, GetSnapshot, KeyTested, RemoveBackend, ResetCooldown, UpsertBackend,
+    BackendView, GetSnapshot, RemoveBackend, ResetCooldown, UpsertBackend,
 };
 use sidecar_actors::store;
 use sidecar_actors::{ApiKey, BackendId, Pool};
 
+use super::key_test::test_key;
 use crate::admin::AdminState;
-use crate::proxy::secrets::Masker;
-use crate::proxy::upstream;
 use crate::settings::{validate_backend, RawModel};
 use crate::web::error::ApiError;
 
@@ -106,7 +105,7 @@ async fn snapshot(state: &AdminState) -> Vec<BackendView> {
         .unwrap_or_default()
 }
 
-async fn record(state: &AdminState, id: BackendId) -> Result<BackendRecord, ApiError> {
+pub(super) async fn record(state: &AdminState, id: BackendId) -> Result<BackendRecord, ApiError> {
     let ring = state.ring.clone();
     store::run(&state.db, move |c| db_backends::find_by_id(c, &ring, id))
         .await?
@@ -162,45 +161,6 @@ fn models_of(raw: HashMap<String, RawModel>) -> BTreeMap<String, ModelJson> {
             )
         })
         .collect()
-}
-
-/// One real call with the key: `GET {base_url}/models`. A key the upstream
-/// rejects (401/403) or an upstream that cannot be reached is refused with
-/// the reason; other answers (some providers have no /models) pass.
-pub async fn test_key(
-    client: &awc::Client,
-    base_url: &str,
-    key: &str,
-    timeout: Duration,
-) -> Result<Value, ApiError> {
-    let started = std::time::Instant::now();
-    let res = upstream::models_request(client, base_url, key, timeout)
-        .send()
-        .await;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    match res {
-        Err(e) => Err(ApiError::admin(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "key_test_failed",
-            format!("could not reach the upstream to test the key: {e} (use ?skip_test=true to save it anyway)"),
-        )),
-        Ok(mut r) => {
-            let status = r.status().as_u16();
-            if status == 401 || status == 403 {
-                let body = r.body().limit(2048).await.unwrap_or_default();
-                // Providers echo the key they reject; it must not come back.
-                let masker = Masker::new(&ApiKey::new(key.to_string()));
-                let body = masker.mask_bytes(body);
-                let text: String = String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(200).collect();
-                return Err(ApiError::admin(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "key_rejected",
-                    format!("the upstream rejected this key ({status}): {text}"),
-                ));
-            }
-            Ok(json!({"ok": status < 400, "status": status, "latency_ms": ms}))
-        }
-    }
 }
 
 async fn save_and_apply(
@@ -399,42 +359,6 @@ pub async fn disable(
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     set_enabled(path.into_inner(), false, state).await
-}
-
-pub async fn test(
-    path: web::Path<BackendId>,
-    state: web::Data<AdminState>,
-    client: web::Data<awc::Client>,
-) -> Result<HttpResponse, ApiError> {
-    let r = record(&state, path.into_inner()).await?;
-    let timeout = Duration::from_secs_f64(r.settings.timeout_secs.clamp(1.0, 30.0));
-    let result = test_key(&client, &r.settings.base_url, &r.settings.api_key, timeout).await;
-    // What the test found reaches the key's actor: an accepted key leaves
-    // `error` at once, a rejected one leaves rotation.
-    let verdict = match &result {
-        Ok(v) if v["ok"] == Value::Bool(true) => Some((true, None)),
-        Err(ApiError::Admin {
-            code: "key_rejected",
-            message,
-            ..
-        }) => Some((false, Some(message.clone()))),
-        _ => None,
-    };
-    if let Some((accepted, detail)) = verdict {
-        let _ = state
-            .supervisor
-            .send(KeyTested {
-                id: r.id,
-                accepted,
-                detail,
-            })
-            .await;
-    }
-    let out = match result {
-        Ok(v) => v,
-        Err(e) => json!({"ok": false, "error": e.to_string()}),
-    };
-    Ok(HttpResponse::Ok().json(json!({"id": r.id, "name": r.settings.name, "test": out})))
 }
 
 pub async fn reset_cooldown(

@@ -102,8 +102,7 @@ impl Snapshots {
                 let Ok(snap) = supervisor.send(GetSnapshot).await else {
                     continue;
                 };
-                let shared = crate::ops::health::state_json(&rate);
-                let json: Arc<str> = Arc::from(snapshot_json(&snap, &metrics, &shared).to_string());
+                let json: Arc<str> = Arc::from(snapshot_json(&snap, &metrics, &rate).to_string());
                 if let Ok(mut l) = me.latest.write() {
                     *l = Some(json.clone());
                 }

@@ -5,6 +5,7 @@
 
 mod backends;
 pub mod dashboard;
+mod key_test;
 mod ops;
 pub mod reload;
 pub mod runtime;
@@ -133,7 +134,7 @@ pub fn scope(
             .route("/backends/{id}", web::delete().to(backends::delete))
             .route("/backends/{id}/enable", web::post().to(backends::enable))
             .route("/backends/{id}/disable", web::post().to(backends::disable))
-            .route("/backends/{id}/test", web::post().to(backends::test))
+            .route("/backends/{id}/test", web::post().to(key_test::test))
             .route(
                 "/backends/{id}/reset-cooldown",
                 web::post().to(backends::reset_cooldown),

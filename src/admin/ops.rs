@@ -17,6 +17,7 @@ use crate::ops::metrics::Metrics;
 use crate::web::error::ApiError;
 #[cfg(any(debug_assertions, feature = "test-hooks"))]
 use sidecar_actors::messages::{TestCrashBackend, TestFreeze};
+use sidecar_actors::rate_state::RateState;
 
 fn secs_until(at: Option<Instant>, now: Instant) -> Option<f64> {
     at.map(|t| t.saturating_duration_since(now).as_secs_f64())
@@ -67,7 +68,8 @@ pub fn live_json(b: &BackendView, now: Instant) -> Value {
 }
 
 /// The live picture the dashboard and `GET /actors` show.
-pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics, state: &Value) -> Value {
+pub fn snapshot_json(snap: &PoolSnapshot, metrics: &Metrics, rate: &RateState) -> Value {
+    let state = crate::ops::health::state_json(rate);
     let now = Instant::now();
     let backends: Vec<Value> = snap.backends.iter().map(|b| live_json(b, now)).collect();
     let pools: Vec<Value> = [Pool::Primary, Pool::Fallback]
@@ -130,11 +132,7 @@ async fn pool_snapshot(state: &AdminState) -> Result<PoolSnapshot, ApiError> {
 
 pub async fn pools(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     let snap = pool_snapshot(&state).await?;
-    let live = snapshot_json(
-        &snap,
-        &state.metrics,
-        &crate::ops::health::state_json(&state.rate),
-    );
+    let live = snapshot_json(&snap, &state.metrics, &state.rate);
     let today = store::run(&state.db, usage::pool_summary).await?;
     Ok(HttpResponse::Ok()
         .json(json!({"live": live["pools"], "today": today, "queue": live["queue"]})))
@@ -216,11 +214,7 @@ pub async fn backup_now(state: web::Data<AdminState>) -> Result<HttpResponse, Ap
 
 pub async fn actors(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     let snap = pool_snapshot(&state).await?;
-    let mut out = snapshot_json(
-        &snap,
-        &state.metrics,
-        &crate::ops::health::state_json(&state.rate),
-    );
+    let mut out = snapshot_json(&snap, &state.metrics, &state.rate);
     let flush = state.stats.send(GetFlushStatus).await.ok();
     let backup = state.backup.send(GetBackupStatus).await.ok();
     out["stats_actor"] = match flush {

@@ -103,14 +103,8 @@ impl ClientEntry {
             lim.record(now);
             Ok(())
         } else {
-            let at = lim.next_free(now);
-            let secs = at
-                .saturating_duration_since(now)
-                .as_secs_f64()
-                .ceil()
-                .max(1.0);
             Err(ApiError::ClientRateLimited {
-                retry_after: Duration::from_secs(secs as u64),
+                retry_after: sidecar_actors::retry_after(lim.next_free(now), now),
             })
         }
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use awc::error::SendRequestError;
-use sidecar_actors::Outcome;
+use futures_util::future::LocalBoxFuture;
+use futures_util::FutureExt;
+use sidecar_actors::{BackendSpec, Outcome, ProbeOutcome, Prober};
 
 use super::limits;
 
@@ -163,6 +165,17 @@ impl Answer {
         }
     }
 
+    /// What a probe (`GET /models` with the key) says about a backend: the
+    /// same table as for requests, so a key the proxy would drop is one the
+    /// probe rejects.
+    pub fn probe(self, status: u16) -> ProbeOutcome {
+        match self {
+            Answer::Success => ProbeOutcome::Ok,
+            Answer::BadKey => ProbeOutcome::Rejected(status),
+            _ => ProbeOutcome::Failed(format!("probe answered {status}")),
+        }
+    }
+
     /// The outcome a failed answer reports to its backend.
     pub fn failure(self, status: u16, headers: &HeaderMap) -> Outcome {
         match self {
@@ -174,6 +187,29 @@ impl Answer {
             Answer::ServerError => Outcome::ServerError { status },
             Answer::Success | Answer::ClientError => Outcome::ClientError { status },
         }
+    }
+}
+
+/// Probes a backend with `GET {base_url}/models` and its own key: whether a
+/// down backend answers again, whether a rejected key is accepted again.
+pub struct HttpProber;
+
+thread_local! {
+    static PROBE_CLIENT: awc::Client = build_client();
+}
+
+impl Prober for HttpProber {
+    fn probe(&self, spec: &BackendSpec) -> LocalBoxFuture<'static, ProbeOutcome> {
+        let timeout = spec.timeout.min(Duration::from_secs(10));
+        let req = PROBE_CLIENT
+            .with(|c| models_request(c, &spec.base_url, spec.api_key.expose(), timeout));
+        async move {
+            match req.send().await {
+                Err(e) => ProbeOutcome::Failed(e.to_string()),
+                Ok(res) => Answer::of(res.status().as_u16()).probe(res.status().as_u16()),
+            }
+        }
+        .boxed_local()
     }
 }
 

@@ -175,7 +175,10 @@ impl ResponseError for ApiError {
         };
         let mut res = HttpResponse::build(self.status_code());
         if let Some(ra) = self.retry_after() {
-            res.insert_header((header::RETRY_AFTER, ra.as_secs().max(1).to_string()));
+            res.insert_header((
+                header::RETRY_AFTER,
+                sidecar_actors::retry_after_secs(ra).to_string(),
+            ));
         }
         res.json(json!({
             "error": { "message": message, "type": kind, "param": null, "code": code }

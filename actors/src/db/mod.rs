@@ -3,6 +3,7 @@
 //! use. diesel is synchronous: everything here runs on the `DbExecutor`'s
 //! SyncArbiter thread or in a CLI command, never on an async worker.
 
+pub mod backend_state;
 pub mod backends;
 pub mod backup;
 pub mod crypto;

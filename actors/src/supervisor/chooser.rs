@@ -215,14 +215,19 @@ pub enum Decision {
     Fail(AcquireError),
 }
 
-/// A truthful `Retry-After`: whole seconds, at least one.
+/// A truthful `Retry-After` until `at`: whole seconds, at least one.
 pub fn retry_after(at: Instant, now: Instant) -> Duration {
-    let left = at.saturating_duration_since(now);
+    Duration::from_secs(retry_after_secs(at.saturating_duration_since(now)))
+}
+
+/// The one rounding of every `Retry-After` the gateway writes: up to whole
+/// seconds (a client that waits that long finds capacity), at least one.
+pub fn retry_after_secs(left: Duration) -> u64 {
     let mut secs = left.as_secs();
     if left.subsec_nanos() > 0 {
         secs = secs.saturating_add(1);
     }
-    Duration::from_secs(secs.max(1))
+    secs.max(1)
 }
 
 /// What `Unavailable` says when no backend will come back by itself.

@@ -1,0 +1,210 @@
+//! How the simulated provider answers a request it admitted: a completion,
+//! an embedding, or a stream, with the rate headers a real provider sends.
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::keys::{admit, Admission, Ask, RateHeaders};
+use super::*;
+
+pub(crate) async fn answer(
+    kind: Kind,
+    req: HttpRequest,
+    body: Bytes,
+    state: web::Data<MockState>,
+) -> HttpResponse {
+    let Ok(json) = serde_json::from_slice::<Value>(&body) else {
+        return error_json(400, "invalid JSON", "invalid_request_error");
+    };
+    let key = bearer(&req);
+    let mut reset_after = None;
+    let completion_tokens = state.chunks.max(1) as u64;
+    let ask = Ask {
+        body: &json,
+        tokens: (body.len() as u64 / 4).max(1) + completion_tokens,
+        poisoned: contains(&body, POISON_MARKER.as_bytes()),
+    };
+    let admission = admit(&mut state.keys(), &key, ask, state.window);
+    let rate = match admission {
+        Admission::Go(rate) => rate,
+        Admission::Unknown => return error_json(401, "invalid api key", "authentication_error"),
+        Admission::Poisoned => {
+            return error_json(500, "the model failed on this input", "server_error")
+        }
+        Admission::Limited(wait, rate) => {
+            let secs = sidecar_actors::retry_after_secs(wait);
+            let mut res = HttpResponse::TooManyRequests();
+            res.insert_header((header::RETRY_AFTER, secs.to_string()))
+                .insert_header(("retry-after-ms", wait.as_millis().max(1).to_string()));
+            add_rate_headers(&mut res, &rate);
+            return res.json(json!({"error": {"message": "rate limit exceeded", "type": "rate_limit_error", "code": 429}}));
+        }
+        Admission::Fault(Fault::RateLimit(ra)) => {
+            let mut res = HttpResponse::TooManyRequests();
+            if let Some(secs) = ra {
+                res.insert_header((header::RETRY_AFTER, secs.to_string()));
+            }
+            return res.json(json!({"error": {"message": "rate limit exceeded", "type": "rate_limit_error", "code": 429}}));
+        }
+        Admission::Fault(Fault::Status(status)) => {
+            return error_json(status, "simulated failure", "server_error")
+        }
+        Admission::Fault(f @ (Fault::EchoKey(_) | Fault::EndlessEvent | Fault::InvalidJson)) => {
+            let stream = json.get("stream") == Some(&Value::Bool(true));
+            return hostile::answer(f, &key, stream);
+        }
+        Admission::Fault(Fault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return error_json(504, "simulated hang ended", "server_error");
+        }
+        Admission::Fault(Fault::ResetAfter(n)) => {
+            reset_after = Some(n);
+            RateHeaders::default()
+        }
+        Admission::Fault(Fault::None) => RateHeaders::default(),
+    };
+    let delay = req
+        .headers()
+        .get("x-sim-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.min(120_000)));
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    if !state.latency.is_zero() {
+        tokio::time::sleep(state.latency).await;
+    }
+    let model = json
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_string();
+    let prompt_tokens = (body.len() as u64 / 4).max(1);
+    let stream = json.get("stream") == Some(&Value::Bool(true)) && !matches!(kind, Kind::Embedding);
+    if stream {
+        let include_usage =
+            json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        let plan = StreamPlan {
+            kind,
+            model,
+            prompt_tokens,
+            chunks: state.chunks.max(1),
+            interval: state.chunk_interval,
+            include_usage,
+            reset_after,
+        };
+        return stream_answer(plan, &rate);
+    }
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+    let words: Vec<String> = (0..completion_tokens).map(|i| format!("w{i}")).collect();
+    let text = format!("mock reply: {}", words.join(" "));
+    let created = unix_now();
+    let mut res = HttpResponse::Ok();
+    add_rate_headers(&mut res, &rate);
+    match kind {
+        Kind::Chat => res.json(json!({
+            "id": format!("chatcmpl-mock-{created}"), "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage,
+        })),
+        Kind::Completion => res.json(json!({
+            "id": format!("cmpl-mock-{created}"), "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            "usage": usage,
+        })),
+        Kind::Embedding => res.json(json!({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        })),
+    }
+}
+
+pub(crate) fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpResponse {
+    let StreamPlan {
+        kind,
+        model,
+        prompt_tokens,
+        chunks,
+        interval,
+        include_usage,
+        reset_after,
+    } = plan;
+    let created = unix_now();
+    let mut events: Vec<String> = Vec::new();
+    for i in 0..chunks {
+        let last = i + 1 == chunks;
+        let finish = if last { json!("stop") } else { Value::Null };
+        let choice = match kind {
+            Kind::Chat => {
+                json!({"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": finish})
+            }
+            _ => json!({"index": 0, "text": format!("w{i} "), "finish_reason": finish}),
+        };
+        let object = if matches!(kind, Kind::Chat) {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        events.push(format!(
+            "data: {}\n\n",
+            json!({"id": format!("mock-{created}"), "object": object, "created": created, "model": model, "choices": [choice]})
+        ));
+    }
+    if include_usage {
+        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": chunks, "total_tokens": prompt_tokens + chunks as u64});
+        events.push(format!(
+            "data: {}\n\n",
+            json!({"id": format!("mock-{created}"), "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage})
+        ));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    let total = events.len();
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let events = events.clone();
+        async move {
+            if i >= total {
+                return None;
+            }
+            if reset_after.is_some_and(|n| i as u32 >= n) {
+                // Let what was "sent" reach the peer before the cut.
+                tokio::time::sleep(interval.max(Duration::from_millis(30))).await;
+                let err =
+                    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated reset");
+                // One error ends the body; actix drops the connection.
+                return Some((Err::<Bytes, _>(actix_web::Error::from(err)), total));
+            }
+            // Content chunks are paced; the usage chunk and [DONE] follow the
+            // last one at once, as real providers send them.
+            if i > 0 && (i as u32) < chunks && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok(Bytes::from(events[i].clone())), i + 1))
+        }
+    });
+    let mut res = HttpResponse::Ok();
+    add_rate_headers(&mut res, rate);
+    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(stream)
+}
+
+/// `x-ratelimit-*` as OpenAI-style providers send them.
+pub(crate) fn add_rate_headers(res: &mut actix_web::HttpResponseBuilder, rate: &RateHeaders) {
+    let reset = |d: Duration| format!("{:.3}s", d.as_secs_f64());
+    if let Some((limit, left, at)) = rate.requests {
+        res.insert_header(("x-ratelimit-limit-requests", limit.to_string()))
+            .insert_header(("x-ratelimit-remaining-requests", left.to_string()))
+            .insert_header(("x-ratelimit-reset-requests", reset(at)));
+    }
+    if let Some((limit, left, at)) = rate.tokens {
+        res.insert_header(("x-ratelimit-limit-tokens", limit.to_string()))
+            .insert_header(("x-ratelimit-remaining-tokens", left.to_string()))
+            .insert_header(("x-ratelimit-reset-tokens", reset(at)));
+    }
+}
