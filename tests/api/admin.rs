@@ -6,7 +6,7 @@ use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::messages::TestCrashBackend;
 use sidecar_actors::Status;
 
-use crate::helpers::{backend, chat_body, spawn_app, TestApp};
+use crate::helpers::{backend, chat_body, mock_keys, spawn_app, TestApp};
 
 const TOKEN: &str = "admin-secret-token";
 
@@ -66,10 +66,7 @@ async fn admin_auth() {
     app.stop().await;
 
     // Without a token, loopback clients are served (non-loopback: unit test).
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let app = spawn_app(mock, &backend("b", "k-1", "primary", 10, "")).await;
     assert_eq!(app.admin("GET", "/backends", None, None).await.status, 200);
     app.stop().await;
@@ -422,10 +419,7 @@ async fn crashed_backend_actor_restarts_with_state_intact() {
 /// with 1,000 distinct unknown model names.
 #[actix_web::test]
 async fn metrics_after_traffic_and_bounded_labels() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = "[[backends]]\nname = \"b\"\nbase_url = \"{MOCK_URL}\"\napi_key = \"k-1\"\nrpm_limit = 100000\nmodels = { \"m\" = { native = \"native-m\", price_in = 1.0, price_out = 1.0 } }\n";
     let app = spawn_app(mock, toml).await;
     for _ in 0..5 {
@@ -479,11 +473,7 @@ async fn metrics_after_traffic_and_bounded_labels() {
 #[actix_web::test]
 async fn reload_applies_the_file_to_the_running_actors() {
     use sidecar::settings::{Settings, Sources};
-    let mock = sidecar::sim::MockUpstream::spawn(MockConfig {
-        keys: vec![MockKey::new("k-1", None), MockKey::new("k-2", None)],
-        ..Default::default()
-    })
-    .unwrap();
+    let mock = sidecar::sim::MockUpstream::spawn(mock_keys(&["k-1", "k-2"])).unwrap();
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let file = dir.path().join("sidecar.toml");
     let one = backend("first", "k-1", "primary", 100, "").replace("{MOCK_URL}", &mock.base_url());

@@ -2,7 +2,7 @@ use serde_json::{json, Value};
 use sidecar::proxy::client_keys::sha256;
 use sidecar::sim::{MockConfig, MockKey};
 
-use crate::helpers::{backend, spawn_app};
+use crate::helpers::{backend, mock_keys, spawn_app};
 
 const BACKEND_KEY: &str = "nvapi-backend-secret-key-0001";
 const CLIENT_KEY: &str = "client-secret-0001";
@@ -202,10 +202,7 @@ async fn bad_input_table() {
 /// embeddings are forwarded with their model rewritten.
 #[actix_web::test]
 async fn models_completions_and_embeddings() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None), MockKey::new("k-2", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1", "k-2"]);
     let toml = format!(
         "{}[[backends]]\nname = \"off\"\nbase_url = \"{{MOCK_URL}}\"\napi_key = \"k-2\"\nrpm_limit = 10\nenabled = false\nmodels = {{ \"hidden\" = \"h\" }}\n",
         backend("b", "k-1", "primary", 100, "")

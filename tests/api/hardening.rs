@@ -11,7 +11,7 @@ use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
 use tokio::time::Instant;
 
-use crate::helpers::{backend, chat_body, spawn_app, TestApp};
+use crate::helpers::{backend, chat_body, mock_keys, spawn_app, TestApp};
 
 /// A backend whose only model is `model`.
 fn only(name: &str, key: &str, model: &str, extra: &str) -> String {
@@ -221,10 +221,7 @@ async fn invalid_json_in_a_200_is_retried_elsewhere() {
 /// connection open.
 #[actix_web::test]
 async fn slow_request_bodies_time_out() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = format!(
         "body_idle_timeout = 0.5\nbody_timeout = 2\n{}",
         backend("b", "k-1", "primary", 1000, "")
@@ -280,10 +277,7 @@ async fn slow_request_bodies_time_out() {
 /// the request is logged as 499.
 #[actix_web::test]
 async fn a_client_that_leaves_cancels_the_upstream_call() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let app = spawn_app(mock, &backend("b", "k-1", "primary", 1000, "")).await;
     let a = addr(&app);
     actix_web::rt::task::spawn_blocking(move || {
@@ -409,11 +403,7 @@ async fn a_stream_cut_by_the_drain_is_still_counted() {
 #[actix_web::test]
 async fn environment_strings_stay_strings() {
     let dir = tempfile::tempdir().unwrap();
-    let mock = sidecar::sim::MockUpstream::spawn(MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    })
-    .unwrap();
+    let mock = sidecar::sim::MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
     let cfg = dir.path().join("s.toml");
     std::fs::write(
         &cfg,
@@ -482,10 +472,7 @@ type Case<'a> = (
 /// Origins, hosts and content types, for the admin API and the proxy.
 #[actix_web::test]
 async fn browser_origin_host_and_content_type_table() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = format!(
         "allowed_origins = [\"http://tool.example\"]\n{}",
         backend("b", "k-1", "primary", 1000, "")
@@ -662,10 +649,7 @@ async fn browser_origin_host_and_content_type_table() {
 /// `?token=` works on the live-events stream only.
 #[actix_web::test]
 async fn query_tokens_only_on_the_event_stream() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = format!(
         "admin_token = \"s3cret-token\"\n{}",
         backend("b", "k-1", "primary", 1000, "")
@@ -688,11 +672,7 @@ async fn query_tokens_only_on_the_event_stream() {
 #[actix_web::test]
 async fn reload_applies_the_token_and_names_what_needs_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mock = sidecar::sim::MockUpstream::spawn(MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    })
-    .unwrap();
+    let mock = sidecar::sim::MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
     let file = dir.path().join("sidecar.toml");
     let root = dir.path().display().to_string();
     let upstream = backend("b", "k-1", "primary", 100, "").replace("{MOCK_URL}", &mock.base_url());
@@ -754,11 +734,7 @@ async fn reload_applies_the_token_and_names_what_needs_a_restart() {
 #[actix_web::test]
 async fn files_are_private_and_metrics_stay_on_loopback() {
     use std::os::unix::fs::PermissionsExt;
-    let mock = sidecar::sim::MockUpstream::spawn(MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    })
-    .unwrap();
+    let mock = sidecar::sim::MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
     let base = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let data = base.path().join("nested/data");
     let mut settings = crate::helpers::test_settings(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use awc::http::header::HeaderMap;
 use serde_json::Value;
 use sidecar::settings::{Settings, Sources};
-use sidecar::sim::{MockConfig, MockUpstream};
+use sidecar::sim::{MockConfig, MockKey, MockUpstream};
 use sidecar::startup::Application;
 use sidecar::startup::GatewayHandle;
 use sidecar_actors::backup::BackupActor;
@@ -307,5 +307,13 @@ impl TestApp {
     pub async fn stop(self) {
         self.handle.stop(true).await;
         self.mock.handle().stop(false).await;
+    }
+}
+
+/// A simulated upstream with these keys, each healthy and unlimited.
+pub fn mock_keys(keys: &[&str]) -> MockConfig {
+    MockConfig {
+        keys: keys.iter().map(|k| MockKey::new(k, None)).collect(),
+        ..Default::default()
     }
 }

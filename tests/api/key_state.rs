@@ -11,7 +11,7 @@ use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
 use tokio::time::Instant;
 
-use crate::helpers::{backend, chat_body, spawn_app, TestApp};
+use crate::helpers::{backend, chat_body, mock_keys, spawn_app, TestApp};
 
 /// The admin API's live view of one backend.
 async fn live(app: &TestApp, name: &str) -> Value {
@@ -27,10 +27,7 @@ async fn live(app: &TestApp, name: &str) -> Value {
 /// cooldown or reset its streak; nothing reaches the key before it ends.
 #[actix_web::test]
 async fn late_successes_do_not_end_a_cooldown() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-a", None), MockKey::new("k-b", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-a", "k-b"]);
     let toml = format!(
         "cooldown_base = 0.5\ncooldown_max = 10\n{}{}",
         backend("a", "k-a", "primary", 1000, "weight = 10.0"),
@@ -153,10 +150,7 @@ async fn emergency_probes_wait_for_the_upstream_retry_after() {
 /// (the one that drew the 429 included) instead of getting 503 at once.
 #[actix_web::test]
 async fn requests_wait_through_a_cooldown_that_ends_before_their_deadline() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = format!(
         "cooldown_base = 0.5\nqueue_timeout = 3\n{}",
         backend("one", "k-1", "primary", 100, "")
@@ -385,10 +379,7 @@ async fn a_learned_limit_survives_idle_time_and_restarts() {
 /// rolling window (the burst apart), and it moves for an idle key.
 #[actix_web::test]
 async fn live_numbers_are_true_when_read() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = format!(
         "window_secs = 2\nwindow_margin_ms = 100\n{}",
         backend("one", "k-1", "primary", 40, "burst = 10")

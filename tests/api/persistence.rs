@@ -10,7 +10,9 @@ use sidecar_actors::stats::Flush;
 use sidecar_actors::Status;
 use tokio::time::Instant;
 
-use crate::helpers::{backend, chat_body, spawn_app, start_gateway, test_settings, TEST_KEY};
+use crate::helpers::{
+    backend, chat_body, mock_keys, spawn_app, start_gateway, test_settings, TEST_KEY,
+};
 
 const PRICED: &str = "[[backends]]\nname = \"priced\"\nbase_url = \"{MOCK_URL}\"\napi_key = \"nvapi-priced-key-9876\"\nrpm_limit = 1000\nmodels = { \"m\" = { native = \"native-m\", price_in = 2.0, price_out = 8.0 } }\n";
 
@@ -157,10 +159,7 @@ async fn cooldown_and_error_state_survive_a_restart() {
 /// created fails cleanly while serving goes on.
 #[actix_web::test]
 async fn backups_are_checked_and_failures_do_not_disturb_serving() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let app = spawn_app(mock, &backend("b", "k-1", "primary", 100, "")).await;
     assert_eq!(app.chat(&chat_body("m")).await.status, 200);
     // At start, with no backup yet, one is taken.

@@ -2,19 +2,15 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use sidecar::sim::{MockConfig, MockKey};
 use tokio::time::Instant;
 
-use crate::helpers::{backend, chat_body, spawn_app};
+use crate::helpers::{backend, chat_body, mock_keys, spawn_app};
 
 /// With capacity for one request per tick, urgent requests queued after low
 /// ones still finish first; FIFO holds within a level.
 #[actix_web::test]
 async fn urgent_requests_overtake_queued_low_ones() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let toml = format!(
         "window_secs = 0.3\nwindow_margin_ms = 10\nqueue_timeout = 10\n{}",
         backend("one", "k-1", "primary", 1, "")

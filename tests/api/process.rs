@@ -10,7 +10,7 @@ use sidecar::sim::{MockConfig, MockKey, MockUpstream};
 use sidecar_actors::db::{self, backends, usage, KeyRing};
 use tokio::time::Instant;
 
-use crate::helpers::{chat_body, TEST_KEY};
+use crate::helpers::{chat_body, mock_keys, TEST_KEY};
 use crate::procs::{signal, spawn_gateway_with, Gateway, BIN};
 
 fn write_config(dir: &Path, mock: &MockUpstream, flush_secs: f64) -> std::path::PathBuf {
@@ -254,11 +254,7 @@ fn import_twice_then_rotate_key() {
 async fn sd_notify_ready_watchdog_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().unwrap();
-    let mock = MockUpstream::spawn(MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    })
-    .unwrap();
+    let mock = MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))

@@ -5,7 +5,7 @@ use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
 use tokio::time::Instant;
 
-use crate::helpers::{backend, chat_body, spawn_app};
+use crate::helpers::{backend, chat_body, mock_keys, spawn_app};
 
 /// 3 keys × L per 2 s window, offered twice their capacity for 3 windows:
 /// no key ever sees more than L requests in any window, no 429 is provoked,
@@ -145,10 +145,7 @@ async fn upstream_429_cools_the_key_with_backoff_and_it_returns() {
 /// Fallback only when no primary can serve now.
 #[actix_web::test]
 async fn fallback_pool_is_used_only_when_primary_cannot_serve() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-p", None), MockKey::new("k-f", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-p", "k-f"]);
     let toml = format!(
         "{}{}",
         backend("primary", "k-p", "primary", 3, "burst = 3"),
@@ -262,10 +259,7 @@ async fn max_concurrency_caps_in_flight_requests() {
 /// A client key's own RPM is enforced at the edge, with Retry-After.
 #[actix_web::test]
 async fn client_key_rpm_is_enforced() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("k-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["k-1"]);
     let key_hash = hex::encode(sidecar::proxy::client_keys::sha256("ck-1"));
     let toml = format!(
         "{}[[client_keys]]\nname = \"small\"\nkey_sha256 = \"{key_hash}\"\nrpm = 2\n",

@@ -13,7 +13,7 @@ use sidecar::sim::{Fault, KeyStats, MockConfig, MockKey, MockUpstream};
 use sidecar_actors::testing::RedisServer;
 use tokio::time::Instant;
 
-use crate::helpers::{chat_body, TEST_KEY};
+use crate::helpers::{chat_body, mock_keys, TEST_KEY};
 use crate::procs::{follow_log, signal, signal_pid, spawn_gateway_with, wait, Gateway, BIN};
 
 const WINDOW: Duration = Duration::from_secs(2);
@@ -555,10 +555,7 @@ async fn socket_activation_restart_refuses_no_connection() {
 /// request already upstream finishes.
 #[actix_web::test]
 async fn stopping_answers_queued_requests_at_once() {
-    let mock = MockConfig {
-        keys: vec![MockKey::new("q-1", None)],
-        ..Default::default()
-    };
+    let mock = mock_keys(&["q-1"]);
     // One request per 10 s window, waits of up to 20 s: they queue.
     let toml = format!(
         "window_secs = 10\nqueue_timeout = 20\n{}",
