@@ -94,6 +94,8 @@ pub struct Application {
     backup: Addr<BackupActor>,
     rate: RateState,
     log: Logger,
+    /// The shared lock on the database, released when the process ends.
+    _db_lock: std::fs::File,
 }
 
 /// Where rate state goes: the grant logger (embedded) or Redis, whose first
@@ -228,7 +230,7 @@ impl Application {
             supervisor: supervisor.clone(),
             log: log.clone(),
             db: db.clone(),
-            ring: boot.ring,
+            ring: boot.ring.clone(),
             stats: stats.clone(),
             backup: backup.clone(),
             access: access.clone(),
@@ -324,6 +326,7 @@ impl Application {
             backup,
             rate,
             log,
+            _db_lock: boot.lock,
         })
     }
 

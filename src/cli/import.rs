@@ -17,6 +17,20 @@ use crate::settings::validate_backend;
 #[serde(deny_unknown_fields)]
 struct ProviderList {
     providers: Vec<Provider>,
+    /// The old tool's own tally at the end of the file: not settings, so
+    /// ignored — but checked against the list, and said so.
+    #[serde(default)]
+    summary: Option<serde_yaml_ng::Value>,
+}
+
+/// What a provisioning file holds, ready to import, and what was left out.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub backends: Vec<BackendSettings>,
+    /// (account, why) for entries not imported.
+    pub skipped: Vec<(String, String)>,
+    /// Things the user should know (ignored blocks, mismatches).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,12 +65,25 @@ pub fn parse(
     default_rpm: u32,
     default_timeout: std::time::Duration,
     extra_models: &BTreeMap<String, String>,
-) -> anyhow::Result<Vec<BackendSettings>> {
+) -> anyhow::Result<Parsed> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let list: ProviderList =
-        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut out = Vec::new();
+        serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut parsed = Parsed::default();
+    if let Some(summary) = &list.summary {
+        let said = summary
+            .get("total_providers")
+            .and_then(serde_yaml_ng::Value::as_u64);
+        let listed = list.providers.len() as u64;
+        parsed.notes.push(match said {
+            Some(n) if n != listed => format!(
+                "the summary block says {n} providers but the file lists {listed}; the list is what is imported"
+            ),
+            _ => "the summary block is the old tool's tally, not settings: ignored".to_string(),
+        });
+    }
+    let mut out: Vec<BackendSettings> = Vec::new();
     for (i, p) in list.providers.into_iter().enumerate() {
         let at = |field: &str| format!("{}: providers[{i}].{field}", path.display());
         let name = p.account.trim().to_string();
@@ -141,12 +168,26 @@ pub fn parse(
             let field = e.key.split_once('.').map_or(e.key.as_str(), |(_, f)| f);
             anyhow::anyhow!("{}: {}", at(field), e.problem)
         })?;
-        if out.iter().any(|o: &BackendSettings| o.name == b.name) {
-            anyhow::bail!("{}: {:?} is listed twice", at("account"), b.name);
+        if let Some(o) = out.iter().find(|o| o.name == b.name) {
+            // The same entry twice is harmless; two different ones under
+            // one name cannot both be meant.
+            if o.api_key == b.api_key && o.base_url == b.base_url {
+                parsed.skipped.push((
+                    b.name.clone(),
+                    format!("providers[{i}] repeats an earlier entry"),
+                ));
+                continue;
+            }
+            anyhow::bail!(
+                "{}: {:?} is listed twice with different settings",
+                at("account"),
+                b.name
+            );
         }
         out.push(b);
     }
-    Ok(out)
+    parsed.backends = out;
+    Ok(parsed)
 }
 
 /// Writes the backends in one transaction.

@@ -182,12 +182,19 @@ pub fn run() -> ExitCode {
         } => import_file(config, &file, &models),
         Command::Backup { config } => backup(config),
         Command::Restore { file, config } => load(config).and_then(|s| {
-            sidecar_actors::db::backup::restore(&file, &s.storage.db_path)?;
+            let r = sidecar_actors::db::backup::restore(
+                &file,
+                &s.storage.db_path,
+                &s.storage.backup_dir,
+            )?;
             println!(
                 "restored {} into {}",
                 file.display(),
                 s.storage.db_path.display()
             );
+            if let Some(kept) = r.kept {
+                println!("the database it replaced is kept as {}", kept.display());
+            }
             Ok(())
         }),
         Command::HashKey { key } => {

@@ -14,6 +14,18 @@ use crate::store::keys;
 /// Opens the database with the configured key, proving it with the canary.
 pub(crate) fn open_db(settings: &Settings) -> anyhow::Result<(diesel::SqliteConnection, KeyRing)> {
     let (ring, source) = keys::resolve(settings)?;
+    if let keys::KeySource::Beside {
+        path,
+        created: true,
+    } = &source
+    {
+        // `serve` says so in its log; a CLI run says it here.
+        eprintln!(
+            "created a new encryption key at {} — keep it with the database: without it the stored API keys \
+             cannot be read (production: SIDECAR_ENCRYPTION_KEY_FILE or a systemd credential)",
+            path.display()
+        );
+    }
     let mut conn = db::open(&settings.storage.db_path)?;
     ring.check_canary(&mut conn)
         .map_err(|e| anyhow::anyhow!("{e} (key from {})", source.describe()))?;
@@ -53,22 +65,29 @@ pub(crate) fn import_file(
             .ok_or_else(|| anyhow::anyhow!("--models takes CANONICAL=NATIVE, got {m:?}"))?;
         extra.insert(c.trim().to_string(), n.trim().to_string());
     }
-    let backends = super::import::parse(
+    let parsed = super::import::parse(
         file,
         settings.limits.default_rpm,
         settings.limits.default_timeout,
         &extra,
     )?;
     let (mut conn, ring) = open_db(&settings)?;
-    let r = super::import::import(&mut conn, &ring, &backends)?;
+    let r = super::import::import(&mut conn, &ring, &parsed.backends)?;
     println!(
-        "{}: {} added, {} updated, {} unchanged (database {})",
+        "{}: {} added, {} updated, {} unchanged, {} skipped (database {})",
         file.display(),
         r.added,
         r.updated,
         r.unchanged,
+        parsed.skipped.len(),
         settings.storage.db_path.display()
     );
+    for (name, why) in &parsed.skipped {
+        println!("  skipped {name}: {why}");
+    }
+    for note in &parsed.notes {
+        println!("  note: {note}");
+    }
     Ok(())
 }
 

@@ -18,6 +18,9 @@ pub struct Boot {
     pub runtime_json: Option<String>,
     /// The replicas this gateway last counted with shared state (Redis).
     pub replicas_seen: Option<u32>,
+    /// Held while the gateway runs, so `restore` refuses to replace the
+    /// database under it.
+    pub lock: std::fs::File,
 }
 
 pub fn boot(settings: &Settings, log: &Logger) -> anyhow::Result<Boot> {
@@ -59,6 +62,15 @@ fn boot_with(
                     or set SIDECAR_ENCRYPTION_KEY_FILE";
             "path" => path.display().to_string(), "created" => *created);
     }
+    if let Some(parent) = settings
+        .storage
+        .db_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        db::private_dir(parent)?;
+    }
+    let lock = db::lock_shared(&settings.storage.db_path)?;
     let mut conn = db::connect(&settings.storage.db_path)?;
     let migrations = db::migrate(&mut conn)?;
     ring.check_canary(&mut conn)
@@ -89,6 +101,7 @@ fn boot_with(
         migrations,
         runtime_json,
         replicas_seen,
+        lock,
     })
 }
 

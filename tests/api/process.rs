@@ -343,3 +343,135 @@ async fn sd_notify_ready_watchdog_and_stopping() {
     );
     done.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// The real provisioning file (it ends with the old tool's `summary:` block)
+/// imports; repeated entries are skipped and said so; what is truly wrong
+/// is still refused, naming the field.
+#[test]
+fn import_the_real_provisioning_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!("db_path = \"{}\"\n", dir.path().join("s.db").display()),
+    )
+    .unwrap();
+    let run = |file: &Path| {
+        let out = Command::new(BIN)
+            .arg("import")
+            .arg(file)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers.example.yaml");
+    let (ok, text) = run(&real);
+    eprintln!("import of the real file:\n{text}");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("11 added, 0 updated, 0 unchanged, 0 skipped"),
+        "{text}"
+    );
+    assert!(text.contains("summary block"), "{text}");
+    assert!(text.contains("created a new encryption key"), "{text}");
+
+    let original = std::fs::read_to_string(&real).unwrap();
+    let (head, summary) = original.split_at(original.find("summary:").unwrap());
+    let first = head
+        .split("  - account:")
+        .nth(1)
+        .map(|e| format!("  - account:{e}"))
+        .unwrap();
+    let repeated = dir.path().join("repeated.yaml");
+    std::fs::write(&repeated, format!("{head}{first}{summary}")).unwrap();
+    let (ok, text) = run(&repeated);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("0 added, 0 updated, 11 unchanged, 1 skipped"),
+        "{text}"
+    );
+    assert!(
+        text.contains("skipped team1: providers[11] repeats an earlier entry"),
+        "{text}"
+    );
+    assert!(
+        text.contains("says 11 providers but the file lists 12"),
+        "{text}"
+    );
+
+    let wrong = dir.path().join("wrong.yaml");
+    std::fs::write(
+        &wrong,
+        original.replacen("rpm_limit: 40", "rpm_limit: 40\n    colour: red", 1),
+    )
+    .unwrap();
+    let (ok, text) = run(&wrong);
+    assert!(!ok && text.contains("unknown field `colour`"), "{text}");
+}
+
+/// `sidecar restore` refuses a mistyped path (and creates nothing), refuses
+/// while a gateway serves from the database, and keeps the database it
+/// replaces.
+#[actix_web::test]
+async fn restore_refuses_typos_and_a_running_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
+    let db_path = dir.path().join("s.db");
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "port = 0\nmetrics_port = 0\ndb_path = \"{}\"\nbackup_dir = \"{}\"\n{}",
+            db_path.display(),
+            dir.path().join("backups").display(),
+            crate::helpers::backend("b", "k-1", "primary", 100, "")
+                .replace("{MOCK_URL}", &mock.base_url())
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let gw = spawn_gateway_with(&config, &[("SIDECAR_ENCRYPTION_KEY", TEST_KEY)]);
+    let (ok, text) = run(&["backup"]);
+    assert!(ok, "{text}");
+    let backup = text
+        .split_whitespace()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    let typo = dir.path().join("backups/sidecar-typo.db");
+    let (ok, text) = run(&["restore", typo.to_str().unwrap()]);
+    eprintln!("restore of a typo: {text}");
+    assert!(!ok && text.contains("sidecar-typo.db"), "{text}");
+    assert!(!typo.exists(), "nothing created");
+    let (ok, text) = run(&["restore", backup.to_str().unwrap()]);
+    eprintln!("restore while serving: {text}");
+    assert!(!ok && text.contains("a gateway is using"), "{text}");
+    let _ = gw.stop().await;
+    let (ok, text) = run(&["restore", backup.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("the database it replaced is kept as"),
+        "{text}"
+    );
+}

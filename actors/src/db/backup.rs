@@ -98,15 +98,73 @@ fn prune(dir: &Path, retention_days: u32, keep: &Path) -> Result<Vec<PathBuf>, D
     Ok(removed)
 }
 
-/// Puts a backup in place of the database (the gateway must be stopped):
-/// checks the copy first, then replaces the file and drops the old WAL.
-pub fn restore(backup: &Path, db_path: &Path) -> Result<(), DbError> {
-    let mut copy = connect(backup)?;
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreReport {
+    /// Where the database it replaced was kept (none if there was none).
+    pub kept: Option<PathBuf>,
+}
+
+/// Why a file is not a backup of ours.
+fn check_backup(backup: &Path) -> Result<(), DbError> {
+    let meta = std::fs::metadata(backup)
+        .map_err(|e| DbError::Invalid(format!("{}: {e}", backup.display())))?;
+    if !meta.is_file() {
+        return Err(DbError::Invalid(format!(
+            "{} is not a file",
+            backup.display()
+        )));
+    }
+    let mut head = [0u8; 16];
+    let read = std::fs::File::open(backup).and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut head)
+    });
+    if read.is_err() || &head != b"SQLite format 3\0" {
+        return Err(DbError::Invalid(format!(
+            "{} is not an SQLite database",
+            backup.display()
+        )));
+    }
+    // Opened read-only: checking a file must not change or create it.
+    let url = format!("file:{}?mode=ro", backup.display());
+    let mut copy = SqliteConnection::establish(&url)
+        .map_err(|e| DbError::Invalid(format!("{}: {e}", backup.display())))?;
     integrity_check(&mut copy)?;
-    drop(copy);
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let tables = diesel::sql_query(
+        "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name IN ('backends', '__diesel_schema_migrations')",
+    )
+    .get_result::<Count>(&mut copy)?;
+    if tables.n < 2 {
+        return Err(DbError::Invalid(format!(
+            "{} is an SQLite database but not a sidecar one (no backends table)",
+            backup.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Puts a backup in place of the database. Refuses a missing, non-SQLite,
+/// foreign or damaged file, and refuses while a gateway holds the database
+/// (`lock_exclusive`). The database it replaces is first kept as a backup
+/// in `keep_dir`, so a restore can be undone.
+pub fn restore(backup: &Path, db_path: &Path, keep_dir: &Path) -> Result<RestoreReport, DbError> {
+    check_backup(backup)?;
+    let _lock = super::lock_exclusive(db_path)?;
     if let Some(parent) = db_path.parent().filter(|p| !p.as_os_str().is_empty()) {
         super::private_dir(parent)?;
     }
+    let kept = if db_path.is_file() {
+        let mut live = connect(db_path)?;
+        Some(self::backup(&mut live, keep_dir, u32::MAX)?.path)
+    } else {
+        None
+    };
     let tmp = db_path.with_extension("restore-tmp");
     std::fs::copy(backup, &tmp)?;
     super::private_file(&tmp)?;
@@ -116,7 +174,7 @@ pub fn restore(backup: &Path, db_path: &Path) -> Result<(), DbError> {
         let _ = std::fs::remove_file(PathBuf::from(side));
     }
     std::fs::rename(&tmp, db_path)?;
-    Ok(())
+    Ok(RestoreReport { kept })
 }
 
 #[cfg(test)]
@@ -152,11 +210,62 @@ mod tests {
         );
 
         let restored = dir.path().join("restored.db");
-        restore(&r.path, &restored).unwrap();
+        let kept = dir.path().join("kept");
+        assert_eq!(restore(&r.path, &restored, &kept).unwrap().kept, None);
         let mut c = connect(&restored).unwrap();
         assert_eq!(
             crate::db::get_config(&mut c, "k").unwrap().as_deref(),
             Some("v")
         );
+        crate::db::set_config(&mut c, "k", "changed").unwrap();
+        drop(c);
+        // Restoring over a database keeps it first.
+        let again = restore(&r.path, &restored, &kept).unwrap().kept.unwrap();
+        let mut k = connect(&again).unwrap();
+        assert_eq!(
+            crate::db::get_config(&mut k, "k").unwrap().as_deref(),
+            Some("changed")
+        );
+    }
+
+    #[test]
+    fn restore_refuses_what_is_not_a_backup_and_a_database_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.db");
+        let mut conn = open(&live).unwrap();
+        crate::db::set_config(&mut conn, "k", "live").unwrap();
+        drop(conn);
+        let kept = dir.path().join("kept");
+        let before = std::fs::read(&live).unwrap();
+        let missing = dir.path().join("typo.db");
+        let err = restore(&missing, &live, &kept).unwrap_err().to_string();
+        assert!(err.contains("typo.db"), "{err}");
+        assert!(!missing.exists(), "checking must not create the file");
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not a database at all").unwrap();
+        let err = restore(&text, &live, &kept).unwrap_err().to_string();
+        assert!(err.contains("not an SQLite database"), "{err}");
+        let foreign = dir.path().join("foreign.db");
+        let mut f = connect(&foreign).unwrap();
+        diesel::sql_query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut f)
+            .unwrap();
+        drop(f);
+        let err = restore(&foreign, &live, &kept).unwrap_err().to_string();
+        assert!(err.contains("not a sidecar one"), "{err}");
+        // A good backup, but a gateway holds the database.
+        let mut conn = open(&live).unwrap();
+        let good = backup(&mut conn, &dir.path().join("b"), 7).unwrap().path;
+        drop(conn);
+        let held = crate::db::lock_shared(&live).unwrap();
+        let err = restore(&good, &live, &kept).unwrap_err().to_string();
+        assert!(err.contains("a gateway is using"), "{err}");
+        drop(held);
+        assert_eq!(
+            std::fs::read(&live).unwrap(),
+            before,
+            "the live database is untouched"
+        );
+        assert!(restore(&good, &live, &kept).is_ok());
     }
 }

@@ -61,6 +61,40 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
+fn lock_file(db_path: &Path) -> std::io::Result<std::fs::File> {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    private_file(&path)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+/// Held by a running gateway for its whole life: a shared lock beside the
+/// database, so several processes may serve from it but `restore` cannot
+/// replace it under them. The lock goes with the process, however it ends.
+pub fn lock_shared(db_path: &Path) -> std::io::Result<std::fs::File> {
+    let f = lock_file(db_path)?;
+    f.try_lock_shared()
+        .map_err(|e| std::io::Error::other(format!("{}.lock: {e}", db_path.display())))?;
+    Ok(f)
+}
+
+/// Taken by `restore`: fails while any gateway holds the database.
+pub fn lock_exclusive(db_path: &Path) -> Result<std::fs::File, DbError> {
+    let f = lock_file(db_path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DbError::Invalid(format!(
+            "a gateway is using {} (stop it first: systemctl stop sidecar)",
+            db_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
 /// Makes sure a file exists and only the owner can read it (0600). SQLite
 /// gives its `-wal` and `-shm` files the database file's mode.
 pub fn private_file(path: &Path) -> std::io::Result<()> {
