@@ -107,15 +107,22 @@ setInterval(() => {
   if (state.snapshot) renderCountdowns();
 }, 500);
 
-async function login(token) {
+async function login(token, quiet = false) {
   state.token = token;
   try {
     await api("GET", "/backends");
   } catch (e) {
+    if (quiet) {
+      // A token is needed after all: ask for it, without blaming anyone.
+      state.token = null;
+      $("#login").hidden = false;
+      return;
+    }
     $("#login-error").textContent = e.status === 401 || e.status === 403 ? `Refused: ${e.message}` : e.message;
     return;
   }
-  sessionStorage.setItem(TOKEN_KEY, token);
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  $("#logout").hidden = !token;
   $("#login").hidden = true;
   $("#app").hidden = false;
   state.lastData = Date.now();
@@ -388,4 +395,7 @@ $("#edit-form").addEventListener("submit", async (ev) => {
 
 $("#login-form").addEventListener("submit", (ev) => { ev.preventDefault(); $("#login-error").textContent = ""; login($("#token").value); });
 $("#logout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); location.reload(); });
+// On loopback with no admin token configured the API needs none: open live
+// at once, and show the token form only when the gateway asks for one.
 if (state.token !== null) login(state.token);
+else login("", true);

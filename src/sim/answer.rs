@@ -20,6 +20,10 @@ pub(crate) async fn answer(
     let Ok(json) = serde_json::from_slice::<Value>(&body) else {
         return error_json(400, "invalid JSON", "invalid_request_error");
     };
+    // A real provider refuses a malformed request before anything else.
+    if let Err(problem) = check_request(kind, &json) {
+        return error_json(400, &problem, "invalid_request_error");
+    }
     let key = bearer(&req);
     let mut reset_after = None;
     let completion_tokens = state.chunks.max(1) as u64;
@@ -119,10 +123,111 @@ pub(crate) async fn answer(
         })),
         Kind::Embedding => res.json(json!({
             "object": "list", "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}],
+            "data": embeddings(&json),
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         })),
     }
+}
+
+/// What a provider checks before it answers: the fields each endpoint
+/// needs, in the shapes the API allows.
+pub(crate) fn check_request(kind: Kind, json: &Value) -> Result<(), String> {
+    if !json.get("model").is_some_and(Value::is_string) {
+        return Err("you must provide a model parameter".into());
+    }
+    match kind {
+        Kind::Chat => {
+            let Some(messages) = json.get("messages").and_then(Value::as_array) else {
+                return Err("'messages' is a required property and must be an array".into());
+            };
+            if messages.is_empty() {
+                return Err(
+                    "'messages': [] is too short - a request needs at least one message".into(),
+                );
+            }
+            for (i, m) in messages.iter().enumerate() {
+                let role = m.get("role").and_then(Value::as_str);
+                if !matches!(
+                    role,
+                    Some("system" | "developer" | "user" | "assistant" | "tool" | "function")
+                ) {
+                    return Err(format!("messages[{i}].role must be one of system, developer, user, assistant, tool"));
+                }
+                let content = m.get("content");
+                let ok = match content {
+                    Some(Value::String(_) | Value::Array(_)) => true,
+                    // An assistant turn may carry only tool calls.
+                    Some(Value::Null) | None => role == Some("assistant"),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(format!(
+                        "messages[{i}].content must be a string or an array of parts"
+                    ));
+                }
+            }
+        }
+        Kind::Completion => match json.get("prompt") {
+            Some(Value::String(_) | Value::Array(_)) => {}
+            _ => return Err("'prompt' is a required property (a string or an array)".into()),
+        },
+        Kind::Embedding => {
+            if inputs(json).is_none() {
+                return Err(
+                    "'input' must be a string, an array of strings, or token arrays".into(),
+                );
+            }
+            match json.get("encoding_format").map(|v| v.as_str()) {
+                None | Some(Some("float" | "base64")) => {}
+                _ => return Err("'encoding_format' must be 'float' or 'base64'".into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many embeddings an `input` asks for: one per string (or token array).
+fn inputs(json: &Value) -> Option<usize> {
+    match json.get("input")? {
+        Value::String(_) => Some(1),
+        Value::Array(items) if items.is_empty() => None,
+        Value::Array(items) if items.iter().all(Value::is_string) => Some(items.len()),
+        Value::Array(items) if items.iter().all(Value::is_u64) => Some(1),
+        Value::Array(items)
+            if items
+                .iter()
+                .all(|i| i.as_array().is_some_and(|t| t.iter().all(Value::is_u64))) =>
+        {
+            Some(items.len())
+        }
+        _ => None,
+    }
+}
+
+/// One vector per input, `dimensions` long (8 by default); base64 of
+/// little-endian f32 when asked, as the OpenAI API encodes them.
+fn embeddings(json: &Value) -> Vec<Value> {
+    use base64::Engine;
+    let n = inputs(json).unwrap_or(1);
+    let dims = json
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .map_or(8, |d| d.clamp(1, 4096) as usize);
+    let base64 = json.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    (0..n)
+        .map(|i| {
+            let v: Vec<f32> = (0..dims)
+                .map(|d| ((i * dims + d) % 97) as f32 / 97.0)
+                .collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect()
 }
 
 pub(crate) fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpResponse {
@@ -141,6 +246,11 @@ pub(crate) fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpRespons
         let last = i + 1 == chunks;
         let finish = if last { json!("stop") } else { Value::Null };
         let choice = match kind {
+            // The first delta names the role, as real providers send it (SDK
+            // stream helpers depend on it).
+            Kind::Chat if i == 0 => {
+                json!({"index": 0, "delta": {"role": "assistant", "content": format!("w{i} ")}, "finish_reason": finish})
+            }
             Kind::Chat => {
                 json!({"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": finish})
             }

@@ -127,3 +127,51 @@ async fn dashboard_in_headless_chromium() {
     assert!(lines.iter().any(|l| l.starts_with("OK")), "{lines:?}");
     assert!(shot.exists(), "screenshot written to {}", shot.display());
 }
+
+/// On loopback with no admin token the dashboard opens live at once: no
+/// token form, no "disconnected" pill.
+#[actix_web::test]
+async fn dashboard_opens_live_on_loopback_without_a_token() {
+    let (script, target) = match browser_ready() {
+        Ok(p) => p,
+        Err(why) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("the dashboard browser test is required in CI: {why}");
+            }
+            eprintln!("\n!!!!!!!! SKIPPING the dashboard browser test: {why} !!!!!!!!\n");
+            return;
+        }
+    };
+    let script = script.with_file_name("loopback.mjs");
+    let app = spawn_app(
+        crate::helpers::mock_keys(&["k-a", "k-b"]),
+        &format!(
+            "{}{}",
+            backend("nim-a", "k-a", "primary", 600, ""),
+            backend("nim-b", "k-b", "primary", 600, "")
+        ),
+    )
+    .await;
+    std::fs::create_dir_all(&target).unwrap();
+    let shot = target.join("dashboard-loopback.png");
+    let base = app.base.clone();
+    let out = actix_web::rt::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(&script)
+            .arg(&base)
+            .arg(&shot)
+            .output()
+            .expect("node starts")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("browser: {stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("OK live"), "{stdout}");
+    app.stop().await;
+}

@@ -161,7 +161,7 @@ async fn an_endless_event_breaks_its_stream_not_the_worker() {
     let a = addr(&app);
     let started = Instant::now();
     let endless = actix_web::rt::task::spawn_blocking(move || {
-        let body = json!({"model": "slow", "stream": true, "messages": []}).to_string();
+        let body = json!({"model": "slow", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
         raw(
             &a,
             format!(
@@ -375,7 +375,9 @@ async fn a_stream_cut_by_the_drain_is_still_counted() {
     .await;
     let a = addr(&app);
     let stream = actix_web::rt::task::spawn_blocking(move || {
-        let body = json!({"model": "m", "stream": true, "messages": []}).to_string();
+        let body =
+            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+                .to_string();
         raw(
             &a,
             format!(

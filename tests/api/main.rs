@@ -16,4 +16,5 @@ mod process;
 mod procs;
 mod rate_limits;
 mod replicas;
+mod sdk;
 mod streaming;
