@@ -22,8 +22,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::admin::dashboard::{self, Snapshots};
-use crate::admin::runtime::RuntimeConfig;
+use crate::admin::runtime::Overrides;
 use crate::admin::AdminState;
+use crate::admin::Configured;
 use crate::ops::events::EventSink;
 use crate::ops::metrics::Metrics;
 use crate::ops::{health, metrics_server, notify};
@@ -150,19 +151,26 @@ impl Application {
             actix_web::rt::task::spawn_blocking(move || persistence::boot(&settings, &log))
                 .await??
         };
-        let mut runtime =
-            RuntimeConfig::from_tuning(&settings.limits.tuning, settings.limits.default_rpm);
-        if let Some(saved) = boot.runtime_json.as_deref() {
-            match serde_json::from_str::<RuntimeConfig>(saved)
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.check().map(|()| r))
-            {
-                Ok(r) => runtime = r,
-                Err(e) => {
-                    warn!(log, "ignoring unreadable saved runtime settings"; "error" => e)
-                }
+        let overrides = match boot
+            .runtime_json
+            .as_deref()
+            .map(serde_json::from_str::<Overrides>)
+        {
+            None => Overrides::default(),
+            Some(Ok(o)) => o,
+            Some(Err(e)) => {
+                warn!(log, "ignoring unreadable runtime overrides"; "error" => e.to_string());
+                Overrides::default()
             }
-        }
+        };
+        let configured = Configured::of(settings);
+        let runtime = match configured.runtime.with(&overrides) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(log, "runtime overrides do not fit the settings file; following the file"; "error" => e);
+                configured.runtime.clone()
+            }
+        };
         let tuning = runtime.apply(&settings.limits.tuning);
 
         let db = DbExecutor::start(settings.storage.db_path.clone(), log.clone());
@@ -237,14 +245,14 @@ impl Application {
             origin: settings.origin.clone(),
             settings_source: settings.source.clone(),
             default_timeout: settings.limits.default_timeout,
-            base_tuning: settings.limits.tuning.clone(),
+            configured: std::sync::RwLock::new(configured),
+            overrides: Mutex::new(overrides),
             metrics: metrics.clone(),
             snapshots: snapshots.clone(),
             test_hooks: std::env::var("SIDECAR_TEST_HOOKS").is_ok_and(|v| v == "1"),
             db_path: settings.storage.db_path.clone(),
             rate: rate.clone(),
             started: settings.clone(),
-            runtime: Mutex::new(runtime),
             queue_timeout,
         });
         state.refresh_models().await;

@@ -283,6 +283,29 @@ async function refreshSettings() {
     state.settings = new Map(data.backends.map((b) => [b.id, b]));
     if (state.snapshot) renderCards(state.snapshot);
   } catch (_) { /* next snapshot retries */ }
+  refreshConfig();
+}
+
+/** Where each runtime value comes from; an override can be cleared here. */
+async function refreshConfig() {
+  try {
+    const c = await api("GET", "/config");
+    const keys = Object.keys(c.sources);
+    $("#config tbody").replaceChildren(...keys.map((k) => {
+      const from = c.sources[k];
+      const clear = el("button", { class: "ghost", type: "button", "data-clear": k }, "clear");
+      clear.hidden = from !== "override";
+      clear.addEventListener("click", async () => {
+        try {
+          await api("PATCH", "/config", { [k]: null });
+          refreshConfig();
+        } catch (e) { $("[data-role=config-error]").textContent = e.message; }
+      });
+      return el("tr", { "data-config": k }, el("td", {}, k), el("td", { class: "num" }, String(c[k])),
+        el("td", {}, el("span", { class: `badge src-${from}` }, from)),
+        el("td", { class: "num" }, from === "override" ? String(c.configured[k]) : ""), el("td", {}, clear));
+    }));
+  } catch (_) { /* next refresh retries */ }
 }
 
 function rows(tbody, items, cells) {

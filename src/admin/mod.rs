@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::web::access::Access;
 use crate::web::error::ApiError;
-pub use state::AdminState;
+pub use state::{AdminState, Configured};
 
 pub use ops::snapshot_json;
 
@@ -146,6 +146,7 @@ pub fn scope(
             .route("/stats/cooldowns", web::get().to(ops::stats_cooldowns))
             .route("/config", web::get().to(runtime::get))
             .route("/config", web::patch().to(runtime::patch))
+            .route("/config", web::delete().to(runtime::clear))
             .route("/reload", web::post().to(reload::reload_handler))
             .route("/backup", web::post().to(ops::backup_now))
             .route("/actors", web::get().to(ops::actors))

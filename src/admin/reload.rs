@@ -45,7 +45,10 @@ pub async fn reload(state: &AdminState) -> Result<serde_json::Value, ApiError> {
         state.supervisor.do_send(UpsertBackend(r.to_spec()));
     }
     state.refresh_models().await;
-    // Applied live: the admin token and the browser rules.
+    // Applied live: the top-level tuning (overrides stay on top of it)…
+    state.set_configured(crate::admin::Configured::of(&settings));
+    state.apply_runtime();
+    // …the admin token and the browser rules.
     let token_changed = state.access.admin_token() != settings.server.admin_token;
     state
         .access
@@ -67,7 +70,8 @@ pub async fn reload(state: &AdminState) -> Result<serde_json::Value, ApiError> {
         "backends": records.len(),
         "removed": removed,
         "source": settings.source,
-        "applied": ["backends", "admin_token", "allowed_origins", "allowed_hosts"],
+        "applied": ["backends", "tuning (window_secs, rate_rpm, cooldown_*, queue_*, health_*, key_retest_*, retry_after_max, …)", "admin_token", "allowed_origins", "allowed_hosts"],
+        "overrides": state.overrides().keys(),
         "admin_token_changed": token_changed,
         "needs_restart": needs_restart,
     }))
@@ -141,16 +145,10 @@ fn needs_restart(started: &Settings, now: &Settings) -> Vec<&'static str> {
                     a.key_sha256 != b.key_sha256 || a.models != b.models || a.rpm != b.rpm
                 }),
     );
-    // The file's tuning is read at start; runtime changes go through
-    // PATCH /config. A changed file value is named, not dropped silently.
+    // Backends added through the API take the default timeout of the start.
     differs(
-        "tuning (window_secs, cooldown_*, queue_*, health_*, key_retest_*, retry_after_max, …)",
-        started.limits.tuning != now.limits.tuning,
-    );
-    differs(
-        "rate_rpm / timeout",
-        started.limits.default_rpm != now.limits.default_rpm
-            || started.limits.default_timeout != now.limits.default_timeout,
+        "timeout (default for backends added through the API)",
+        started.limits.default_timeout != now.limits.default_timeout,
     );
     differs(
         "stats_flush_interval / usage_retention_days / backup_interval / backup_retention_days",

@@ -20,15 +20,18 @@ impl Settings {
                 .to_string()
             });
         let mut builder = config::Config::builder();
+        let mut written: Vec<String> = Vec::new();
         if let Some(path) = &sources.file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new(&source_name, "(file)", format!("cannot read: {e}"))
             })?;
             check_unknown_keys(&source_name, &text)?;
+            written.extend(top_level_keys(&text));
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         if let Some(text) = &sources.inline {
             check_unknown_keys(&source_name, text)?;
+            written.extend(top_level_keys(text));
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
         if sources.env {
@@ -58,8 +61,42 @@ impl Settings {
             .map_err(|e| config_crate_error(&source_name, e))?;
         let mut settings = raw.validate(&source_name)?;
         settings.origin = sources.clone();
+        settings.provenance = TRACKED
+            .iter()
+            .map(|key| {
+                let env = sources.env
+                    && std::env::var_os(format!("SIDECAR_{}", key.to_ascii_uppercase())).is_some();
+                let from = if env {
+                    "env"
+                } else if written.iter().any(|w| w == key) {
+                    "file"
+                } else {
+                    "default"
+                };
+                (key.to_string(), from)
+            })
+            .collect();
         Ok(settings)
     }
+}
+
+/// The top-level settings whose origin the admin API reports (the ones an
+/// operator may also change at runtime).
+pub const TRACKED: [&str; 7] = [
+    "rate_rpm",
+    "queue_max",
+    "queue_timeout",
+    "cooldown_base",
+    "cooldown_max",
+    "emergency_fraction",
+    "health_interval",
+];
+
+/// The keys a TOML text sets at its top level.
+fn top_level_keys(text: &str) -> Vec<String> {
+    text.parse::<toml::Table>()
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 pub(crate) fn config_crate_error(source_name: &str, e: config::ConfigError) -> ConfigError {

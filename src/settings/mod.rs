@@ -71,6 +71,8 @@ pub struct Settings {
     pub source: String,
     /// Where these settings were read from, for reloads.
     pub origin: Sources,
+    /// For each runtime-tunable key: "default", "file" or "env".
+    pub provenance: std::collections::BTreeMap<String, &'static str>,
 }
 
 /// Where and how the gateway listens, and who may call it.

@@ -311,6 +311,7 @@ impl RawSettings {
             client_keys,
             source: src.to_string(),
             origin: Sources::default(),
+            provenance: Default::default(),
         })
     }
 }

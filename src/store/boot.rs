@@ -77,7 +77,7 @@ fn boot_with(
         .map_err(|e| anyhow::anyhow!("{e} (key from {})", source.describe()))?;
     backends::sync_config(&mut conn, &ring, &settings.backends)?;
     let records = backends::load_all(&mut conn, &ring)?;
-    let runtime_json = db::get_config(&mut conn, crate::admin::runtime::CONFIG_KEY)?;
+    let runtime_json = runtime_overrides(&mut conn, settings, log)?;
     let replicas_seen = db::get_config(&mut conn, sidecar_actors::rate_state::cluster::SEEN_KEY)?
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&n| n > 0);
@@ -133,4 +133,32 @@ fn restore_windows(
         }
     }
     Ok(())
+}
+
+/// The runtime overrides kept in the database. An older gateway kept the
+/// whole runtime config, which then beat the file forever: it is turned
+/// into overrides of only the values that differ from the file and
+/// environment, once.
+fn runtime_overrides(
+    conn: &mut diesel::SqliteConnection,
+    settings: &Settings,
+    log: &Logger,
+) -> anyhow::Result<Option<String>> {
+    use crate::admin::runtime::{Overrides, RuntimeConfig, CONFIG_KEY, LEGACY_KEY};
+    if let Some(saved) = db::get_config(conn, CONFIG_KEY)? {
+        return Ok(Some(saved));
+    }
+    let Some(old) = db::get_config(conn, LEGACY_KEY)?.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let base = RuntimeConfig::from_tuning(&settings.limits.tuning, settings.limits.default_rpm);
+    let overrides = match serde_json::from_str::<RuntimeConfig>(&old) {
+        Ok(old) => Overrides::from_legacy(&old, &base),
+        Err(_) => Overrides::default(),
+    };
+    let text = serde_json::to_string(&overrides)?;
+    db::set_config(conn, CONFIG_KEY, &text)?;
+    db::set_config(conn, LEGACY_KEY, "")?;
+    slog::info!(log, "runtime settings kept as overrides of the file"; "overrides" => overrides.keys().join(", "));
+    Ok(Some(text))
 }

@@ -333,7 +333,7 @@ async fn admin_stats_config_reload_backup_actors() {
         .as_str()
         .unwrap()
         .contains("queue_timout"));
-    let saved = sidecar_actors::db::get_config(&mut app.db(), "runtime_config")
+    let saved = sidecar_actors::db::get_config(&mut app.db(), "runtime_overrides")
         .unwrap()
         .unwrap();
     assert!(saved.contains("2.5"));
@@ -532,5 +532,100 @@ async fn reload_applies_the_file_to_the_running_actors() {
         .unwrap()
         .contains("port"));
     assert_eq!(app.chat(&chat_body("m")).await.status, 200);
+    app.stop().await;
+}
+
+/// File < env < runtime override, visible and reversible: a reload applies
+/// the file's top-level values, an override wins until cleared, and
+/// `GET /config` says where each value comes from.
+#[actix_web::test]
+async fn configuration_precedence_is_explicit_and_overrides_can_be_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = sidecar::sim::MockUpstream::spawn(crate::helpers::mock_keys(&["k-1"])).unwrap();
+    let file = dir.path().join("sidecar.toml");
+    let root = dir.path().display().to_string();
+    let upstream = backend("b", "k-1", "primary", 100, "").replace("{MOCK_URL}", &mock.base_url());
+    let text = move |queue_timeout: u32| {
+        format!(
+            "port = 0\nmetrics_port = 0\nqueue_timeout = {queue_timeout}\ndb_path = \"{root}/s.db\"\nbackup_dir = \"{root}/b\"\nencryption_key = \"{}\"\n{upstream}",
+            crate::helpers::TEST_KEY,
+        )
+    };
+    std::fs::write(&file, text(30)).unwrap();
+    let sources = sidecar::settings::Sources {
+        file: Some(file.clone()),
+        env: false,
+        inline: None,
+    };
+    let settings = sidecar::settings::Settings::load(&sources).unwrap();
+    let app = crate::helpers::start_gateway(mock, std::sync::Arc::new(dir), settings)
+        .await
+        .unwrap();
+    let config = || app.admin("GET", "/config", None, None);
+    let c = config().await.body;
+    assert_eq!(
+        (
+            c["queue_timeout"].as_f64(),
+            c["sources"]["queue_timeout"].as_str()
+        ),
+        (Some(30.0), Some("file"))
+    );
+    assert_eq!(c["sources"]["cooldown_max"], "default");
+
+    // SIGHUP/reload applies a top-level key (it used to be ignored).
+    std::fs::write(&file, text(7)).unwrap();
+    let r = app.admin("POST", "/reload", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(config().await.body["queue_timeout"], 7.0);
+
+    // An override wins over the file, even across a reload…
+    let r = app
+        .admin("PATCH", "/config", Some(json!({"queue_timeout": 2})), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::fs::write(&file, text(9)).unwrap();
+    app.admin("POST", "/reload", None, None).await;
+    let c = config().await.body;
+    assert_eq!(c["queue_timeout"], 2.0);
+    assert_eq!(c["sources"]["queue_timeout"], "override");
+    assert_eq!(
+        c["configured"]["queue_timeout"], 9.0,
+        "what the file says is shown too"
+    );
+    // …until cleared: then the file's value is back.
+    let r = app
+        .admin(
+            "PATCH",
+            "/config",
+            Some(json!({"queue_timeout": null})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = config().await.body;
+    assert_eq!(
+        (
+            c["queue_timeout"].as_f64(),
+            c["sources"]["queue_timeout"].as_str()
+        ),
+        (Some(9.0), Some("file"))
+    );
+    // DELETE clears every override at once.
+    app.admin(
+        "PATCH",
+        "/config",
+        Some(json!({"cooldown_base": 1, "queue_max": 9})),
+        None,
+    )
+    .await;
+    assert_eq!(config().await.body["sources"]["queue_max"], "override");
+    let r = app.admin("DELETE", "/config", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = config().await.body;
+    assert_eq!(c["overrides"], json!({}));
+    assert_eq!(c["sources"]["queue_max"], "default");
+    eprintln!(
+        "precedence: file 30 → reload 7 → override 2 (file 9) → cleared 9; DELETE clears all"
+    );
     app.stop().await;
 }

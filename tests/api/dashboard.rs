@@ -152,6 +152,15 @@ async fn dashboard_opens_live_on_loopback_without_a_token() {
         ),
     )
     .await;
+    let r = app
+        .admin(
+            "PATCH",
+            "/config",
+            Some(serde_json::json!({"queue_timeout": 12})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     std::fs::create_dir_all(&target).unwrap();
     let shot = target.join("dashboard-loopback.png");
     let base = app.base.clone();
@@ -173,5 +182,10 @@ async fn dashboard_opens_live_on_loopback_without_a_token() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("OK live"), "{stdout}");
+    let c = app.admin("GET", "/config", None, None).await.body;
+    assert_eq!(
+        c["sources"]["queue_timeout"], "default",
+        "cleared from the page"
+    );
     app.stop().await;
 }

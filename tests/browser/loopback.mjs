@@ -29,8 +29,16 @@ try {
   const ms = Date.now() - started;
   if (sawLogin || !(await page.$eval("#login", (e) => e.hidden))) fail("the token form was shown");
   if (!(await page.$eval("#login-error", (e) => e.textContent === ""))) fail("an error was shown");
+  // The runtime settings say where each value comes from; an override set
+  // before the page opened can be cleared from it.
+  const from = (k) => page.$eval(`[data-config=${k}] .badge`, (e) => e.textContent);
+  await page.waitForSelector("[data-config=queue_timeout]", { timeout: 5000 });
+  if ((await from("queue_timeout")) !== "override") fail(`queue_timeout from ${await from("queue_timeout")}`);
+  if ((await from("cooldown_max")) !== "default") fail(`cooldown_max from ${await from("cooldown_max")}`);
   await page.screenshot({ path: shot, fullPage: true });
-  console.log(`OK live after ${ms} ms, no token form`);
+  await page.click("[data-clear=queue_timeout]");
+  await page.waitForFunction(() => document.querySelector("[data-config=queue_timeout] .badge").textContent !== "override", null, { timeout: 5000 });
+  console.log(`OK live after ${ms} ms, no token form; override cleared from the page (now ${await from("queue_timeout")})`);
 } catch (e) {
   fail(e.stack || String(e));
 } finally {
