@@ -321,6 +321,9 @@ impl Application {
             supervisor: supervisor.clone(),
         };
         notify::spawn_watchdog(supervisor.clone(), log.clone());
+        for w in &settings.warnings {
+            warn!(log, "{}", w);
+        }
         info!(log, "gateway listening"; "port" => port, "metrics_port" => metrics_port);
         Ok(Application {
             port,

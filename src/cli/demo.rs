@@ -92,12 +92,27 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
 }
 
 async fn generate_traffic(base: String, rps: f64, log: Logger) {
+    use tokio::signal::unix::{signal, SignalKind};
     let client = crate::proxy::upstream::build_client();
-    let every = Duration::from_secs_f64(1.0 / rps.max(0.01));
+    let every = Duration::try_from_secs_f64(1.0 / rps.clamp(0.01, 100_000.0))
+        .unwrap_or(Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
     let mut n: u64 = 0;
+    // On Ctrl-C the generator stops with the gateway, quietly: requests cut
+    // by the shutdown are not errors worth a line each.
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+        }
         n += 1;
         let model = if n.is_multiple_of(4) {
             "deepseek-v3"
@@ -112,16 +127,19 @@ async fn generate_traffic(base: String, rps: f64, log: Logger) {
             .insert_header(("x-priority", priority));
         let body = json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": format!("demo request {n}")}]});
         let log = log.clone();
+        let stopping = stopping.clone();
         actix_web::rt::spawn(async move {
             match req.send_json(&body).await {
                 Ok(mut res) => {
                     // Drain the body so streams run to their end.
                     let _ = res.body().limit(1 << 20).await;
                 }
+                Err(_) if stopping.load(std::sync::atomic::Ordering::Relaxed) => {}
                 Err(e) => info!(log, "demo client error"; "error" => e.to_string()),
             }
         });
     }
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 async fn report_status(supervisor: actix::Addr<PoolSupervisor>, log: Logger) {
@@ -132,17 +150,41 @@ async fn report_status(supervisor: actix::Addr<PoolSupervisor>, log: Logger) {
         let Ok(snap) = supervisor.send(GetSnapshot).await else {
             return;
         };
+        let now = tokio::time::Instant::now();
         for b in &snap.backends {
-            let cooling = b.cooling_until.map(|u| {
-                u.saturating_duration_since(tokio::time::Instant::now())
-                    .as_secs_f64()
-            });
-            info!(log, "backend";
-                "name" => b.name.to_string(), "pool" => b.pool.as_str(), "state" => b.status.as_str(),
-                "used_in_window" => b.used_in_window, "effective_rpm" => b.effective_rpm, "configured_rpm" => b.configured_rpm,
-                "in_flight" => b.in_flight, "cooling_s" => cooling, "requests" => b.totals.requests,
-                "429s" => b.totals.rate_limited, "latency_ms" => b.latency_ms.map(|l| l.round()),
-                "last_error" => if b.status == Status::Healthy { None } else { b.last_error.clone() });
+            // One short line, the backend's name first.
+            let status = b.status_at(now);
+            let cooling = b
+                .cooling_until
+                .map(|u| u.saturating_duration_since(now).as_secs())
+                .filter(|s| *s > 0 && status == Status::Cooling)
+                .map(|s| format!(", cooling {s} s"))
+                .unwrap_or_default();
+            let latency = b
+                .latency_ms
+                .map(|l| format!(", {l:.0} ms"))
+                .unwrap_or_default();
+            let error = match (&b.last_error, status) {
+                (Some(e), Status::Down | Status::Error) => {
+                    format!(": {}", e.chars().take(60).collect::<String>())
+                }
+                _ => String::new(),
+            };
+            info!(
+                log,
+                "{} [{}] {}: {}/{} in window, {} in flight, {} requests, {}×429{}{}{}",
+                b.name,
+                b.pool.as_str(),
+                status.as_str(),
+                b.used_in_window,
+                b.effective_rpm,
+                b.in_flight,
+                b.totals.requests,
+                b.totals.rate_limited,
+                latency,
+                cooling,
+                error
+            );
         }
         info!(log, "queue"; "urgent" => snap.queue_depth[0], "high" => snap.queue_depth[1],
             "normal" => snap.queue_depth[2], "low" => snap.queue_depth[3], "emergency_grants" => snap.emergency_grants);

@@ -47,6 +47,9 @@ pub(crate) fn proxy_listener(
 
 /// What `check-config` shows: the effective settings after layering, keys masked.
 pub(crate) fn print_settings(s: &Settings) {
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
     let t = &s.limits.tuning;
     println!(
         "{}: ok — {} backend(s), {} client key(s), listening on {}:{}",

@@ -82,6 +82,14 @@ impl RequestFinished {
             .with_label_values(&[pool])
             .observe(self.latency.as_secs_f64());
         m.queue_wait.observe(self.queued.as_secs_f64());
+        if let Some(model) = &self.model {
+            m.model_requests
+                .with_label_values(&[m.model_label(model)])
+                .inc();
+        }
+        if let Some(code) = self.error_code {
+            m.client_errors.with_label_values(&[code]).inc();
+        }
         if let (Some(t), Some(b)) = (self.ttft, &self.backend) {
             m.ttft.with_label_values(&[b]).observe(t.as_secs_f64());
         }

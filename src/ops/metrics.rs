@@ -23,11 +23,18 @@ pub struct Metrics {
     pub cooldowns: IntCounterVec,
     pub backend_state: IntGaugeVec,
     pub requests_left: IntGaugeVec,
-    pub effective_rpm: IntGaugeVec,
+    /// Requests a key may take per rolling window, as adaptive retreat left it.
+    pub window_limit: IntGaugeVec,
     pub in_flight: IntGaugeVec,
     pub queue_depth: IntGaugeVec,
     pub queue_wait: Histogram,
-    pub emergency: IntGauge,
+    pub emergency: prometheus::IntCounter,
+    /// The supervisor's running count, to turn into counter increments.
+    emergency_seen: std::sync::atomic::AtomicU64,
+    /// Requests by the model the client asked for (bounded to known models).
+    pub model_requests: IntCounterVec,
+    /// What clients were answered with when it was an error, by code.
+    pub client_errors: IntCounterVec,
     pub tokens: IntCounterVec,
     pub cost: prometheus::CounterVec,
     pub backup_success: IntGauge,
@@ -81,6 +88,24 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new_custom(Some("sidecar".into()), None).expect("valid registry");
+        // process_* (CPU, memory, fds, start time), unprefixed as exporters
+        // name them: once per process, in the default registry.
+        static PROCESS: std::sync::Once = std::sync::Once::new();
+        PROCESS.call_once(|| {
+            let c = prometheus::process_collector::ProcessCollector::for_self();
+            if let Err(e) = prometheus::default_registry().register(Box::new(c)) {
+                eprintln!("process metrics unavailable: {e}");
+            }
+        });
+        let build = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("build_info", "Always 1; the labels say which build runs."),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let m = Metrics {
             requests: counter_vec(
                 &r,
@@ -136,10 +161,10 @@ impl Metrics {
                 "Requests the backend may still take in its current window.",
                 &["backend"],
             ),
-            effective_rpm: gauge_vec(
+            window_limit: gauge_vec(
                 &r,
-                "backend_effective_rpm",
-                "Effective requests per window after adaptive retreat.",
+                "backend_window_limit",
+                "Requests the backend may take per rolling window (window_secs), after adaptive retreat.",
                 &["backend"],
             ),
             in_flight: gauge_vec(
@@ -164,11 +189,24 @@ impl Metrics {
             ),
             emergency: reg(
                 &r,
-                IntGauge::new(
-                    "emergency_grants",
-                    "Emergency-channel leases granted since start.",
+                prometheus::IntCounter::new(
+                    "emergency_grants_total",
+                    "Emergency-channel leases granted (every key of a model cooling).",
                 )
                 .expect("valid metric"),
+            ),
+            emergency_seen: std::sync::atomic::AtomicU64::new(0),
+            model_requests: counter_vec(
+                &r,
+                "model_requests_total",
+                "Requests by the model the client asked for (unknown names count as other).",
+                &["model"],
+            ),
+            client_errors: counter_vec(
+                &r,
+                "client_errors_total",
+                "Error answers clients received, by the error code in the body.",
+                &["code"],
             ),
             tokens: counter_vec(
                 &r,
@@ -213,8 +251,8 @@ impl Metrics {
             stats_flush_seconds: reg(
                 &r,
                 Gauge::new(
-                    "stats_last_flush_seconds",
-                    "Duration of the last stats flush.",
+                    "stats_last_flush_duration_seconds",
+                    "How long the last stats flush took.",
                 )
                 .expect("valid metric"),
             ),
@@ -279,7 +317,7 @@ impl Metrics {
             self.requests_left
                 .with_label_values(&[name])
                 .set(b.window_left as i64);
-            self.effective_rpm
+            self.window_limit
                 .with_label_values(&[name])
                 .set(b.effective_rpm as i64);
             self.in_flight
@@ -296,12 +334,21 @@ impl Metrics {
                 .with_label_values(&[p])
                 .set(snap.queue_depth[i] as i64);
         }
-        self.emergency.set(snap.emergency_grants as i64);
+        // A counter from the supervisor's running total (it only grows; a
+        // supervisor restart starts it again, which the counter ignores).
+        let seen = self
+            .emergency_seen
+            .swap(snap.emergency_grants, std::sync::atomic::Ordering::Relaxed);
+        if snap.emergency_grants > seen {
+            self.emergency.inc_by(snap.emergency_grants - seen);
+        }
     }
 
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(prometheus::default_registry().gather());
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 

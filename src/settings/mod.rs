@@ -73,6 +73,9 @@ pub struct Settings {
     pub origin: Sources,
     /// For each runtime-tunable key: "default", "file" or "env".
     pub provenance: std::collections::BTreeMap<String, &'static str>,
+    /// Things that are allowed but probably not meant (logged at start,
+    /// printed by `check-config`).
+    pub warnings: Vec<String>,
 }
 
 /// Where and how the gateway listens, and who may call it.

@@ -33,6 +33,16 @@ pub(crate) fn positive_secs(source: &str, key: &str, v: f64) -> Result<Duration,
     Ok(d)
 }
 
+/// True when a URL's path has a segment like `v1`, `v1beta` or `v2`.
+fn has_version_segment(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        u.path().split('/').any(|seg| {
+            let mut c = seg.chars();
+            c.next() == Some('v') && c.next().is_some_and(|d| d.is_ascii_digit())
+        })
+    })
+}
+
 pub(crate) fn parse_level(source: &str, v: Option<&str>) -> Result<slog::Level, ConfigError> {
     match v.map(|s| s.to_ascii_lowercase()).as_deref() {
         None | Some("info") => Ok(slog::Level::Info),
@@ -240,6 +250,17 @@ impl RawSettings {
                 ))
             }
         };
+        let warnings: Vec<String> = backends
+                .iter()
+                .filter(|b| !has_version_segment(&b.base_url))
+                .map(|b| {
+                    format!(
+                        "backend {}: base_url {} has no version segment such as /v1; \
+                         OpenAI-style providers want it (requests go to base_url + /chat/completions)",
+                        b.name, b.base_url
+                    )
+                })
+                .collect();
         Ok(Settings {
             server: ServerSettings {
                 host,
@@ -312,6 +333,7 @@ impl RawSettings {
             source: src.to_string(),
             origin: Sources::default(),
             provenance: Default::default(),
+            warnings,
         })
     }
 }
@@ -379,6 +401,22 @@ mod tests {
                 "want {want}, got {got}"
             );
         }
+    }
+
+    #[test]
+    fn an_upstream_without_a_version_segment_is_warned_about() {
+        let mut raw = RawSettings::default();
+        raw.api_key = Some("k".into());
+        raw.upstream = Some("https://integrate.api.nvidia.com".into());
+        raw.models = Some("m".into());
+        let s = raw.validate("env").unwrap();
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("/v1"), "{:?}", s.warnings);
+        let mut raw = RawSettings::default();
+        raw.api_key = Some("k".into());
+        raw.upstream = Some("https://integrate.api.nvidia.com/v1".into());
+        raw.models = Some("m".into());
+        assert!(raw.validate("env").unwrap().warnings.is_empty());
     }
 
     #[test]

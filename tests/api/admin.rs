@@ -452,8 +452,27 @@ async fn metrics_after_traffic_and_bounded_labels() {
         1.0
     );
     assert_eq!(
-        line("sidecar_backend_effective_rpm{backend=\"b\"}"),
+        line("sidecar_backend_window_limit{backend=\"b\"}"),
         100000.0
+    );
+    // Conventions: counters end in _total, durations say so, build and
+    // process metrics, requests per (known) model, client errors by code.
+    assert_eq!(line("sidecar_emergency_grants_total"), 0.0);
+    assert!(text.contains("sidecar_stats_last_flush_duration_seconds"));
+    assert!(!text.contains("sidecar_stats_last_flush_seconds "));
+    assert!(text.contains(&format!(
+        "sidecar_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(line("process_resident_memory_bytes") > 0.0);
+    assert!(line("sidecar_model_requests_total{model=\"m\"}") >= 5.0);
+    assert_eq!(
+        line("sidecar_model_requests_total{model=\"other\"}"),
+        1000.0
+    );
+    assert_eq!(
+        line("sidecar_client_errors_total{code=\"model_not_found\"}"),
+        1000.0
     );
     assert_eq!(line("sidecar_queue_depth{priority=\"urgent\"}"), 0.0);
     assert!(line("sidecar_request_duration_seconds_count{pool=\"primary\"}") >= 5.0);

@@ -475,3 +475,53 @@ async fn restore_refuses_typos_and_a_running_gateway() {
         "{text}"
     );
 }
+
+/// The demo: starts with no key and no network, and Ctrl-C stops it cleanly
+/// and quietly (its traffic generator stops with it instead of logging a
+/// connection error per cut request).
+#[actix_web::test]
+async fn the_demo_runs_and_stops_quietly_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new(BIN)
+        .args(["demo", "--port", &port.to_string(), "--rps", "50"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = awc::Client::default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = client
+            .get(format!("http://127.0.0.1:{port}/v1/models"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the demo did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&child, "-INT");
+    let out = actix_web::rt::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("sidecar demo is running"), "{text}");
+    assert!(text.contains("stats flushed at shutdown"), "{text}");
+    let errors = text.matches("demo client error").count();
+    eprintln!("demo: stopped on Ctrl-C with {errors} client error lines");
+    assert_eq!(errors, 0, "{text}");
+}
