@@ -405,17 +405,21 @@ mod tests {
 
     #[test]
     fn an_upstream_without_a_version_segment_is_warned_about() {
-        let mut raw = RawSettings::default();
-        raw.api_key = Some("k".into());
-        raw.upstream = Some("https://integrate.api.nvidia.com".into());
-        raw.models = Some("m".into());
+        let raw = RawSettings {
+            api_key: Some("k".into()),
+            upstream: Some("https://integrate.api.nvidia.com".into()),
+            models: Some("m".into()),
+            ..Default::default()
+        };
         let s = raw.validate("env").unwrap();
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
         assert!(s.warnings[0].contains("/v1"), "{:?}", s.warnings);
-        let mut raw = RawSettings::default();
-        raw.api_key = Some("k".into());
-        raw.upstream = Some("https://integrate.api.nvidia.com/v1".into());
-        raw.models = Some("m".into());
+        let raw = RawSettings {
+            api_key: Some("k".into()),
+            upstream: Some("https://integrate.api.nvidia.com/v1".into()),
+            models: Some("m".into()),
+            ..Default::default()
+        };
         assert!(raw.validate("env").unwrap().warnings.is_empty());
     }
 
