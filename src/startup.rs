@@ -213,10 +213,13 @@ impl Application {
         let live = TaskTracker::new();
         let access = web::Data::new(Access::new(settings));
         let queue_timeout = QueueTimeout::new(tuning.queue_timeout);
+        let recent = crate::ops::recent::Recorder::default();
+        recent.spawn_ticker();
         let events = EventSink {
             log: log.clone(),
             stats: Some(stats.clone()),
             metrics: Some(metrics.clone()),
+            recent: Some(recent.clone()),
         };
         let proxy_state = web::Data::new(ProxyState {
             supervisor: supervisor.clone(),
@@ -254,6 +257,7 @@ impl Application {
             rate: rate.clone(),
             started: settings.clone(),
             queue_timeout,
+            recent,
         });
         state.refresh_models().await;
         admin::reload::spawn_sighup(state.clone());

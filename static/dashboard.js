@@ -4,7 +4,6 @@
 
 const TOKEN_KEY = "sidecar.adminToken";
 const STALE_MS = 5000;
-const HISTORY = 120;
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
@@ -13,8 +12,7 @@ const state = {
   snapshot: null,
   snapshotAt: 0,
   settings: new Map(), // id -> backend settings from the admin API
-  history: [],
-  prevCounters: null,
+  serverHistory: [],
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -129,6 +127,9 @@ async function login(token, quiet = false) {
   connect();
   refreshSettings();
   refreshTables();
+  refreshHistory();
+  refreshRecent();
+  refreshWindows();
 }
 
 // ---- snapshot rendering ----------------------------------------------------
@@ -138,17 +139,15 @@ function onSnapshot(snap) {
   $("#overlay").hidden = true;
   state.snapshot = snap;
   state.snapshotAt = Date.now();
-  const c = snap.counters;
-  if (state.prevCounters) {
-    const dt = Math.max(0.2, (snap.ts - state.prevCounters.ts) / 1000);
-    const d = (k) => Math.max(0, c[k] - state.prevCounters[k]) / dt;
-    state.history.push({ ts: snap.ts, ok: d("requests_2xx"), e5: d("requests_5xx"), u429: d("upstream_429"), tok: d("tokens"), cost: c.cost_usd });
-    if (state.history.length > HISTORY) state.history.shift();
-  }
-  state.prevCounters = { ...c, ts: snap.ts };
   renderHeader(snap);
   renderCards(snap);
-  renderCharts();
+  const sel = $("#recent-backend");
+  const names = snap.backends.map((b) => b.name);
+  if ([...sel.options].slice(1).map((o) => o.value).join() !== names.join()) {
+    const keep = sel.value;
+    sel.replaceChildren(el("option", { value: "" }, "all"), ...names.map((n) => el("option", { value: n }, n)));
+    sel.value = names.includes(keep) ? keep : "";
+  }
   if (snap.backends.some((b) => !state.settings.has(b.id))) refreshSettings();
 }
 
@@ -165,7 +164,6 @@ function renderHeader(snap) {
   $("#queue").replaceChildren(el("span", { "data-testid": "queue" },
     `queue urgent ${q.urgent} · high ${q.high} · normal ${q.normal} · low ${q.low} · emergency ${snap.emergency_grants}`));
   $("#backend-count").textContent = `${snap.backends.length}`;
-  $("#cost-total").textContent = fmt.usd(snap.counters.cost_usd);
 }
 
 function stat(label, value, field) {
@@ -200,10 +198,11 @@ function buildCard(b, s) {
     el("button", { class: "danger", type: "button", disabled: managed, onclick: () => remove(b) }, "Delete"));
   return el("article", { class: `card ${b.state}`, "data-testid": "backend-card", dataset: { id: b.id, name: b.name } },
     el("div", { class: "top" },
-      el("span", { class: "name", "data-field": "name" }, b.name),
+      el("span", { class: "name", "data-field": "name", title: b.name }, b.name),
       el("span", {}, el("span", { class: "badge" }, b.pool), el("span", { class: `badge ${b.state}`, "data-field": "state" }, b.state),
         managed ? el("span", { class: "badge", title: "declared in the config file" }, "config") : null)),
-    bar(pct, `${b.requests_left} of ${b.effective_rpm} requests left in this window`),
+    bar(pct, `${b.requests_left} of ${b.effective_rpm} requests left in this window`, serving),
+    strip(b),
     el("div", { class: "stats" },
       stat("left in window", `${fmt.n(b.requests_left)} / ${fmt.n(b.effective_rpm)}`, "left"),
       stat("rpm eff / conf", `${fmt.n(b.effective_rpm)} / ${fmt.n(b.configured_rpm)}`, "rpm"),
@@ -220,12 +219,54 @@ function buildCard(b, s) {
     actions);
 }
 
-/** The tokens-left bar; width set through CSSOM, which the CSP allows. */
-function bar(pct, title) {
+/** The requests-left bar; width set through CSSOM, which the CSP allows.
+ *  A key that cannot serve gets an empty, red-edged bar, never a full one. */
+function bar(pct, title, serving) {
   const fill = el("div", {});
   fill.style.width = `${pct.toFixed(1)}%`;
-  return el("div", { class: "bar", title }, fill);
+  return el("div", { class: serving ? "bar" : "bar dead", title }, fill);
 }
+
+/** The last rolling window as a timeline: a tick per grant, 429s (cooldown
+ *  starts) in red, cooldown spans in amber, the limit, and when the next
+ *  slot opens (the oldest grant leaving the window) dashed. */
+function strip(b) {
+  const w = state.windows;
+  const svg = svgEl("svg", { class: "strip", viewBox: "0 0 300 34", preserveAspectRatio: "none", "data-testid": "window-strip" });
+  if (!w) return svg;
+  const span = w.window_ms, t0 = w.now_ms - span;
+  const x = (ms) => Math.max(0, Math.min(300, ((ms - t0) / span) * 300));
+  svg.append(svgEl("line", { x1: 0, x2: 300, y1: 30, y2: 30, class: "base" }));
+  for (const c of state.cooldownRows || []) {
+    if (c.backend !== b.name || c.until < t0) continue;
+    svg.append(svgEl("rect", { x: x(c.started_at), y: 4, width: Math.max(1, x(Math.min(c.until, w.now_ms)) - x(c.started_at)), height: 26, class: "cool" }));
+    if (c.started_at >= t0) svg.append(svgEl("line", { x1: x(c.started_at), x2: x(c.started_at), y1: 2, y2: 30, class: "r429" }));
+  }
+  const grants = (w.byId.get(b.id) || []).filter((g) => g >= t0).sort((a, c) => a - c);
+  for (const g of grants) svg.append(svgEl("line", { x1: x(g), x2: x(g), y1: 16, y2: 30, class: "tick" }));
+  if (grants.length >= b.effective_rpm && grants.length) {
+    const g = grants[0];
+    svg.append(svgEl("line", { x1: x(g), x2: x(g), y1: 4, y2: 30, class: "next" }));
+  }
+  const label = svgEl("text", { x: 298, y: 11, "text-anchor": "end", class: "limit" });
+  const next = b.next_free_in_s == null ? "slot free now" : `next slot in ${fmt.secs(b.next_free_in_s)}`;
+  label.textContent = `${grants.length} / ${b.effective_rpm} in ${Math.round(span / 1000)} s · ${next}`;
+  svg.append(label);
+  svg.append(svgEl("title", {}));
+  svg.lastChild.textContent = "the last rolling window: a tick per request sent, red = 429, amber = cooling";
+  return svg;
+}
+
+async function refreshWindows() {
+  try {
+    const [w, cool] = await Promise.all([api("GET", "/windows"), api("GET", "/stats/cooldowns?limit=50")]);
+    state.cooldownRows = cool.rows;
+    w.byId = new Map(w.backends.map((b) => [b.id, b.grants_ms]));
+    state.windows = w;
+    if (state.snapshot) renderCards(state.snapshot);
+  } catch (_) { /* next refresh retries */ }
+}
+setInterval(() => { if (state.token !== null && !$("#app").hidden) refreshWindows(); }, 2000);
 
 function renderCountdowns() {
   const elapsed = (Date.now() - state.snapshotAt) / 1000;
@@ -238,42 +279,68 @@ function renderCountdowns() {
 
 // ---- charts (inline SVG) ---------------------------------------------------
 
-function line(svg, points, max, color) {
-  if (points.length < 2) return;
-  const w = 600, h = 130, step = w / (HISTORY - 1), x0 = w - step * (points.length - 1);
-  const d = points.map((v, i) => `${i ? "L" : "M"}${(x0 + i * step).toFixed(1)},${(h - (v / max) * (h - 10)).toFixed(1)}`).join(" ");
-  const p = document.createElementNS("http://www.w3.org/2000/svg", "path");
-  p.setAttribute("d", d); p.setAttribute("fill", "none"); p.setAttribute("stroke", color); p.setAttribute("stroke-width", "2");
-  svg.append(p);
+const NS = "http://www.w3.org/2000/svg";
+const HOUR_MS = 3600 * 1000;
+function svgEl(tag, attrs) {
+  const e = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  return e;
 }
 
-function axis(svg, max, unit) {
-  const ns = "http://www.w3.org/2000/svg";
-  const base = document.createElementNS(ns, "line");
-  base.setAttribute("x1", "0"); base.setAttribute("x2", "600"); base.setAttribute("y1", "130"); base.setAttribute("y2", "130");
-  base.setAttribute("class", "axis");
-  const t = document.createElementNS(ns, "text");
-  t.setAttribute("x", "4"); t.setAttribute("y", "12"); t.setAttribute("class", "lbl");
-  t.textContent = `${fmt.n(max, 2)} ${unit}`;
-  svg.append(base, t);
+/** A series over the last hour, placed by each point's own time. */
+function line(svg, points, value, max, color, now) {
+  const w = 600, h = 120;
+  const xy = points.filter((p) => value(p) != null)
+    .map((p) => [((p.at_ms - (now - HOUR_MS)) / HOUR_MS) * w, h - (value(p) / max) * (h - 12)]);
+  if (xy.length < 2) return;
+  const d = xy.map(([x, y], i) => `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
+  svg.append(svgEl("path", { d, fill: "none", stroke: color, "stroke-width": 2 }));
+}
+
+/** Baseline, the top value, and a time axis: 15-minute ticks up to now. */
+function axis(svg, max, unit, now) {
+  svg.append(svgEl("line", { x1: 0, x2: 600, y1: 120, y2: 120, class: "axis" }));
+  const top = svgEl("text", { x: 4, y: 12, class: "lbl" });
+  top.textContent = `${fmt.n(max, 2)} ${unit}`;
+  svg.append(top);
+  for (let m = 60; m >= 0; m -= 15) {
+    const x = ((HOUR_MS - m * 60000) / HOUR_MS) * 600;
+    svg.append(svgEl("line", { x1: x, x2: x, y1: 120, y2: 124, class: "axis" }));
+    const t = svgEl("text", { x: Math.min(Math.max(x, 14), 586), y: 136, class: "lbl", "text-anchor": "middle" });
+    t.textContent = m === 0 ? "now" : new Date(now - m * 60000).toTimeString().slice(0, 5);
+    svg.append(t);
+  }
+}
+
+/** The last hour, kept by the gateway (not just what this tab saw). */
+async function refreshHistory() {
+  try {
+    const h = await api("GET", "/history");
+    state.serverHistory = h.points;
+    renderCharts();
+  } catch (_) { /* next refresh retries */ }
 }
 
 function renderCharts() {
-  const h = state.history;
-  const rate = $("#chart-rate"), tok = $("#chart-tokens");
-  rate.replaceChildren(); tok.replaceChildren();
+  const h = state.serverHistory || [];
+  const now = Date.now();
+  const rate = $("#chart-rate"), lat = $("#chart-latency");
+  rate.replaceChildren(); lat.replaceChildren();
   const css = getComputedStyle(document.documentElement);
-  const maxRate = Math.max(1, ...h.map((p) => Math.max(p.ok, p.e5, p.u429)));
-  axis(rate, maxRate, "req/s");
-  line(rate, h.map((p) => p.ok), maxRate, css.getPropertyValue("--ok"));
-  line(rate, h.map((p) => p.e5), maxRate, css.getPropertyValue("--down"));
-  line(rate, h.map((p) => p.u429), maxRate, css.getPropertyValue("--cool"));
-  const maxTok = Math.max(1, ...h.map((p) => p.tok));
-  axis(tok, maxTok, "tokens/s");
-  line(tok, h.map((p) => p.tok), maxTok, css.getPropertyValue("--accent"));
-  const maxCost = Math.max(1e-9, ...h.map((p) => p.cost));
-  line(tok, h.map((p) => p.cost), maxCost, css.getPropertyValue("--ok"));
+  const maxRate = Math.max(1, ...h.map((p) => Math.max(p.ok, p.client_errors, p.server_errors)));
+  axis(rate, maxRate, "req / 10 s", now);
+  line(rate, h, (p) => p.ok, maxRate, css.getPropertyValue("--ok"), now);
+  line(rate, h, (p) => p.client_errors, maxRate, css.getPropertyValue("--cool"), now);
+  line(rate, h, (p) => p.server_errors, maxRate, css.getPropertyValue("--down"), now);
+  const maxLat = Math.max(1, ...h.map((p) => Math.max(p.latency_p95_ms || 0, p.ttft_p95_ms || 0)));
+  axis(lat, maxLat, "ms", now);
+  line(lat, h, (p) => p.latency_p50_ms, maxLat, css.getPropertyValue("--ok"), now);
+  line(lat, h, (p) => p.latency_p95_ms, maxLat, css.getPropertyValue("--down"), now);
+  line(lat, h, (p) => p.ttft_p50_ms, maxLat, css.getPropertyValue("--accent"), now);
+  const tokens = h.reduce((s, p) => s + p.tokens, 0), cost = h.reduce((s, p) => s + p.cost_usd, 0);
+  $("#hour-totals").textContent = `last hour: ${fmt.n(h.reduce((s, p) => s + p.ok, 0))} ok · ${fmt.n(tokens)} tokens · ${fmt.usd(cost)}`;
 }
+setInterval(() => { if (state.token !== null && !$("#app").hidden) refreshHistory(); }, 10000);
 
 // ---- settings, tables and actions -----------------------------------------
 
@@ -308,6 +375,21 @@ async function refreshConfig() {
   } catch (_) { /* next refresh retries */ }
 }
 
+/** The last requests, filtered by status class and backend. */
+async function refreshRecent() {
+  const status = $("#recent-status").value, backend = $("#recent-backend").value;
+  try {
+    const q = new URLSearchParams({ status, limit: "20" });
+    if (backend) q.set("backend", backend);
+    const data = await api("GET", `/requests?${q}`);
+    rows($("#recent tbody"), data.requests, (r) => [[fmt.time(r.at_ms)], [r.client || "–"], [r.model || "–"], [r.backend || "–"],
+      [r.error ? `${r.status} ${r.error}` : String(r.status)], [r.attempts, 1], [fmt.ms(r.queued_ms), 1], [fmt.ms(r.latency_ms), 1],
+      [fmt.ms(r.ttft_ms), 1], [`${fmt.n(r.prompt_tokens)} / ${fmt.n(r.completion_tokens)}`, 1]]);
+    [...$("#recent tbody").children].forEach((tr, i) => { if (data.requests[i].status >= 400) tr.classList.add("bad"); });
+  } catch (_) { /* next refresh retries */ }
+}
+setInterval(() => { if (state.token !== null && !$("#app").hidden) refreshRecent(); }, 3000);
+
 function rows(tbody, items, cells) {
   tbody.replaceChildren(...items.map((it) => el("tr", {}, ...cells(it).map(([v, num]) => el("td", { class: num ? "num" : null }, v)))));
 }
@@ -320,6 +402,7 @@ async function refreshTables() {
       [`${fmt.n(r.prompt_tokens)} / ${fmt.n(r.completion_tokens)}`, 1], [fmt.usd(r.cost), 1], [fmt.ms(r.avg_latency_ms), 1]]);
     rows($("#daily tbody"), daily.rows, (r) => [[r.day], [fmt.n(r.requests), 1], [fmt.n(r.errors), 1],
       [`${fmt.n(r.prompt_tokens)} / ${fmt.n(r.completion_tokens)}`, 1], [fmt.usd(r.cost), 1], [fmt.ms(r.avg_latency_ms), 1]]);
+    state.cooldownRows = cool.rows;
     rows($("#cooldowns tbody"), cool.rows, (r) => [[r.backend], [fmt.time(r.started_at)], [fmt.secs((r.until - r.started_at) / 1000)],
       [r.consecutive_429, 1], [r.ended_at ? fmt.time(r.ended_at) : "–"], [r.reason]]);
   } catch (_) { /* shown stale until the next refresh */ }
@@ -417,6 +500,8 @@ $("#edit-form").addEventListener("submit", async (ev) => {
 // ---- start -----------------------------------------------------------------
 
 $("#login-form").addEventListener("submit", (ev) => { ev.preventDefault(); $("#login-error").textContent = ""; login($("#token").value); });
+$("#recent-status").addEventListener("change", refreshRecent);
+$("#recent-backend").addEventListener("change", refreshRecent);
 $("#logout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); location.reload(); });
 // On loopback with no admin token configured the API needs none: open live
 // at once, and show the token form only when the gateway asks for one.

@@ -150,6 +150,9 @@ pub fn scope(
             .route("/reload", web::post().to(reload::reload_handler))
             .route("/backup", web::post().to(ops::backup_now))
             .route("/actors", web::get().to(ops::actors))
+            .route("/requests", web::get().to(ops::recent_requests))
+            .route("/history", web::get().to(ops::history))
+            .route("/windows", web::get().to(ops::windows))
             .route("/events", web::get().to(crate::admin::dashboard::events))
             .configure(ops::test_routes)
     }

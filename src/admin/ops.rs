@@ -282,3 +282,53 @@ pub fn test_routes(cfg: &mut web::ServiceConfig) {
     #[cfg(not(any(debug_assertions, feature = "test-hooks")))]
     let _ = cfg;
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecentQuery {
+    /// all, ok, error, 2xx/4xx/5xx, or an exact status.
+    pub status: Option<String>,
+    pub backend: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// `GET /requests`: the last requests (newest first), never prompt text.
+pub async fn recent_requests(
+    q: web::Query<RecentQuery>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, crate::ops::recent::RECENT);
+    let rows = state
+        .recent
+        .recent(q.status.as_deref(), q.backend.as_deref(), limit);
+    Ok(HttpResponse::Ok().json(json!({ "requests": rows })))
+}
+
+/// `GET /history`: the last hour at 10 s steps (counts, tokens, cost,
+/// p50/p95 latency and TTFT), oldest first.
+pub async fn history(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(json!({
+        "step_s": crate::ops::recent::STEP.as_secs(),
+        "points": state.recent.history(),
+    })))
+}
+
+/// `GET /windows`: each backend's grants in its rolling window (wall-clock
+/// ms), for the dashboard's window strips.
+pub async fn windows(state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
+    let grants = state
+        .supervisor
+        .send(sidecar_actors::messages::CollectGrants)
+        .await
+        .map_err(|_| ApiError::Acquire(sidecar_actors::AcquireError::SupervisorGone))?;
+    let tuning = state.tuning();
+    let backends: Vec<Value> = grants
+        .into_iter()
+        .map(|(id, g)| json!({"id": id, "grants_ms": g}))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "now_ms": sidecar_actors::db::now_ms(),
+        "window_ms": u64::try_from(tuning.window.as_millis()).unwrap_or(u64::MAX),
+        "backends": backends,
+    })))
+}

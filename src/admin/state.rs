@@ -50,6 +50,8 @@ pub struct AdminState {
     pub started: Settings,
     /// Shared with the proxy, which reads it on every request.
     pub queue_timeout: QueueTimeout,
+    /// The last requests and the last hour, for the dashboard.
+    pub recent: crate::ops::recent::Recorder,
 }
 
 /// The runtime-tunable values as the file and environment give them.

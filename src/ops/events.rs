@@ -18,6 +18,8 @@ use crate::proxy::usage::Usage;
 #[derive(Debug, Clone, Default)]
 pub struct RequestFinished {
     pub request_id: Arc<str>,
+    /// The client key's name, when client keys are configured.
+    pub client: Option<Arc<str>>,
     pub endpoint: &'static str,
     pub model: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
@@ -45,6 +47,8 @@ pub struct EventSink {
     pub log: Logger,
     pub stats: Option<Addr<StatsActor>>,
     pub metrics: Option<Arc<Metrics>>,
+    /// The dashboard's recent requests and history.
+    pub recent: Option<crate::ops::recent::Recorder>,
 }
 
 impl RequestFinished {
@@ -52,6 +56,9 @@ impl RequestFinished {
         self.log_line(&sink.log);
         if let Some(m) = &sink.metrics {
             self.count(m);
+        }
+        if let Some(r) = &sink.recent {
+            r.record(self);
         }
         if let (Some(stats), Some(backend_id), Some(model)) =
             (&sink.stats, self.backend_id, &self.model)

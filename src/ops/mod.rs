@@ -5,4 +5,5 @@ pub mod health;
 pub mod metrics;
 pub mod metrics_server;
 pub mod notify;
+pub mod recent;
 pub mod telemetry;

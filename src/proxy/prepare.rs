@@ -60,6 +60,7 @@ pub(crate) async fn prepare(
         .map_or(Priority::Normal, |c| c.key.priority);
     let priority = priority_of(req, default_priority)?;
     if let Some(c) = &client_key {
+        trace.record.client = Some(c.key.name.clone());
         c.check_model(&model)?;
         c.take()?;
     }

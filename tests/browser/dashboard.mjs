@@ -43,6 +43,27 @@ try {
   }, before, { timeout: 10000 });
   step(`requests counter moved from ${before} to ${await total()}`);
 
+  // At a glance: window strips tick for every request sent, recent requests
+  // are listed, the charts have a time axis, names stay on one line.
+  await page.waitForFunction(() => document.querySelectorAll("[data-testid=window-strip] line.tick").length > 0, null, { timeout: 10000 });
+  step(`window strips: ${await page.$$eval("[data-testid=window-strip] line.tick", (l) => l.length)} ticks`);
+  await page.waitForFunction(() => document.querySelectorAll("#recent tbody tr").length > 0, null, { timeout: 10000 });
+  await page.selectOption("#recent-status", "error");
+  await page.waitForFunction(() => [...document.querySelectorAll("#recent tbody tr")].every((tr) => tr.classList.contains("bad")), null, { timeout: 5000 });
+  await page.selectOption("#recent-status", "all");
+  step("recent requests listed and filtered");
+  const axisLabels = await page.$$eval("#chart-rate text", (t) => t.map((x) => x.textContent));
+  if (!axisLabels.includes("now")) fail(`no time axis: ${axisLabels}`);
+  const wrapped = await page.$$eval(".card .name", (ns) => ns.filter((n) => n.getClientRects().length > 1 || n.scrollHeight > n.clientHeight + 2).map((n) => n.textContent));
+  if (wrapped.length) fail(`names broken over lines: ${wrapped}`);
+  // A key that cannot serve never looks healthy: its bar is empty.
+  const deadFull = await page.$$eval("[data-testid=backend-card]", (cs) => cs.filter((c) => !["healthy", "cooling"].includes(c.querySelector("[data-field=state]").textContent))
+    .filter((c) => parseFloat(c.querySelector(".bar > div").style.width) > 0).map((c) => c.dataset.name));
+  if (deadFull.length) fail(`non-serving keys with capacity bars: ${deadFull}`);
+  // The add form is folded away until asked for.
+  if (await page.isVisible("#add-form [name=name]")) fail("the add form is open before it is asked for");
+  await page.click("#add-panel summary");
+
   // Client-side validation stops a bad form before any request.
   await page.fill("#add-form [name=name]", "x");
   await page.fill("#add-form [name=base_url]", "not a url");
@@ -79,8 +100,18 @@ try {
   step("disable from the card");
 
   await page.waitForTimeout(1200);
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path: shot, fullPage: true });
   step(`screenshot ${shot}`);
+  await page.setViewportSize({ width: 800, height: 1000 });
+  await page.waitForTimeout(400);
+  await page.evaluate(() => window.scrollTo(0, 0));
+  const narrow = shot.replace(/\.png$/, "-800.png");
+  await page.screenshot({ path: narrow, fullPage: true });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+  if (overflow) fail("the page scrolls sideways at 800 px");
+  step(`screenshot ${narrow}`);
+  await page.setViewportSize({ width: 1400, height: 1000 });
   if (foreign.length) fail(`requests beyond the gateway: ${foreign.join(", ")}`);
   const cspErrors = consoleErrors.filter((e) => /Content Security Policy/i.test(e));
   if (cspErrors.length) fail(`CSP violations: ${cspErrors.join(" | ")}`);
