@@ -445,3 +445,39 @@ async fn provider_rate_limit_headers_prevent_429s() {
     assert!(ok >= 12, "budget spent: {ok}");
     app.stop().await;
 }
+
+/// Several requests in flight when a key starts answering 429: one cooldown
+/// in the history (the others extend it), not one "started" per 429.
+#[actix_web::test]
+async fn concurrent_429s_are_one_cooldown_in_the_history() {
+    let mock = mock_keys(&["k-a", "k-b"]);
+    let toml = format!(
+        "cooldown_base = 2\n{}{}",
+        backend("a", "k-a", "primary", 1000, "weight = 10.0"),
+        backend("b", "k-b", "primary", 1000, "")
+    );
+    let app = spawn_app(mock, &toml).await;
+    let body = chat_body("m");
+    // Four requests reach a; while they are upstream, a starts refusing.
+    app.mock.state.set_fault("k-a", Fault::RateLimit(Some(2)));
+    let answers = join_all((0..4).map(|_| app.chat(&body))).await;
+    assert!(answers.iter().all(|r| r.status == 200), "429s are hidden");
+    let _ = app.stats.send(sidecar_actors::stats::Flush).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = app
+        .admin("GET", "/stats/cooldowns?limit=10", None, None)
+        .await
+        .body["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let a: Vec<&Value> = rows.iter().filter(|r| r["backend"] == "a").collect();
+    let upstream_429s = app.mock.state.key_stats("k-a").rate_limited;
+    eprintln!(
+        "cooldown history: {} row(s) for {upstream_429s} concurrent 429(s)",
+        a.len()
+    );
+    assert!(upstream_429s >= 1);
+    assert_eq!(a.len(), 1, "{rows:?}");
+    app.stop().await;
+}
