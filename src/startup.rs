@@ -295,7 +295,8 @@ impl Application {
                         .route("/chat/completions", web::post().to(proxy::chat_completions))
                         .route("/completions", web::post().to(proxy::completions))
                         .route("/embeddings", web::post().to(proxy::embeddings))
-                        .route("/models", web::get().to(models::list_models)),
+                        .route("/models", web::get().to(models::list_models))
+                        .route("/models/{id:.+}", web::get().to(models::retrieve_model)),
                 )
                 .service(admin::scope(admin_state.clone()))
                 .configure(dashboard::configure)

@@ -88,15 +88,8 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new_custom(Some("sidecar".into()), None).expect("valid registry");
-        // process_* (CPU, memory, fds, start time), unprefixed as exporters
-        // name them: once per process, in the default registry.
-        static PROCESS: std::sync::Once = std::sync::Once::new();
-        PROCESS.call_once(|| {
-            let c = prometheus::process_collector::ProcessCollector::for_self();
-            if let Err(e) = prometheus::default_registry().register(Box::new(c)) {
-                eprintln!("process metrics unavailable: {e}");
-            }
-        });
+        // process_* come from prometheus' default registry (its `process`
+        // feature registers them there), gathered beside ours in `render`.
         let build = reg(
             &r,
             IntGaugeVec::new(

@@ -253,3 +253,65 @@ async fn models_completions_and_embeddings() {
     assert_eq!(app.get("/health/ready").await.status, 200);
     app.stop().await;
 }
+
+/// `/v1/models` answers only clients the gateway accepts and lists only the
+/// models their key may use; `GET /v1/models/{id}` (the SDKs'
+/// `models.retrieve`) answers the same way, prefix routes included.
+#[actix_web::test]
+async fn models_follow_the_client_key() {
+    let toml = format!(
+        "{}{}{}",
+        backend("b", BACKEND_KEY, "primary", 1000, "").replace(
+            "\"m\" = \"native-m\"",
+            "\"m\" = \"native-m\", \"other\" = \"native-o\", \"nvidia/*\" = \"nvidia/*\""
+        ),
+        "",
+        client_keys()
+    );
+    let app = spawn_app(mock_keys(&[BACKEND_KEY]), &toml).await;
+    let ids = |body: &Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let get = |path: &str, key: Option<&str>| {
+        let mut req = app.client.get(format!("{}{path}", app.base));
+        if let Some(k) = key {
+            req = req.insert_header(("authorization", format!("Bearer {k}")));
+        }
+        async move {
+            let mut res = req.send().await.expect("answer");
+            let status = res.status().as_u16();
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    assert_eq!(get("/v1/models", None).await.0, 401);
+    assert_eq!(get("/v1/models", Some("wrong-key")).await.0, 401);
+    let (status, all) = get("/v1/models", Some(CLIENT_KEY)).await;
+    assert_eq!(status, 200);
+    let mut all = ids(&all);
+    all.sort();
+    assert_eq!(all, vec!["m", "other"], "a prefix route is not a model id");
+    let (_, limited) = get("/v1/models", Some(LIMITED_KEY)).await;
+    assert_eq!(ids(&limited), vec!["other"], "only what the key may use");
+    let (status, m) = get("/v1/models/m", Some(CLIENT_KEY)).await;
+    assert_eq!((status, m["id"].as_str()), (200, Some("m")));
+    assert_eq!(get("/v1/models/m", Some(LIMITED_KEY)).await.0, 404);
+    let (status, n) = get("/v1/models/nvidia/llama-3.1-8b-instruct", Some(CLIENT_KEY)).await;
+    assert_eq!(
+        (status, n["id"].as_str()),
+        (200, Some("nvidia/llama-3.1-8b-instruct"))
+    );
+    let (status, err) = get("/v1/models/nope", Some(CLIENT_KEY)).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    app.stop().await;
+}

@@ -12,7 +12,7 @@ use super::{Decision, Need, PoolSupervisor};
 use crate::messages::{
     Acquire, AcquireError, BackendUpdate, CollectGrants, Drain, GetBackendView, GetGrants,
     GetSnapshot, GetView, KeyTested, ListModels, Ping, PoolSnapshot, Reconfigure, RemoveBackend,
-    ResetCooldown, Shutdown, Ticket, UpdateTuning, UpsertBackend,
+    ResetCooldown, ServesModel, Shutdown, Ticket, UpdateTuning, UpsertBackend,
 };
 #[cfg(any(debug_assertions, feature = "test-hooks"))]
 use crate::messages::{Crash, TestCrashBackend, TestFreeze};
@@ -108,6 +108,15 @@ impl Handler<ListModels> for PoolSupervisor {
             })
             .collect();
         MessageResult(models.into_iter().collect())
+    }
+}
+
+impl Handler<ServesModel> for PoolSupervisor {
+    type Result = bool;
+    fn handle(&mut self, msg: ServesModel, _ctx: &mut Self::Context) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.slot.spec.enabled && e.slot.spec.route(&msg.0).is_some())
     }
 }
 

@@ -105,3 +105,9 @@ pub struct TestCrashBackend(pub BackendId);
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct TestFreeze(pub std::time::Duration);
+
+/// Supervisor: whether an enabled backend serves this model (prefix routes
+/// included), for `GET /v1/models/{id}`.
+#[derive(Message, Debug)]
+#[rtype(result = "bool")]
+pub struct ServesModel(pub String);
