@@ -23,6 +23,23 @@ pub struct SseFilter {
     max_pending: usize,
     pub usage: Option<Usage>,
     pub saw_done: bool,
+    /// The stream said it was done in its own words: a choice with a
+    /// `finish_reason`, or a Responses-API terminal event. A clean close
+    /// after that is a complete stream, `[DONE]` or not.
+    pub saw_end: bool,
+}
+
+/// What ends a stream besides `[DONE]`: a finish reason (chat and text
+/// completions), or the Responses API's terminal events.
+fn says_it_ended(bytes: &[u8]) -> bool {
+    const ENDS: [&[u8]; 5] = [
+        b"\"finish_reason\":\"",
+        b"\"finish_reason\": \"",
+        b"response.completed",
+        b"response.failed",
+        b"response.incomplete",
+    ];
+    ENDS.iter().any(|e| contains(bytes, e))
 }
 
 /// An event grew past the bound without ending: the stream is broken.
@@ -82,6 +99,9 @@ impl SseFilter {
             if contains(&chunk, b"[DONE]") {
                 self.saw_done = true;
             }
+            if !self.saw_end && says_it_ended(&chunk) {
+                self.saw_end = true;
+            }
             return Ok(chunk);
         }
         self.partial.extend_from_slice(&chunk);
@@ -115,7 +135,16 @@ impl SseFilter {
         }
     }
 
+    /// True when what came is a whole stream: `[DONE]`, or its own end
+    /// (finish reason, terminal event) with nothing left half-sent.
+    pub fn complete(&self, rest: &[u8]) -> bool {
+        self.saw_done || (self.saw_end && rest.is_empty())
+    }
+
     fn keep(&mut self, event: &[u8]) -> bool {
+        if !self.saw_end && says_it_ended(event) {
+            self.saw_end = true;
+        }
         if contains(event, b"[DONE]") {
             self.saw_done = true;
             return true;

@@ -194,11 +194,15 @@ impl Stream for PassThrough {
                     return Poll::Ready(Some(Err(stream_error("upstream stream broke"))));
                 }
                 Poll::Ready(None) => {
-                    let rest = this.masker.mask_bytes(this.filter.finish());
-                    if !this.filter.saw_done {
+                    let raw_rest = this.filter.finish();
+                    // A half-sent event left in the filter means a cut.
+                    let complete = this.filter.complete(&raw_rest);
+                    let rest = this.masker.mask_bytes(raw_rest);
+                    if !complete {
                         // awc reports a connection closed mid-body as a clean
-                        // end; an OpenAI stream that really ended says [DONE].
-                        let detail = "upstream stream ended without [DONE]".to_string();
+                        // end; a stream that really ended says so: [DONE], a
+                        // finish reason or a terminal event, nothing half-sent.
+                        let detail = "upstream stream ended without its end ([DONE], a finish reason or a terminal event)".to_string();
                         this.conclude(Outcome::StreamBroken, 502, Some(detail));
                         if rest.is_empty() {
                             return Poll::Ready(Some(Err(stream_error("upstream stream was cut"))));

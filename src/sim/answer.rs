@@ -26,6 +26,7 @@ pub(crate) async fn answer(
     }
     let key = bearer(&req);
     let mut reset_after = None;
+    let mut ending = None;
     let completion_tokens = state.chunks.max(1) as u64;
     let ask = Ask {
         body: &json,
@@ -69,6 +70,10 @@ pub(crate) async fn answer(
             reset_after = Some(n);
             RateHeaders::default()
         }
+        Admission::Fault(f @ (Fault::NoDone | Fault::HalfEvent)) => {
+            ending = Some(f);
+            RateHeaders::default()
+        }
         Admission::Fault(Fault::None) => RateHeaders::default(),
     };
     let delay = req
@@ -101,6 +106,7 @@ pub(crate) async fn answer(
             interval: state.chunk_interval,
             include_usage,
             reset_after,
+            ending,
         };
         return stream_answer(plan, &rate);
     }
@@ -239,6 +245,7 @@ pub(crate) fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpRespons
         interval,
         include_usage,
         reset_after,
+        ending,
     } = plan;
     let created = unix_now();
     let mut events: Vec<String> = Vec::new();
@@ -273,7 +280,17 @@ pub(crate) fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpRespons
             json!({"id": format!("mock-{created}"), "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage})
         ));
     }
-    events.push("data: [DONE]\n\n".to_string());
+    match ending {
+        Some(Fault::NoDone) => {}
+        Some(Fault::HalfEvent) => {
+            // The last content event loses its end: half of it, no blank line.
+            if let Some(last) = events.pop() {
+                let half = last.len() / 2;
+                events.push(last.chars().take(half).collect());
+            }
+        }
+        _ => events.push("data: [DONE]\n\n".to_string()),
+    }
     let total = events.len();
     let stream = futures_util::stream::unfold(0usize, move |i| {
         let events = events.clone();

@@ -31,6 +31,12 @@ pub enum Fault {
     EndlessEvent,
     /// A 200 whose body is not JSON.
     InvalidJson,
+    /// A stream that ends with its finish reason and a clean close, no
+    /// `[DONE]` (as some providers end them).
+    NoDone,
+    /// A stream whose body ends cleanly in the middle of an event (what a
+    /// cut looks like through a proxy that closes the chunked body).
+    HalfEvent,
 }
 
 impl FromStr for Fault {
@@ -43,6 +49,8 @@ impl FromStr for Fault {
             "reset" => Ok(Fault::ResetAfter(2)),
             "endless" => Ok(Fault::EndlessEvent),
             "invalid-json" => Ok(Fault::InvalidJson),
+            "no-done" => Ok(Fault::NoDone),
+            "half-event" => Ok(Fault::HalfEvent),
             echo if echo.starts_with("echo-key-") => echo["echo-key-".len()..]
                 .parse::<u16>()
                 .ok()
@@ -279,7 +287,7 @@ pub(crate) fn admit(
     }
     let fault = s.script.pop_front().unwrap_or(s.fault);
     match fault {
-        Fault::None | Fault::ResetAfter(_) => {}
+        Fault::None | Fault::ResetAfter(_) | Fault::NoDone | Fault::HalfEvent => {}
         Fault::RateLimit(ra) => {
             s.rate_limited += 1;
             if let Some(secs) = ra {
@@ -343,6 +351,7 @@ pub(crate) fn admit(
     let headers = rate_headers(s, window, now);
     match fault {
         Fault::ResetAfter(n) => Admission::Fault(Fault::ResetAfter(n)),
+        f @ (Fault::NoDone | Fault::HalfEvent) => Admission::Fault(f),
         _ => Admission::Go(headers),
     }
 }

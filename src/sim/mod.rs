@@ -163,6 +163,8 @@ struct StreamPlan {
     include_usage: bool,
     /// Drop the connection after this many chunks.
     reset_after: Option<u32>,
+    /// How the stream ends (`[DONE]` unless a fault says otherwise).
+    ending: Option<Fault>,
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

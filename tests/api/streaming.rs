@@ -114,3 +114,73 @@ async fn streams_chunk_by_chunk_and_counts_usage() {
     );
     app.stop().await;
 }
+
+/// Raw HTTP, so a missing terminating chunk (a cut) is visible.
+async fn raw_stream(app: &TestApp, model: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let body =
+        json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    actix_web::rt::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    })
+    .await
+    .unwrap()
+}
+
+/// A stream that ends with its finish reason and a clean close (no
+/// `[DONE]`, as some providers end them) is complete: passed on whole, a
+/// success for the key, however often. A stream whose last event is cut in
+/// half is broken, and only that one counts against its key.
+#[actix_web::test]
+async fn a_clean_end_without_done_is_complete_and_a_half_event_is_not() {
+    use sidecar::sim::Fault;
+    let mock = MockConfig {
+        keys: vec![
+            MockKey::new("k-clean", None).with_fault(Fault::NoDone),
+            MockKey::new("k-half", None).with_fault(Fault::HalfEvent),
+        ],
+        chunks: 3,
+        ..Default::default()
+    };
+    let toml = format!(
+        "failure_threshold = 3\n{}{}",
+        backend("clean", "k-clean", "primary", 1000, "")
+            .replace("\"m\" = \"native-m\"", "\"clean\" = \"native-m\""),
+        backend("half", "k-half", "primary", 1000, "")
+            .replace("\"m\" = \"native-m\"", "\"half\" = \"native-m\"")
+    );
+    let app = spawn_app(mock, &toml).await;
+    for _ in 0..4 {
+        let out = raw_stream(&app, "clean").await;
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert!(body.contains("\"finish_reason\":\"stop\""), "{out}");
+        assert!(
+            body.ends_with("0\r\n\r\n"),
+            "a clean end reaches the client: {out}"
+        );
+    }
+    let clean = app.view("clean").await;
+    assert_eq!(clean.consecutive_failures, 0, "never blamed on the key");
+    assert_eq!(clean.status, sidecar_actors::Status::Healthy);
+    let out = raw_stream(&app, "half").await;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(
+        !body.ends_with("0\r\n\r\n"),
+        "the client sees the cut: {out}"
+    );
+    assert_eq!(app.view("half").await.consecutive_failures, 1);
+    eprintln!("stream ends: 4 clean closes without [DONE] complete (0 strikes); half event → broken (1 strike)");
+    app.stop().await;
+}
