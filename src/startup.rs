@@ -289,15 +289,14 @@ impl Application {
                         .route("", web::get().to(health::live))
                         .route("/ready", web::get().to(health::ready)),
                 )
-                .service(
-                    web::scope("/v1")
-                        .app_data(proxy_state.clone())
-                        .route("/chat/completions", web::post().to(proxy::chat_completions))
-                        .route("/completions", web::post().to(proxy::completions))
-                        .route("/embeddings", web::post().to(proxy::embeddings))
-                        .route("/models", web::get().to(models::list_models))
-                        .route("/models/{id:.+}", web::get().to(models::retrieve_model)),
-                )
+                .service({
+                    let mut v1 = web::scope("/v1").app_data(proxy_state.clone());
+                    for e in proxy::Endpoint::POOLED {
+                        v1 = v1.route(e.path(), proxy::pooled_route(e));
+                    }
+                    v1.route("/models", web::get().to(models::list_models))
+                        .route("/models/{id:.+}", web::get().to(models::retrieve_model))
+                })
                 .service(admin::scope(admin_state.clone()))
                 .configure(dashboard::configure)
                 .default_service(web::to(not_found))

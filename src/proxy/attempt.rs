@@ -222,8 +222,19 @@ pub(crate) async fn attempt(
         };
     let latency = started.elapsed();
     let mut builder = response_builder(res.status(), res.headers(), &lease);
+    // Audio and other media come back as themselves; JSON is checked.
+    let json_answer = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.contains("json"));
     let outcome = if answer == Answer::ClientError {
         Outcome::ClientError { status }
+    } else if !json_answer {
+        Outcome::Success {
+            prompt_tokens: None,
+            completion_tokens: None,
+        }
     } else {
         let Ok(used) = usage::from_json_body(&bytes) else {
             // A 200 whose body is not JSON is the upstream's fault: tried

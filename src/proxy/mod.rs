@@ -40,47 +40,62 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// The Responses API (`POST /v1/responses`), streaming or not.
+    Responses,
+    Moderations,
+    ImagesGenerations,
+    AudioSpeech,
+    Rerank,
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
+    pub fn path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
+            Endpoint::Moderations => "/moderations",
+            Endpoint::ImagesGenerations => "/images/generations",
+            Endpoint::AudioSpeech => "/audio/speech",
+            Endpoint::Rerank => "/rerank",
         }
     }
 
     fn streams(self) -> bool {
-        !matches!(self, Endpoint::Embeddings)
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses
+        )
     }
+
+    /// Whether the gateway may add `stream_options.include_usage` (only the
+    /// APIs that define it; the Responses API reports usage by itself).
+    fn asks_stream_usage(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+
+    /// Every pooled route: one handler, told which endpoint by its path.
+    pub const POOLED: [Endpoint; 8] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Moderations,
+        Endpoint::ImagesGenerations,
+        Endpoint::AudioSpeech,
+        Endpoint::Rerank,
+    ];
 }
 
-pub async fn chat_completions(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<ProxyState>,
-    client: web::Data<awc::Client>,
-) -> HttpResponse {
-    proxy(Endpoint::ChatCompletions, req, body, state, client).await
-}
-
-pub async fn completions(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<ProxyState>,
-    client: web::Data<awc::Client>,
-) -> HttpResponse {
-    proxy(Endpoint::Completions, req, body, state, client).await
-}
-
-pub async fn embeddings(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<ProxyState>,
-    client: web::Data<awc::Client>,
-) -> HttpResponse {
-    proxy(Endpoint::Embeddings, req, body, state, client).await
+/// Any pooled `POST /v1/...` that names a `model`.
+pub fn pooled_route(endpoint: Endpoint) -> actix_web::Route {
+    web::post().to(
+        move |req: HttpRequest,
+              body: web::Payload,
+              state: web::Data<ProxyState>,
+              client: web::Data<awc::Client>| { proxy(endpoint, req, body, state, client) },
+    )
 }
 
 /// What one request has done so far, for its log line.

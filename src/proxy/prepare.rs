@@ -66,7 +66,7 @@ pub(crate) async fn prepare(
     }
     let stream = endpoint.streams() && json.get("stream") == Some(&Value::Bool(true));
     trace.record.stream = stream;
-    let strip_usage = stream && request_stream_usage(&mut json);
+    let strip_usage = stream && endpoint.asks_stream_usage() && request_stream_usage(&mut json);
     let est_tokens = estimate_tokens(body.len(), &json);
     Ok(Prepared {
         model,

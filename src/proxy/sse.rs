@@ -53,6 +53,15 @@ struct Chunk {
     choices: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     usage: Option<Usage>,
+    /// The Responses API carries usage in its terminal event's `response`.
+    #[serde(default)]
+    response: Option<Nested>,
+}
+
+#[derive(Deserialize)]
+struct Nested {
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 fn ends_an_event(chunk: &[u8]) -> bool {
@@ -158,6 +167,10 @@ impl SseFilter {
         let Ok(chunk) = serde_json::from_slice::<Chunk>(&data) else {
             return true;
         };
+        if let Some(u) = chunk.response.and_then(|r| r.usage) {
+            self.usage = Some(u);
+            return true;
+        }
         if let Some(u) = chunk.usage {
             self.usage = Some(u);
             let usage_only = chunk.choices.as_ref().is_none_or(|c| c.is_empty());
@@ -319,5 +332,26 @@ mod tests {
             ev.as_bytes()
         );
         assert_eq!(f.usage, None);
+    }
+}
+
+#[cfg(test)]
+mod responses_tests {
+    use super::*;
+
+    #[test]
+    fn responses_usage_and_end_are_read() {
+        let mut f = SseFilter::new(false);
+        let ev = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"usage\":{\"input_tokens\":5,\"output_tokens\":3,\"total_tokens\":8}}}\n\n";
+        let out = f.push(Bytes::from(ev)).unwrap();
+        assert_eq!(out.len(), ev.len());
+        assert!(f.saw_end);
+        assert_eq!(
+            f.usage,
+            Some(Usage {
+                prompt_tokens: Some(5),
+                completion_tokens: Some(3)
+            })
+        );
     }
 }

@@ -4,9 +4,11 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    /// `input_tokens` in the Responses API.
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: Option<u64>,
-    #[serde(default)]
+    /// `output_tokens` in the Responses API.
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: Option<u64>,
 }
 

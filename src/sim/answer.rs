@@ -6,6 +6,7 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::keys::{admit, Admission, Ask, RateHeaders};
@@ -94,7 +95,17 @@ pub(crate) async fn answer(
         .unwrap_or("mock-model")
         .to_string();
     let prompt_tokens = (body.len() as u64 / 4).max(1);
-    let stream = json.get("stream") == Some(&Value::Bool(true)) && !matches!(kind, Kind::Embedding);
+    let stream = json.get("stream") == Some(&Value::Bool(true))
+        && matches!(kind, Kind::Chat | Kind::Completion | Kind::Responses);
+    if stream && matches!(kind, Kind::Responses) {
+        return responses_stream(
+            &model,
+            prompt_tokens,
+            state.chunks.max(1),
+            state.chunk_interval,
+            &rate,
+        );
+    }
     if stream {
         let include_usage =
             json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
@@ -127,6 +138,14 @@ pub(crate) async fn answer(
             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
             "usage": usage,
         })),
+        Kind::Responses => res.json(response_object(&model, &text, prompt_tokens, completion_tokens, created)),
+        Kind::Moderation => res.json(json!({
+            "id": format!("modr-mock-{created}"), "model": model,
+            "results": [{"flagged": false, "categories": {"violence": false}, "category_scores": {"violence": 0.0001}}],
+        })),
+        Kind::Speech => res
+            .insert_header((header::CONTENT_TYPE, "audio/mpeg"))
+            .body(Bytes::from_static(b"ID3\x04\x00simulated-audio-frames")),
         Kind::Embedding => res.json(json!({
             "object": "list", "model": model,
             "data": embeddings(&json),
@@ -177,6 +196,23 @@ pub(crate) fn check_request(kind: Kind, json: &Value) -> Result<(), String> {
             Some(Value::String(_) | Value::Array(_)) => {}
             _ => return Err("'prompt' is a required property (a string or an array)".into()),
         },
+        Kind::Responses => match json.get("input") {
+            Some(Value::String(_) | Value::Array(_)) => {}
+            _ => {
+                return Err("'input' is a required property (a string or an array of items)".into())
+            }
+        },
+        Kind::Moderation => match json.get("input") {
+            Some(Value::String(_) | Value::Array(_)) => {}
+            _ => return Err("'input' is a required property".into()),
+        },
+        Kind::Speech => {
+            if !json.get("input").is_some_and(Value::is_string)
+                || !json.get("voice").is_some_and(Value::is_string)
+            {
+                return Err("'input' and 'voice' are required strings".into());
+            }
+        }
         Kind::Embedding => {
             if inputs(json).is_none() {
                 return Err(
@@ -190,6 +226,58 @@ pub(crate) fn check_request(kind: Kind, json: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A Responses-API `response` object.
+fn response_object(model: &str, text: &str, input: u64, output: u64, created: u64) -> Value {
+    json!({
+        "id": format!("resp_mock_{created}"), "object": "response", "created_at": created,
+        "status": "completed", "model": model,
+        "output": [{"type": "message", "id": format!("msg_mock_{created}"), "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output},
+    })
+}
+
+/// A Responses-API stream: `response.created`, text deltas, and
+/// `response.completed` (with usage) — no `[DONE]`, as the API ends it.
+fn responses_stream(
+    model: &str,
+    input: u64,
+    chunks: u32,
+    interval: Duration,
+    rate: &RateHeaders,
+) -> HttpResponse {
+    let created = unix_now();
+    let ev = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
+    let mut events = vec![ev(
+        "response.created",
+        json!({"type": "response.created", "response": {"id": format!("resp_mock_{created}"), "object": "response", "status": "in_progress", "model": model}}),
+    )];
+    let mut text = String::new();
+    for i in 0..chunks {
+        let delta = format!("w{i} ");
+        text.push_str(&delta);
+        events.push(ev(
+            "response.output_text.delta",
+            json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": delta}),
+        ));
+    }
+    events.push(ev(
+        "response.completed",
+        json!({"type": "response.completed", "response": response_object(model, &text, input, chunks as u64, created)}),
+    ));
+    let stream =
+        futures_util::stream::iter(events.into_iter().enumerate()).then(move |(i, e)| async move {
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Ok::<_, actix_web::Error>(Bytes::from(e))
+        });
+    let mut res = HttpResponse::Ok();
+    add_rate_headers(&mut res, rate);
+    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .streaming(stream)
 }
 
 /// How many embeddings an `input` asks for: one per string (or token array).

@@ -134,6 +134,9 @@ enum Kind {
     Chat,
     Completion,
     Embedding,
+    Responses,
+    Moderation,
+    Speech,
 }
 
 fn unix_now() -> u64 {
@@ -151,6 +154,23 @@ async fn completion(req: HttpRequest, body: Bytes, state: web::Data<MockState>) 
 }
 async fn embedding(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
     answer(Kind::Embedding, req, body, state).await
+}
+async fn responses(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
+    answer(Kind::Responses, req, body, state).await
+}
+async fn moderation(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
+    answer(Kind::Moderation, req, body, state).await
+}
+async fn speech(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
+    answer(Kind::Speech, req, body, state).await
+}
+/// What a provider says of a route it does not serve.
+async fn unknown(req: HttpRequest) -> HttpResponse {
+    error_json(
+        404,
+        &format!("Unknown request URL: {} {}", req.method(), req.path()),
+        "invalid_request_error",
+    )
 }
 
 /// How one streamed answer goes.
@@ -256,9 +276,13 @@ impl MockUpstream {
                 .route("/v1/chat/completions", web::post().to(chat))
                 .route("/v1/completions", web::post().to(completion))
                 .route("/v1/embeddings", web::post().to(embedding))
+                .route("/v1/responses", web::post().to(responses))
+                .route("/v1/moderations", web::post().to(moderation))
+                .route("/v1/audio/speech", web::post().to(speech))
                 .route("/v1/models", web::get().to(models))
                 .route("/_mock/stats", web::get().to(stats))
                 .route("/_mock/keys/{key}", web::put().to(update_key))
+                .default_service(web::to(unknown))
         })
         .workers(2)
         .shutdown_timeout(1)

@@ -16,5 +16,6 @@ mod process;
 mod procs;
 mod rate_limits;
 mod replicas;
+mod routes;
 mod sdk;
 mod streaming;
