@@ -64,7 +64,7 @@ enum Cmd {
 fn client(timeout: Duration) -> awc::Client {
     let key = std::env::var("LOADGEN_KEY")
         .or_else(|_| std::env::var("LITELLM_MASTER_KEY"))
-        .unwrap_or_else(|_| "sk-bench".into());
+        .unwrap_or_else(|_| "fake-bench".into());
     awc::Client::builder()
         .connector(
             awc::Connector::new()

@@ -46,8 +46,8 @@ if [ ! -x "$OUT/litellm-venv/bin/litellm" ]; then
 fi
 LITELLM=$OUT/litellm-venv/bin/litellm
 # LiteLLM refuses to start without a master key; every client sends it (sidecar
-# and nginx ignore it).
-export LITELLM_MASTER_KEY=sk-bench-7f3a9c2e5b8d1f4a6c0e9b2d5f8a1c3e
+# and nginx ignore it). LiteLLM wants the `sk-` prefix; the rest says what it is.
+export LITELLM_MASTER_KEY=sk-FAKE-local-bench-only
 log "building release binary and load generator"
 cargo build --release --quiet --bin sidecar --example loadgen
 SIDECAR=$ROOT/target/release/sidecar
@@ -116,7 +116,7 @@ post_lua() {
 wrk.method = "POST"
 wrk.body = '{"model":"m","messages":[{"role":"user","content":"benchmark request"}]}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench-7f3a9c2e5b8d1f4a6c0e9b2d5f8a1c3e"
+wrk.headers["Authorization"] = "Bearer sk-FAKE-local-bench-only"
 EOF
 }
 
@@ -153,7 +153,7 @@ queue_timeout = 5
 [[backends]]
 name = "nginx"
 base_url = "http://127.0.0.1:18080/v1"
-api_key = "sk-upstream"
+api_key = "fake-upstream"
 rpm_limit = 100000000
 burst = 100000000
 models = { "m" = "native-m" }
@@ -161,7 +161,7 @@ EOF
   cat > "$OUT/litellm-overhead.yaml" <<EOF
 model_list:
   - model_name: m
-    litellm_params: { model: openai/native-m, api_base: "http://127.0.0.1:18080/v1", api_key: sk-upstream }
+    litellm_params: { model: openai/native-m, api_base: "http://127.0.0.1:18080/v1", api_key: fake-upstream }
 litellm_settings: { drop_params: true, telemetry: false }
 general_settings: { disable_spend_logs: true }
 EOF
@@ -189,12 +189,12 @@ EOF
   stop_pid "$SIDECAR_PID"
 
   log "streaming: mock upstream (10 chunks, 20 ms apart) direct vs through sidecar"
-  "$SIDECAR" mock-upstream --port 18090 --keys "sk-upstream:0" --chunks 10 --chunk-ms 20 --models native-m > "$OUT/mock-stream.log" 2>&1 &
+  "$SIDECAR" mock-upstream --port 18090 --keys "fake-upstream:0" --chunks 10 --chunk-ms 20 --models native-m > "$OUT/mock-stream.log" 2>&1 &
   local mock=$!; PIDS+=("$mock")
   wait_http http://127.0.0.1:18090/_mock/stats
   sed 's|http://127.0.0.1:18080/v1|http://127.0.0.1:18090/v1|' "$OUT/overhead.toml" > "$OUT/stream.toml"
   start_sidecar "$OUT/stream.toml" 19190
-  LOADGEN_KEY=sk-upstream "$LOADGEN" ttft --url http://127.0.0.1:18090 --n 300 --model native-m > "$OUT/ttft-direct.json"
+  LOADGEN_KEY=fake-upstream "$LOADGEN" ttft --url http://127.0.0.1:18090 --n 300 --model native-m > "$OUT/ttft-direct.json"
   "$LOADGEN" ttft --url http://127.0.0.1:19190 --n 300 > "$OUT/ttft-sidecar.json"
   stop_pid "$SIDECAR_PID"; stop_pid "$mock"
   emit ""
@@ -215,14 +215,14 @@ EOF
 # ---- memory ------------------------------------------------------------------
 memory() {
   log "memory: peak RSS idle with 11 backends, then with 1000 open streams"
-  "$SIDECAR" mock-upstream --port 18091 --keys "$(seq -s, -f 'sk-%02g:0' 1 11)" --chunks 40 --chunk-ms 250 --models native-m > "$OUT/mock-mem.log" 2>&1 &
+  "$SIDECAR" mock-upstream --port 18091 --keys "$(seq -s, -f 'fake-%02g:0' 1 11)" --chunks 40 --chunk-ms 250 --models native-m > "$OUT/mock-mem.log" 2>&1 &
   local mock=$!; PIDS+=("$mock")
   wait_http http://127.0.0.1:18091/_mock/stats
   {
     echo "port = 19192"; echo "metrics_port = 19193"
     echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
     for i in $(seq -f '%02g' 1 11); do
-      printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18091/v1"\napi_key = "sk-%s"\nrpm_limit = 100000\nmodels = { "m" = "native-m" }\n' "$i" "$i"
+      printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18091/v1"\napi_key = "fake-%s"\nrpm_limit = 100000\nmodels = { "m" = "native-m" }\n' "$i" "$i"
     done
   } > "$OUT/memory.toml"
   start_sidecar "$OUT/memory.toml" 19192
@@ -236,7 +236,7 @@ memory() {
     echo "model_list:"
     for i in $(seq -f '%02g' 1 11); do
       echo "  - model_name: m"
-      echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18091/v1\", api_key: sk-$i, rpm: 100000 }"
+      echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18091/v1\", api_key: fake-$i, rpm: 100000 }"
     done
     echo "litellm_settings: { telemetry: false }"
   } > "$OUT/litellm-memory.yaml"
@@ -263,13 +263,13 @@ goodput() {
   local L=20 W=10 KEYS=11 SECS=${GOODPUT_SECS:-40}
   local cap; cap=$(python3 -c "print($KEYS*$L/$W)")
   log "goodput: $KEYS keys x $L per ${W}s rolling window (capacity $cap req/s), ${SECS}s at 1.2x and 0.9x in bursts"
-  local keys; keys=$(seq -s, -f "sk-%02g:$L" 1 $KEYS)
+  local keys; keys=$(seq -s, -f "fake-%02g:$L" 1 $KEYS)
   {
     echo "port = 19194"; echo "metrics_port = 19195"; echo "window_secs = $W"; echo "queue_timeout = 30"; echo "queue_max = 5000"
     echo "cooldown_base = 2"; echo "cooldown_max = 30"
     echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
     for i in $(seq -f '%02g' 1 $KEYS); do
-      printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18092/v1"\napi_key = "sk-%s"\nrpm_limit = %s\nmodels = { "m" = "native-m" }\n' "$i" "$i" "$L"
+      printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18092/v1"\napi_key = "fake-%s"\nrpm_limit = %s\nmodels = { "m" = "native-m" }\n' "$i" "$i" "$L"
     done
   } > "$OUT/goodput.toml"
   # LiteLLM counts rpm per minute: the per-10 s limit scaled to a minute.
@@ -277,7 +277,7 @@ goodput() {
     echo "model_list:"
     for i in $(seq -f '%02g' 1 $KEYS); do
       echo "  - model_name: m"
-      echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18092/v1\", api_key: sk-$i, rpm: $((L * 60 / W)) }"
+      echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18092/v1\", api_key: fake-$i, rpm: $((L * 60 / W)) }"
     done
     echo "router_settings: { routing_strategy: usage-based-routing-v2, num_retries: 3, retry_after: 0, allowed_fails: 3, cooldown_time: 10 }"
     echo "litellm_settings: { telemetry: false, num_retries: 3 }"
@@ -357,7 +357,7 @@ one_backend_config() { # port state-lines... : one backend in front of nginx's c
   echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
   echo "queue_timeout = 5"
   for l in "$@"; do echo "$l"; done
-  printf '[[backends]]\nname = "nginx"\nbase_url = "http://127.0.0.1:18080/v1"\napi_key = "sk-upstream"\nrpm_limit = 100000000\nburst = 100000000\nmodels = { "m" = "native-m" }\n'
+  printf '[[backends]]\nname = "nginx"\nbase_url = "http://127.0.0.1:18080/v1"\napi_key = "fake-upstream"\nrpm_limit = 100000000\nburst = 100000000\nmodels = { "m" = "native-m" }\n'
 }
 
 cluster() {
@@ -393,7 +393,7 @@ cluster() {
   local L=20 W=10 KEYS=11 SECS=${CLUSTER_SECS:-40}
   local cap; cap=$(python3 -c "print($KEYS*$L/$W)")
   log "cluster: 3 replicas + Redis vs 3 LiteLLM + Redis; $KEYS keys x $L per ${W}s; ${SECS}s at 1.2x"
-  local keys; keys=$(seq -s, -f "sk-%02g:$L" 1 $KEYS)
+  local keys; keys=$(seq -s, -f "fake-%02g:$L" 1 $KEYS)
   : > "$OUT/cluster.jsonl"
   for peer in sidecar litellm; do
     redis-cli -p 16379 flushall >/dev/null
@@ -412,7 +412,7 @@ cluster() {
           echo 'state_backend = "redis"'; echo 'redis_url = "redis://127.0.0.1:16379/"'; echo 'redis_prefix = "bench-cluster"'
           echo "db_path = \"$OUT/replica-$r/sidecar.db\""; echo "backup_dir = \"$OUT/replica-$r/backups\""
           for i in $(seq -f '%02g' 1 $KEYS); do
-            printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18093/v1"\napi_key = "sk-%s"\nrpm_limit = %s\nmodels = { "m" = "native-m" }\n' "$i" "$i" "$L"
+            printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18093/v1"\napi_key = "fake-%s"\nrpm_limit = %s\nmodels = { "m" = "native-m" }\n' "$i" "$i" "$L"
           done
         } > "$OUT/replica-$r.toml"
         SIDECAR_ENCRYPTION_KEY=$("$SIDECAR" keygen) LOG_FORMAT=json \
@@ -424,7 +424,7 @@ cluster() {
           echo "model_list:"
           for i in $(seq -f '%02g' 1 $KEYS); do
             echo "  - model_name: m"
-            echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18093/v1\", api_key: sk-$i, rpm: $((L * 60 / W)) }"
+            echo "    litellm_params: { model: openai/native-m, api_base: \"http://127.0.0.1:18093/v1\", api_key: fake-$i, rpm: $((L * 60 / W)) }"
           done
           echo "router_settings: { routing_strategy: usage-based-routing-v2, redis_host: 127.0.0.1, redis_port: 16379, num_retries: 3, retry_after: 0, allowed_fails: 3, cooldown_time: 10 }"
           echo "litellm_settings: { telemetry: false, num_retries: 3 }"

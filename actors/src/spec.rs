@@ -40,7 +40,7 @@ impl ApiKey {
         &self.0
     }
 
-    /// `nvapi-****abcd`: enough to tell keys apart, never enough to use one.
+    /// `key-****abcd`: enough to tell keys apart, never enough to use one.
     pub fn masked(&self) -> String {
         let k = &*self.0;
         let chars: Vec<char> = k.chars().collect();
@@ -213,11 +213,11 @@ mod tests {
     #[test]
     fn masks_keys() {
         assert_eq!(
-            ApiKey::new("nvapi-abcdefghijkl1234").masked(),
-            "nvapi-****1234"
+            ApiKey::new("fake-abcdefghijkl1234").masked(),
+            "fake-****1234"
         );
         assert_eq!(ApiKey::new("sk1234567890wxyz").masked(), "****wxyz");
         assert_eq!(ApiKey::new("short").masked(), "****");
-        assert!(!format!("{:?}", ApiKey::new("nvapi-secretsecret9999")).contains("secret"));
+        assert!(!format!("{:?}", ApiKey::new("fake-secretsecret9999")).contains("secret"));
     }
 }

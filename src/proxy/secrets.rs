@@ -8,7 +8,7 @@ use memchr::memmem;
 use sidecar_actors::ApiKey;
 
 /// How much of a key, from its start, counts as the key: enough to use or
-/// guess it, more than a masked hint (`nvapi-****abcd`) shows.
+/// guess it, more than a masked hint (`key-****abcd`) shows.
 const PREFIX: usize = 12;
 
 /// Finds and masks one key in any bytes.
@@ -86,23 +86,20 @@ mod tests {
 
     #[test]
     fn masks_the_key_and_long_prefixes() {
-        let key = ApiKey::new("nvapi-secret-abcd1234");
+        let key = ApiKey::new("fake-secret-abcd1234");
         let m = Masker::new(&key);
         let out = m
-            .mask(b"Incorrect API key provided: nvapi-secret-abcd1234 (nvapi-secret-abcd1234)")
+            .mask(b"Incorrect API key provided: fake-secret-abcd1234 (fake-secret-abcd1234)")
             .unwrap();
         assert!(!m.found_in(&out));
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "Incorrect API key provided: nvapi-****1234 (nvapi-****1234)"
+            "Incorrect API key provided: fake-****1234 (fake-****1234)"
         );
         // A truncated echo is still the key's.
-        assert_eq!(
-            m.mask_str("key nvapi-secret-ab..."),
-            "key nvapi-****1234..."
-        );
+        assert_eq!(m.mask_str("key fake-secret-ab..."), "key fake-****1234...");
         // The masked hint itself is not.
-        assert_eq!(m.mask(b"nvapi-****1234"), None);
+        assert_eq!(m.mask(b"fake-****1234"), None);
     }
 
     proptest! {

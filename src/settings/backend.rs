@@ -228,7 +228,7 @@ mod tests {
         BackendSettings {
             name: "nim-1".into(),
             base_url: "https://api.example/v1".into(),
-            api_key: "nvapi-123".into(),
+            api_key: "fake-123".into(),
             pool: Pool::Primary,
             rpm_limit: 40,
             burst: None,

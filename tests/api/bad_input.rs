@@ -4,7 +4,7 @@ use sidecar::sim::{MockConfig, MockKey};
 
 use crate::helpers::{backend, mock_keys, spawn_app};
 
-const BACKEND_KEY: &str = "nvapi-backend-secret-key-0001";
+const BACKEND_KEY: &str = "fake-backend-secret-key-0001";
 const CLIENT_KEY: &str = "client-secret-0001";
 const LIMITED_KEY: &str = "client-limited-0002";
 

@@ -114,7 +114,7 @@ fn check_config_command_exits_non_zero_with_the_message() {
 #[test]
 fn single_key_environment_form_yields_one_backend() {
     let raw = sidecar::settings::RawSettings {
-        api_key: Some("nvapi-single".into()),
+        api_key: Some("fake-single".into()),
         upstream: Some("https://integrate.api.nvidia.com/v1".into()),
         models: Some("meta/llama-3.1-8b-instruct".into()),
         rate_rpm: 35,
@@ -134,7 +134,7 @@ fn environment_layers_over_defaults_in_the_binary() {
     let out = Command::new(env!("CARGO_BIN_EXE_sidecar"))
         .arg("check-config")
         .current_dir(std::env::temp_dir())
-        .env("SIDECAR_API_KEY", "nvapi-abcdefgh12345678")
+        .env("SIDECAR_API_KEY", "fake-abcdefgh12345678")
         .env("SIDECAR_UPSTREAM", "https://integrate.api.nvidia.com/v1")
         .env("SIDECAR_MODELS", "meta/llama-3.1-8b-instruct")
         .env("SIDECAR_RATE_RPM", "35")
@@ -152,7 +152,7 @@ fn environment_layers_over_defaults_in_the_binary() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("nvapi-****5678") && !stdout.contains("abcdefgh"),
+        stdout.contains("fake-****5678") && !stdout.contains("abcdefgh"),
         "key masked: {stdout}"
     );
 

@@ -36,11 +36,11 @@ fn addr(app: &TestApp) -> String {
 }
 
 const KEYS: [(&str, u16); 5] = [
-    ("nvapi-ECHOSECRET200-abcdefghijklmnop", 200),
-    ("nvapi-ECHOSECRET400-abcdefghijklmnop", 400),
-    ("nvapi-ECHOSECRET401-abcdefghijklmnop", 401),
-    ("nvapi-ECHOSECRET429-abcdefghijklmnop", 429),
-    ("nvapi-ECHOSECRET500-abcdefghijklmnop", 500),
+    ("fake-ECHOSECRET200-abcdefghijklmnop", 200),
+    ("fake-ECHOSECRET400-abcdefghijklmnop", 400),
+    ("fake-ECHOSECRET401-abcdefghijklmnop", 401),
+    ("fake-ECHOSECRET429-abcdefghijklmnop", 429),
+    ("fake-ECHOSECRET500-abcdefghijklmnop", 500),
 ];
 
 /// An upstream that echoes the key in its body and headers, for every
@@ -93,7 +93,7 @@ async fn no_key_leaves_through_any_channel() {
     .await
     .unwrap_or_default();
     assert!(
-        stream.contains("your key is nvapi-****mnop"),
+        stream.contains("your key is fake-****mnop"),
         "{stream}\n{}",
         app.logs.text()
     );
@@ -130,13 +130,13 @@ async fn no_key_leaves_through_any_channel() {
             "{k} reached the database"
         );
     }
-    assert!(seen.contains("nvapi-****mnop"), "masked, not removed");
+    assert!(seen.contains("fake-****mnop"), "masked, not removed");
     let e401 = app.view("echo401").await;
     assert_eq!(e401.status, Status::Error);
     assert!(e401
         .last_error
         .unwrap_or_default()
-        .contains("nvapi-****mnop"));
+        .contains("fake-****mnop"));
     eprintln!("echoed keys: none of 5 reached a client, admin view, metric, log or the database");
     app.stop().await;
 }

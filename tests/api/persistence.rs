@@ -14,14 +14,14 @@ use crate::helpers::{
     backend, chat_body, mock_keys, spawn_app, start_gateway, test_settings, TEST_KEY,
 };
 
-const PRICED: &str = "[[backends]]\nname = \"priced\"\nbase_url = \"{MOCK_URL}\"\napi_key = \"nvapi-priced-key-9876\"\nrpm_limit = 1000\nmodels = { \"m\" = { native = \"native-m\", price_in = 2.0, price_out = 8.0 } }\n";
+const PRICED: &str = "[[backends]]\nname = \"priced\"\nbase_url = \"{MOCK_URL}\"\napi_key = \"fake-priced-key-9876\"\nrpm_limit = 1000\nmodels = { \"m\" = { native = \"native-m\", price_in = 2.0, price_out = 8.0 } }\n";
 
 /// N requests, streaming and not, end up as exact sums in the hourly and
 /// daily tables after a flush.
 #[actix_web::test]
 async fn usage_is_accounted_exactly() {
     let mock = MockConfig {
-        keys: vec![MockKey::new("nvapi-priced-key-9876", None)],
+        keys: vec![MockKey::new("fake-priced-key-9876", None)],
         chunks: 3,
         ..Default::default()
     };
@@ -210,7 +210,7 @@ async fn backups_are_checked_and_failures_do_not_disturb_serving() {
 /// message; a malformed key is a clear error.
 #[actix_web::test]
 async fn keys_are_encrypted_and_a_wrong_key_is_refused() {
-    let secret = "nvapi-priced-key-9876";
+    let secret = "fake-priced-key-9876";
     let mock = MockConfig {
         keys: vec![MockKey::new(secret, None)],
         ..Default::default()

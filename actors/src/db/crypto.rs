@@ -126,10 +126,10 @@ mod tests {
     #[test]
     fn round_trip_and_fresh_nonces() {
         let ring = KeyRing::from_hex(&KeyRing::generate_hex()).unwrap();
-        let a = ring.encrypt(b"nvapi-secret");
-        let b = ring.encrypt(b"nvapi-secret");
+        let a = ring.encrypt(b"fake-secret");
+        let b = ring.encrypt(b"fake-secret");
         assert_ne!(a, b, "a fresh nonce per value");
-        assert_eq!(ring.decrypt(&a).unwrap(), b"nvapi-secret");
+        assert_eq!(ring.decrypt(&a).unwrap(), b"fake-secret");
         let other = KeyRing::from_hex(&KeyRing::generate_hex()).unwrap();
         assert!(other.decrypt(&a).is_err());
         let mut tampered = a.clone();

@@ -15,7 +15,7 @@ fn machine(rpm: u32, now: Instant) -> KeyMachine {
         id: 1,
         name: Arc::from("k"),
         base_url: Arc::from("http://x/v1"),
-        api_key: ApiKey::new("sk-test-key-0001"),
+        api_key: ApiKey::new("fake-test-key-0001"),
         pool: Pool::Primary,
         rpm_limit: rpm,
         burst: rpm,
