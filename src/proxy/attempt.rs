@@ -122,6 +122,8 @@ pub(crate) async fn attempt(
         }
     };
     let status = res.status().as_u16();
+    // One masker per answer: an upstream may echo the key in anything it sends.
+    let masker = Masker::new(&lease.api_key);
     let provider = limits::provider_limits(res.headers());
     let answer = Answer::of(status);
     match answer {
@@ -140,7 +142,7 @@ pub(crate) async fn attempt(
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .map(|b| Masker::new(&lease.api_key).mask_bytes(b))
+                    .map(|b| masker.mask_bytes(b))
                     .unwrap_or_default();
             let detail = format!("upstream {status}{}", snippet(&body));
             let outcome = answer.failure(status, res.headers());
@@ -178,7 +180,7 @@ pub(crate) async fn attempt(
             Ok(first) => {
                 let ttft = started.elapsed();
                 trace.record.ttft = Some(ttft);
-                let mut builder = response_builder(res.status(), res.headers(), &lease);
+                let mut builder = response_builder(res.status(), res.headers(), &lease, &masker);
                 let trace = std::mem::replace(
                     trace,
                     Trace {
@@ -196,7 +198,7 @@ pub(crate) async fn attempt(
                     limits: provider,
                     max_event_bytes: state.limits.max_event_bytes,
                 };
-                let body = PassThrough::new(body_stream, first, p.strip_usage, ctx);
+                let body = PassThrough::new(body_stream, first, p.strip_usage, ctx, masker);
                 Step::Streaming(builder.streaming(body))
             }
             Err((outcome, detail)) => key_failure(lease, outcome, detail),
@@ -221,7 +223,7 @@ pub(crate) async fn attempt(
             }
         };
     let latency = started.elapsed();
-    let mut builder = response_builder(res.status(), res.headers(), &lease);
+    let mut builder = response_builder(res.status(), res.headers(), &lease, &masker);
     // Audio and other media come back as themselves; JSON is checked.
     let json_answer = res
         .headers()
@@ -261,8 +263,7 @@ pub(crate) async fn attempt(
             completion_tokens: used.and_then(|u| u.completion_tokens),
         }
     };
-    // An upstream may echo the key in anything it answers.
-    let body = Masker::new(&lease.api_key).mask_bytes(bytes);
+    let body = masker.mask_bytes(bytes);
     lease.finish(Report::new(outcome, latency).limits(provider));
     Step::Answered(builder.body(body))
 }
@@ -274,9 +275,9 @@ pub(crate) fn response_builder(
     status: actix_web::http::StatusCode,
     headers: &actix_web::http::header::HeaderMap,
     lease: &Lease,
+    masker: &Masker,
 ) -> actix_web::HttpResponseBuilder {
     let mut builder = HttpResponse::build(status);
-    let masker = Masker::new(&lease.api_key);
     for (n, v) in upstream::forwardable_response_headers(headers) {
         match masker.mask(v.as_bytes()) {
             None => {

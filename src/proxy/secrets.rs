@@ -19,11 +19,9 @@ pub struct Masker {
 }
 
 impl Masker {
-    pub fn new(key: &ApiKey) -> Self {
-        let key = key.expose().as_bytes().to_vec();
-        let masked = ApiKey::new(String::from_utf8_lossy(&key).to_string())
-            .masked()
-            .into_bytes();
+    pub fn new(api_key: &ApiKey) -> Self {
+        let masked = api_key.masked().into_bytes();
+        let key = api_key.expose().as_bytes().to_vec();
         let head = key[..key.len().min(PREFIX)].to_vec();
         Self {
             needle: memmem::Finder::new(&head).into_owned(),

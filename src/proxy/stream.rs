@@ -89,9 +89,9 @@ impl PassThrough {
         first: Bytes,
         strip_usage: bool,
         ctx: StreamContext,
+        masker: Masker,
     ) -> Self {
         let mut filter = SseFilter::bounded(strip_usage, ctx.max_event_bytes);
-        let masker = Masker::new(&ctx.lease.api_key);
         let (first, broken_first) = match filter.push(first) {
             Ok(b) => (masker.mask_bytes(b), false),
             Err(_) => (Bytes::new(), true),
