@@ -29,17 +29,25 @@ fn browser_ready() -> Result<(PathBuf, PathBuf), String> {
     Ok((script, root.join("target")))
 }
 
-#[actix_web::test]
-async fn dashboard_in_headless_chromium() {
-    let (script, target) = match browser_ready() {
-        Ok(p) => p,
+/// The script and target folder, or `None` (loudly) when Chromium or
+/// playwright-core is missing — which fails the test in CI.
+fn browser_or_skip() -> Option<(PathBuf, PathBuf)> {
+    match browser_ready() {
+        Ok(p) => Some(p),
         Err(why) => {
             if std::env::var_os("CI").is_some() {
                 panic!("the dashboard browser test is required in CI: {why}");
             }
             eprintln!("\n!!!!!!!! SKIPPING the dashboard browser test: {why} !!!!!!!!\n");
-            return;
+            None
         }
+    }
+}
+
+#[actix_web::test]
+async fn dashboard_in_headless_chromium() {
+    let Some((script, target)) = browser_or_skip() else {
+        return;
     };
     let token = "dash-token-1234";
     let mock = MockConfig {
@@ -132,15 +140,8 @@ async fn dashboard_in_headless_chromium() {
 /// token form, no "disconnected" pill.
 #[actix_web::test]
 async fn dashboard_opens_live_on_loopback_without_a_token() {
-    let (script, target) = match browser_ready() {
-        Ok(p) => p,
-        Err(why) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("the dashboard browser test is required in CI: {why}");
-            }
-            eprintln!("\n!!!!!!!! SKIPPING the dashboard browser test: {why} !!!!!!!!\n");
-            return;
-        }
+    let Some((script, target)) = browser_or_skip() else {
+        return;
     };
     let script = script.with_file_name("loopback.mjs");
     let app = spawn_app(

@@ -1,5 +1,4 @@
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use serde_json::json;
@@ -129,23 +128,11 @@ async fn no_retry_after_first_byte() {
     let app = spawn_app(mock, &toml).await;
     // Raw HTTP, so the missing end of the chunked body is visible (awc
     // would report a cut connection as a clean end).
-    let addr = app.base.trim_start_matches("http://").to_string();
-    let raw = actix_web::rt::task::spawn_blocking(move || {
-        let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).to_string()
-    })
-    .await
-    .unwrap();
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let raw = app
+        .raw_post("/v1/chat/completions", &body, Duration::from_secs(5))
+        .await;
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
     assert!(
         raw.contains("w0") && raw.contains("w1"),

@@ -11,7 +11,7 @@ use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
 use tokio::time::Instant;
 
-use crate::helpers::{backend, chat_body, mock_keys, spawn_app, TestApp};
+use crate::helpers::{backend, chat_body, mock_keys, raw_http, spawn_app};
 
 /// A backend whose only model is `model`.
 fn only(name: &str, key: &str, model: &str, extra: &str) -> String {
@@ -19,20 +19,6 @@ fn only(name: &str, key: &str, model: &str, extra: &str) -> String {
         "\"m\" = \"native-m\"",
         &format!("\"{model}\" = \"native-{model}\""),
     )
-}
-
-/// Sends raw bytes and reads the answer (bounded by `wait`).
-fn raw(addr: &str, send: &[u8], wait: Duration) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(wait)).expect("timeout");
-    s.write_all(send).expect("write");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).to_string()
-}
-
-fn addr(app: &TestApp) -> String {
-    app.base.trim_start_matches("http://").to_string()
 }
 
 const KEYS: [(&str, u16); 5] = [
@@ -75,23 +61,10 @@ async fn no_key_leaves_through_any_channel() {
     }
     // The 200 class streaming too, read raw so nothing is lost.
     let body =
-        json!({"model": "m200", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
-    // Blocking I/O off the test's runtime: the actors live on it.
-    let a = addr(&app);
-    let stream = actix_web::rt::task::spawn_blocking(move || {
-        raw(
-            &a,
-            format!(
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-            Duration::from_secs(3),
-        )
-    })
-    .await
-    .unwrap_or_default();
+        json!({"model": "m200", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let stream = app
+        .raw_post("/v1/chat/completions", &body, Duration::from_secs(3))
+        .await;
     assert!(
         stream.contains("your key is fake-****mnop"),
         "{stream}\n{}",
@@ -158,11 +131,11 @@ async fn an_endless_event_breaks_its_stream_not_the_worker() {
         only("ok", "k-ok", "m", "")
     );
     let app = spawn_app(mock, &toml).await;
-    let a = addr(&app);
+    let a = app.addr();
     let started = Instant::now();
     let endless = actix_web::rt::task::spawn_blocking(move || {
         let body = json!({"model": "slow", "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-        raw(
+        raw_http(
             &a,
             format!(
                 "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -227,17 +200,17 @@ async fn slow_request_bodies_time_out() {
         backend("b", "k-1", "primary", 1000, "")
     );
     let app = spawn_app(mock, &toml).await;
-    let a = addr(&app);
+    let a = app.addr();
     let stalled = actix_web::rt::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let out = raw(
+        let out = raw_http(
             &a,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo",
             Duration::from_secs(10),
         );
         (out, started.elapsed())
     });
-    let a = addr(&app);
+    let a = app.addr();
     let drip = actix_web::rt::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut s = TcpStream::connect(&a).unwrap();
@@ -279,7 +252,7 @@ async fn slow_request_bodies_time_out() {
 async fn a_client_that_leaves_cancels_the_upstream_call() {
     let mock = mock_keys(&["k-1"]);
     let app = spawn_app(mock, &backend("b", "k-1", "primary", 1000, "")).await;
-    let a = addr(&app);
+    let a = app.addr();
     actix_web::rt::task::spawn_blocking(move || {
         let body = chat_body("m").to_string();
         let mut s = TcpStream::connect(&a).unwrap();
@@ -373,12 +346,12 @@ async fn a_stream_cut_by_the_drain_is_still_counted() {
         ),
     )
     .await;
-    let a = addr(&app);
+    let a = app.addr();
     let stream = actix_web::rt::task::spawn_blocking(move || {
         let body =
             json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
                 .to_string();
-        raw(
+        raw_http(
             &a,
             format!(
                 "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

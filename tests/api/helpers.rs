@@ -317,3 +317,37 @@ pub fn mock_keys(keys: &[&str]) -> MockConfig {
         ..Default::default()
     }
 }
+
+/// Sends raw bytes and reads the answer until the server closes (bounded by
+/// `wait`): what a client library would smooth over — a chunked body that
+/// never ended — stays visible.
+pub fn raw_http(addr: &str, send: &[u8], wait: std::time::Duration) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    s.write_all(send).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+impl TestApp {
+    /// `host:port` of the gateway.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// A JSON POST over raw HTTP (`Connection: close`), off the test's
+    /// runtime: the actors live on it.
+    pub async fn raw_post(&self, path: &str, body: &Value, wait: std::time::Duration) -> String {
+        let addr = self.addr();
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        actix_web::rt::task::spawn_blocking(move || raw_http(&addr, request.as_bytes(), wait))
+            .await
+            .unwrap_or_default()
+    }
+}

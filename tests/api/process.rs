@@ -344,6 +344,22 @@ async fn sd_notify_ready_watchdog_and_stopping() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Runs the binary with `--config`: whether it succeeded, and all it said.
+fn cli(config: &Path, args: &[&str], key: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).arg("--config").arg(config);
+    if let Some(k) = key {
+        cmd.env("SIDECAR_ENCRYPTION_KEY", k);
+    }
+    let out = cmd.output().expect("the binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The real provisioning file (it ends with the old tool's `summary:` block)
 /// imports; repeated entries are skipped and said so; what is truly wrong
 /// is still refused, naming the field.
@@ -356,21 +372,7 @@ fn import_the_real_provisioning_file() {
         format!("db_path = \"{}\"\n", dir.path().join("s.db").display()),
     )
     .unwrap();
-    let run = |file: &Path| {
-        let out = Command::new(BIN)
-            .arg("import")
-            .arg(file)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let run = |file: &Path| cli(&config, &["import", file.to_str().unwrap_or("")], None);
     let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers.example.yaml");
     let (ok, text) = run(&real);
     eprintln!("import of the real file:\n{text}");
@@ -436,21 +438,7 @@ async fn restore_refuses_typos_and_a_running_gateway() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let run = |args: &[&str]| cli(&config, args, Some(TEST_KEY));
     let gw = spawn_gateway_with(&config, &[("SIDECAR_ENCRYPTION_KEY", TEST_KEY)]);
     let (ok, text) = run(&["backup"]);
     assert!(ok, "{text}");

@@ -115,28 +115,8 @@ async fn streams_chunk_by_chunk_and_counts_usage() {
     app.stop().await;
 }
 
-/// Raw HTTP, so a missing terminating chunk (a cut) is visible.
-async fn raw_stream(app: &TestApp, model: &str) -> String {
-    use std::io::{Read, Write};
-    let addr = app.base.trim_start_matches("http://").to_string();
-    let body =
-        json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
-    actix_web::rt::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).to_string()
-    })
-    .await
-    .unwrap()
+fn stream_body(model: &str) -> serde_json::Value {
+    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]})
 }
 
 /// A stream that ends with its finish reason and a clean close (no
@@ -163,7 +143,13 @@ async fn a_clean_end_without_done_is_complete_and_a_half_event_is_not() {
     );
     let app = spawn_app(mock, &toml).await;
     for _ in 0..4 {
-        let out = raw_stream(&app, "clean").await;
+        let out = app
+            .raw_post(
+                "/v1/chat/completions",
+                &stream_body("clean"),
+                Duration::from_secs(5),
+            )
+            .await;
         let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
         assert!(body.contains("\"finish_reason\":\"stop\""), "{out}");
         assert!(
@@ -174,7 +160,13 @@ async fn a_clean_end_without_done_is_complete_and_a_half_event_is_not() {
     let clean = app.view("clean").await;
     assert_eq!(clean.consecutive_failures, 0, "never blamed on the key");
     assert_eq!(clean.status, sidecar_actors::Status::Healthy);
-    let out = raw_stream(&app, "half").await;
+    let out = app
+        .raw_post(
+            "/v1/chat/completions",
+            &stream_body("half"),
+            Duration::from_secs(5),
+        )
+        .await;
     let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     assert!(
         !body.ends_with("0\r\n\r\n"),
