@@ -2,8 +2,6 @@
 //! Responses API (streaming and not), moderations, audio, and a route a
 //! backend does not serve (its own 404 passes, the key keeps its health).
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use sidecar::sim::{Fault, MockConfig, MockKey};
 use sidecar_actors::Status;
@@ -141,8 +139,6 @@ async fn responses_moderations_audio_pooled_and_unsupported_routes_pass_through(
         );
     }
     // Tokens of the Responses API are counted like chat's.
-    let _ = app.stats.send(sidecar_actors::stats::Flush).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let scrape = app.scrape().await;
     let tokens: f64 = scrape
         .lines()
