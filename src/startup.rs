@@ -10,11 +10,11 @@ use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpMessage, HttpServer};
+use sidecar_actors::affinity::{Book, Keeper};
 use sidecar_actors::backup::BackupActor;
-use sidecar_actors::messages::{CollectGrants, Drain};
-use sidecar_actors::rate_state::embedded::FlushGrants;
+use sidecar_actors::messages::Drain;
 use sidecar_actors::rate_state::{Cluster, GrantLogger, RateState, SAVE_EVERY};
-use sidecar_actors::stats::{Flush, StatsActor};
+use sidecar_actors::stats::StatsActor;
 use sidecar_actors::store::DbExecutor;
 use sidecar_actors::{PoolSupervisor, Prober};
 use slog::{info, warn, Logger};
@@ -33,6 +33,7 @@ use crate::proxy::{self, models, upstream};
 use crate::proxy::{ProxyState, QueueTimeout, RequestLimits};
 use crate::settings::{Settings, StateSettings};
 use crate::store::boot as persistence;
+use crate::store::shutdown;
 use crate::web::access::Access;
 use crate::web::error::ApiError;
 
@@ -93,6 +94,7 @@ pub struct Application {
     supervisor: Addr<PoolSupervisor>,
     stats: Addr<StatsActor>,
     backup: Addr<BackupActor>,
+    keeper: Addr<Keeper>,
     rate: RateState,
     log: Logger,
     /// The shared lock on the database, released when the process ends.
@@ -204,6 +206,17 @@ impl Application {
                 PoolSupervisor::new(specs, tuning, prober, store, rate, log)
             })
         };
+        let affinity = Book::new(
+            settings.storage.affinity_retention,
+            settings.storage.affinity_max_entries,
+            rate.cluster().cloned(),
+            log.clone(),
+        );
+        affinity.load(boot.affinity);
+        let keeper = {
+            let (book, db, log) = (affinity.clone(), db.clone(), log.clone());
+            actix::Supervisor::start(move |_| Keeper::new(book, db, log))
+        };
         let metrics = Metrics::new();
         let snapshots = Snapshots::new();
         snapshots.spawn_publisher(supervisor.clone(), metrics.clone(), rate.clone());
@@ -236,6 +249,7 @@ impl Application {
             metrics: metrics.clone(),
             log: log.clone(),
             live: live.clone(),
+            affinity,
         });
         let state = web::Data::new(AdminState {
             supervisor: supervisor.clone(),
@@ -294,7 +308,8 @@ impl Application {
                     for e in proxy::Endpoint::POOLED {
                         v1 = v1.route(e.path(), proxy::pooled_route(e));
                     }
-                    v1.route("/models", web::get().to(models::list_models))
+                    proxy::objects::routes(v1)
+                        .route("/models", web::get().to(models::list_models))
                         .route("/models/{id:.+}", web::get().to(models::retrieve_model))
                 })
                 .service(admin::scope(admin_state.clone()))
@@ -339,6 +354,7 @@ impl Application {
             supervisor,
             stats,
             backup,
+            keeper,
             rate,
             log,
             _db_lock: boot.lock,
@@ -401,64 +417,18 @@ impl Application {
         {
             warn!(self.log, "requests still unfinished after the drain"; "count" => self.live.len());
         }
-        save_windows(&self.supervisor, &self.rate, &self.log).await;
-        match tokio::time::timeout(Duration::from_secs(15), self.stats.send(Flush)).await {
-            Ok(Ok(Ok(rows))) => info!(self.log, "stats flushed at shutdown"; "rows" => rows),
-            Ok(Ok(Err(e))) => {
-                slog::error!(self.log, "stats flush at shutdown failed"; "error" => e.to_string())
-            }
-            _ => slog::error!(self.log, "stats actor did not answer at shutdown"),
-        }
+        shutdown::save_all(
+            &self.supervisor,
+            &self.rate,
+            &self.keeper,
+            &self.stats,
+            &self.log,
+        )
+        .await;
         // Give slog-async a moment to hand over the last lines, then write them.
         tokio::time::sleep(Duration::from_millis(50)).await;
         crate::ops::telemetry::flush();
         served
-    }
-}
-
-/// After the last request: every key's window saved, with the marker that
-/// tells the next start the stop was clean.
-async fn save_windows(supervisor: &Addr<PoolSupervisor>, rate: &RateState, log: &Logger) {
-    {
-        let RateState::Embedded(logger) = rate else {
-            return;
-        };
-        let expected = supervisor
-            .send(sidecar_actors::messages::GetSnapshot)
-            .await
-            .map(|s| s.backends.len())
-            .unwrap_or(usize::MAX);
-        let logs = match tokio::time::timeout(
-            Duration::from_secs(5),
-            supervisor.send(CollectGrants),
-        )
-        .await
-        {
-            Ok(Ok(logs)) => logs,
-            _ => {
-                slog::error!(log, "backends did not hand over their windows at shutdown");
-                return;
-            }
-        };
-        // A backend that did not hand over its window makes the stop unclean:
-        // the next start then assumes its unknown grants spent.
-        let clean = logs.len() >= expected;
-        if !clean {
-            slog::warn!(
-                log,
-                "not every backend handed over its window: the next start will be pessimistic"
-            );
-        }
-        let sent = logger.send(FlushGrants { logs, clean });
-        match tokio::time::timeout(Duration::from_secs(10), sent).await {
-            Ok(Ok(Ok(n))) => {
-                info!(log, "rolling windows saved for the next start"; "backends" => n)
-            }
-            Ok(Ok(Err(e))) => {
-                slog::error!(log, "could not save rolling windows"; "error" => e.to_string())
-            }
-            _ => slog::error!(log, "the grant logger did not answer at shutdown"),
-        }
     }
 }
 

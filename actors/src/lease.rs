@@ -62,6 +62,8 @@ impl FromStr for Priority {
 pub struct Lease {
     pub id: u64,
     pub backend: BackendId,
+    /// The upstream account ([`crate::BackendSpec::account`]).
+    pub account: Arc<str>,
     pub name: Arc<str>,
     pub pool: Pool,
     pub base_url: Arc<str>,

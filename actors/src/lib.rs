@@ -2,6 +2,7 @@
 //! limiter, cooldown and health, and a pool supervisor that hands out leases.
 //! No HTTP server lives here; the gateway binary drives these actors.
 
+pub mod affinity;
 pub mod backend;
 pub mod backup;
 pub mod cooldown;

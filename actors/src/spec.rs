@@ -138,6 +138,19 @@ impl BackendSpec {
         })
     }
 
+    /// The upstream account this key belongs to: a hash of its upstream and
+    /// secret, the same whatever the backend is called or numbered, on every
+    /// replica and across restarts. Rate state in Redis and the objects an
+    /// upstream stores (responses, stored completions) are keyed by it.
+    pub fn account(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.base_url.as_bytes());
+        h.update(b"\n");
+        h.update(self.api_key.expose().as_bytes());
+        hex::encode(&h.finalize()[..12])
+    }
+
     pub fn default_burst(rpm_limit: u32) -> u32 {
         rpm_limit.div_ceil(4).max(1)
     }

@@ -409,6 +409,7 @@ impl Sim {
             model: Arc::from("m"),
             exclude: r.exclude.clone(),
             est_tokens: r.est,
+            pin: None,
         }
     }
 

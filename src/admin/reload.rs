@@ -158,6 +158,11 @@ fn needs_restart(started: &Settings, now: &Settings) -> Vec<&'static str> {
             || started.storage.backup_retention_days != now.storage.backup_retention_days,
     );
     differs(
+        "affinity_retention_days / affinity_max_entries",
+        started.storage.affinity_retention != now.storage.affinity_retention
+            || started.storage.affinity_max_entries != now.storage.affinity_max_entries,
+    );
+    differs(
         "allow_unauthenticated",
         started.server.allow_unauthenticated != now.server.allow_unauthenticated,
     );

@@ -12,7 +12,8 @@ use serde_json::Value;
 use sidecar_actors::{Lease, Outcome, Report};
 use tokio::time::Instant;
 
-use super::prepare::Prepared;
+use super::affinity;
+use super::prepare::{Keep, Outgoing, Prepared};
 use super::secrets::Masker;
 use super::stream::{first_chunk, PassThrough, StreamContext};
 use super::upstream::{self, classify_send_error, Answer};
@@ -79,13 +80,24 @@ pub(crate) async fn attempt(
             kind: FailKind::NotSent,
         }));
     }
-    p.json.insert(
-        "model".into(),
-        Value::String(lease.native_model.to_string()),
-    );
-    let out = match serde_json::to_vec(&p.json) {
-        Ok(out) => out,
-        Err(e) => return Step::GiveUp(ApiError::Internal(e.to_string())),
+    let (out, content_type) = match &mut p.body {
+        Outgoing::Json(json) => {
+            json.insert(
+                "model".into(),
+                Value::String(lease.native_model.to_string()),
+            );
+            match serde_json::to_vec(json) {
+                Ok(out) => (
+                    Bytes::from(out),
+                    Some(HeaderValue::from_static("application/json")),
+                ),
+                Err(e) => return Step::GiveUp(ApiError::Internal(e.to_string())),
+            }
+        }
+        Outgoing::Raw {
+            bytes,
+            content_type,
+        } => (bytes.clone(), content_type.clone()),
     };
     let Ok(auth) = HeaderValue::try_from(format!("Bearer {}", lease.api_key.expose())) else {
         return Step::GiveUp(ApiError::Internal(format!(
@@ -94,15 +106,17 @@ pub(crate) async fn attempt(
         )));
     };
     let mut creq = client
-        .post(format!("{}{}", lease.base_url, endpoint.path()))
+        .request(p.method.clone(), format!("{}{}", lease.base_url, p.path))
         .timeout(lease.timeout);
     for (name, value) in &p.headers {
         creq = creq.append_header((name.clone(), value.clone()));
     }
     creq = creq
         .insert_header((header::AUTHORIZATION, auth))
-        .insert_header((header::CONTENT_TYPE, "application/json"))
         .insert_header((header::ACCEPT_ENCODING, "identity"));
+    if let Some(ct) = content_type.filter(|_| !out.is_empty()) {
+        creq = creq.insert_header((header::CONTENT_TYPE, ct));
+    }
     lease.mark_used();
     let started = Instant::now();
     let key_failure = |lease: Lease, outcome: Outcome, detail: String| {
@@ -189,7 +203,15 @@ pub(crate) async fn attempt(
                         live: trace.live.clone(),
                     },
                 );
+                let keep = (p.keep == Keep::Created).then(|| {
+                    (
+                        state.affinity.clone(),
+                        affinity::owner(&lease, p.client.as_ref()),
+                    )
+                });
                 let ctx = StreamContext {
+                    counts_usage: endpoint.counts_usage(),
+                    keep,
                     lease,
                     events: state.events.clone(),
                     trace,
@@ -238,7 +260,7 @@ pub(crate) async fn attempt(
             completion_tokens: None,
         }
     } else {
-        let Ok(used) = usage::from_json_body(&bytes) else {
+        let Ok(read) = usage::from_json_body(&bytes) else {
             // A 200 whose body is not JSON is the upstream's fault: tried
             // elsewhere (nothing has gone to the client yet), and a strike.
             let detail = format!("upstream {status} with a body that is not JSON");
@@ -254,6 +276,13 @@ pub(crate) async fn attempt(
                 },
             }));
         };
+        if p.keep == Keep::Created {
+            if let Some(id) = read.id().filter(|id| affinity::valid_object_id(id)) {
+                let owner = affinity::owner(&lease, p.client.as_ref());
+                state.affinity.remember(id, owner).await;
+            }
+        }
+        let used = read.usage.filter(|_| endpoint.counts_usage());
         if let Some(u) = used {
             trace.record.cost = u.cost(lease.price_in, lease.price_out);
         }
@@ -263,6 +292,9 @@ pub(crate) async fn attempt(
             completion_tokens: used.and_then(|u| u.completion_tokens),
         }
     };
+    if let (Keep::Deleted(id), Answer::Success) = (&p.keep, answer) {
+        state.affinity.forget(id).await;
+    }
     let body = masker.mask_bytes(bytes);
     lease.finish(Report::new(outcome, latency).limits(provider));
     Step::Answered(builder.body(body))

@@ -7,10 +7,13 @@
 //! are retried on another backend until the first byte has gone to the
 //! client; after that the answer is the client's.
 
+mod affinity;
 mod attempt;
 pub mod client_keys;
 pub mod limits;
+mod listing;
 pub mod models;
+pub mod objects;
 mod prepare;
 pub mod secrets;
 pub mod sse;
@@ -35,7 +38,7 @@ use tries::{acquire, Tries};
 
 /// Name of the header that tells clients which backend served them.
 pub const BACKEND_HEADER: &str = "x-sidecar-backend";
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
     Completions,
@@ -46,6 +49,17 @@ pub enum Endpoint {
     ImagesGenerations,
     AudioSpeech,
     Rerank,
+    /// `POST /v1/responses/compact`: pooled, pinned by `previous_response_id`.
+    ResponsesCompact,
+    /// A stored response: `GET`/`DELETE /v1/responses/{id}`.
+    Response,
+    ResponseCancel,
+    ResponseInputItems,
+    /// A stored chat completion: `GET`/`POST`/`DELETE /v1/chat/completions/{id}`.
+    ChatCompletion,
+    ChatCompletionMessages,
+    /// `GET /v1/chat/completions`: every account's stored completions.
+    ChatCompletionList,
 }
 
 impl Endpoint {
@@ -59,7 +73,28 @@ impl Endpoint {
             Endpoint::ImagesGenerations => "/images/generations",
             Endpoint::AudioSpeech => "/audio/speech",
             Endpoint::Rerank => "/rerank",
+            Endpoint::ResponsesCompact => "/responses/compact",
+            Endpoint::Response => "/responses/{id}",
+            Endpoint::ResponseCancel => "/responses/{id}/cancel",
+            Endpoint::ResponseInputItems => "/responses/{id}/input_items",
+            Endpoint::ChatCompletion => "/chat/completions/{id}",
+            Endpoint::ChatCompletionMessages => "/chat/completions/{id}/messages",
+            Endpoint::ChatCompletionList => "/chat/completions",
         }
+    }
+
+    /// Whether answers carry usage this request spent (a retrieved object
+    /// repeats the usage of the request that made it: not counted again).
+    fn counts_usage(self) -> bool {
+        !matches!(
+            self,
+            Endpoint::Response
+                | Endpoint::ResponseCancel
+                | Endpoint::ResponseInputItems
+                | Endpoint::ChatCompletion
+                | Endpoint::ChatCompletionMessages
+                | Endpoint::ChatCompletionList
+        )
     }
 
     fn streams(self) -> bool {
@@ -76,7 +111,7 @@ impl Endpoint {
     }
 
     /// Every pooled route: one handler, told which endpoint by its path.
-    pub const POOLED: [Endpoint; 8] = [
+    pub const POOLED: [Endpoint; 9] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
@@ -85,6 +120,7 @@ impl Endpoint {
         Endpoint::ImagesGenerations,
         Endpoint::AudioSpeech,
         Endpoint::Rerank,
+        Endpoint::ResponsesCompact,
     ];
 }
 
@@ -94,8 +130,25 @@ pub fn pooled_route(endpoint: Endpoint) -> actix_web::Route {
         move |req: HttpRequest,
               body: web::Payload,
               state: web::Data<ProxyState>,
-              client: web::Data<awc::Client>| { proxy(endpoint, req, body, state, client) },
+              client: web::Data<awc::Client>| {
+            proxy(endpoint, req, Input::Pooled(body), state, client)
+        },
     )
+}
+
+/// What a request brings: a pooled body, or the stored object it names.
+pub(crate) enum Input {
+    Pooled(web::Payload),
+    Object {
+        id: String,
+        body: web::Payload,
+    },
+    /// One account's page of a list that spans accounts.
+    Page {
+        account: Arc<str>,
+        path: String,
+        client: Option<Arc<str>>,
+    },
 }
 
 /// What one request has done so far, for its log line.
@@ -106,10 +159,10 @@ pub struct Trace {
     pub live: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
-async fn proxy(
+pub(crate) async fn proxy(
     endpoint: Endpoint,
     req: HttpRequest,
-    body: web::Payload,
+    body: Input,
     state: web::Data<ProxyState>,
     client: web::Data<awc::Client>,
 ) -> HttpResponse {
@@ -188,12 +241,22 @@ enum Reply {
 async fn handle(
     endpoint: Endpoint,
     req: &HttpRequest,
-    payload: web::Payload,
+    input: Input,
     state: &ProxyState,
     client: &awc::Client,
     trace: &mut Trace,
 ) -> Result<Reply, ApiError> {
-    let mut p = prepare(endpoint, req, payload, state, trace).await?;
+    let mut p = match input {
+        Input::Pooled(payload) => prepare(endpoint, req, payload, state, trace).await?,
+        Input::Object { id, body } => {
+            objects::prepare(endpoint, id, req, body, state, trace).await?
+        }
+        Input::Page {
+            account,
+            path,
+            client,
+        } => objects::prepare_page(req, account, path, client, trace),
+    };
     let mut tries = Tries::new(
         state.limits.max_attempts,
         state.metrics.clone(),
@@ -206,7 +269,7 @@ async fn handle(
         let queue_start = Instant::now();
         let acquired = acquire(state, &p, &tries.exclude, deadline).await;
         trace.record.queued += queue_start.elapsed();
-        let lease = tries.leased(acquired, &p.model)?;
+        let lease = tries.leased(acquired, &p)?;
         trace.record.attempts += 1;
         trace.record.backend = Some(lease.name.clone());
         trace.record.backend_id = Some(lease.backend);

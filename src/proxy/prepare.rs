@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::Method;
 use actix_web::{web, HttpRequest};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -13,7 +14,7 @@ use sidecar_actors::Priority;
 use tokio::time::Instant;
 
 use super::ProxyState;
-use super::{upstream, Endpoint, Trace};
+use super::{affinity, upstream, Endpoint, Trace};
 use crate::web::error::ApiError;
 
 /// The largest token estimate one request can reserve: whatever a client
@@ -22,13 +23,47 @@ pub(crate) const MAX_EST_TOKENS: u64 = 1 << 32;
 
 /// A request, read and checked, ready to be sent.
 pub(crate) struct Prepared {
+    /// Empty for a request about a stored object: it names no model.
     pub(crate) model: Arc<str>,
     pub(crate) priority: Priority,
     pub(crate) stream: bool,
     pub(crate) strip_usage: bool,
     pub(crate) est_tokens: u64,
-    pub(crate) json: Map<String, Value>,
+    pub(crate) method: Method,
+    /// The upstream path under the backend's base URL, with any query.
+    pub(crate) path: String,
+    pub(crate) body: Outgoing,
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// Only the backend of this account may serve it (the object it names
+    /// lives there).
+    pub(crate) pin: Option<Arc<str>>,
+    /// The stored object the request names (itself or its predecessor).
+    pub(crate) object: Option<String>,
+    /// What the answer means for the affinity book.
+    pub(crate) keep: Keep,
+    /// The client key's name, the owner of what the request creates.
+    pub(crate) client: Option<Arc<str>>,
+}
+
+/// The body sent upstream.
+pub(crate) enum Outgoing {
+    /// A JSON object whose `model` each attempt sets to the backend's name.
+    Json(Map<String, Value>),
+    /// The client's bytes as they came (empty: no body).
+    Raw {
+        bytes: Bytes,
+        content_type: Option<HeaderValue>,
+    },
+}
+
+/// What an answer does to the affinity book.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Keep {
+    Nothing,
+    /// The answer creates a stored object: remember its id's account.
+    Created,
+    /// A success deleted this object: forget it.
+    Deleted(String),
 }
 
 /// Client key, body, model, priority and the token estimate.
@@ -54,6 +89,15 @@ pub(crate) async fn prepare(
     .await?;
     let mut json = parse_object(&body)?;
     let model = model_of(&json)?;
+    let client = client_key.as_ref().map(|c| c.key.name.clone());
+    // A response continuing another must go where that one lives.
+    let (pin, object) = match previous_response(endpoint, &json) {
+        Some(prev) => {
+            let owner = affinity::owner_for(&state.affinity, &prev, client.as_deref()).await?;
+            (Some(owner.account), Some(prev))
+        }
+        None => (None, None),
+    };
     trace.record.model = Some(model.clone());
     let default_priority = client_key
         .as_ref()
@@ -68,15 +112,37 @@ pub(crate) async fn prepare(
     trace.record.stream = stream;
     let strip_usage = stream && endpoint.asks_stream_usage() && request_stream_usage(&mut json);
     let est_tokens = estimate_tokens(body.len(), &json);
+    let keep = if affinity::stores(endpoint, &json) {
+        Keep::Created
+    } else {
+        Keep::Nothing
+    };
     Ok(Prepared {
         model,
         priority,
         stream,
         strip_usage,
         est_tokens,
-        json,
+        method: Method::POST,
+        path: endpoint.path().to_string(),
+        body: Outgoing::Json(json),
         headers: upstream::forwardable_request_headers(req.headers()),
+        pin,
+        object,
+        keep,
+        client,
     })
+}
+
+/// `previous_response_id`, for the routes that continue a response.
+fn previous_response(endpoint: Endpoint, json: &Map<String, Value>) -> Option<String> {
+    if !matches!(endpoint, Endpoint::Responses | Endpoint::ResponsesCompact) {
+        return None;
+    }
+    match json.get("previous_response_id") {
+        Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
+        _ => None,
+    }
 }
 
 /// Reads the request body: at most `max` bytes, no gap between chunks

@@ -27,6 +27,10 @@ pub struct SseFilter {
     /// `finish_reason`, or a Responses-API terminal event. A clean close
     /// after that is a complete stream, `[DONE]` or not.
     pub saw_end: bool,
+    /// Read the stream's object id (a stored response or completion).
+    want_id: bool,
+    /// `id` of the first event that has one (`response.id` in the Responses API).
+    pub id: Option<String>,
 }
 
 /// What ends a stream besides `[DONE]`: a finish reason (chat and text
@@ -104,7 +108,11 @@ impl SseFilter {
     pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLarge> {
         // The common case: whole events with nothing to read or remove pass
         // through as they are, without a copy.
-        if self.partial.is_empty() && ends_an_event(&chunk) && !contains(&chunk, b"\"usage\"") {
+        if self.partial.is_empty()
+            && ends_an_event(&chunk)
+            && !contains(&chunk, b"\"usage\"")
+            && !self.wants_id()
+        {
             if contains(&chunk, b"[DONE]") {
                 self.saw_done = true;
             }
@@ -150,7 +158,34 @@ impl SseFilter {
         self.saw_done || (self.saw_end && rest.is_empty())
     }
 
+    /// Reads the stream's object id from the first event that has one.
+    pub fn want_id(&mut self) {
+        self.want_id = true;
+    }
+
+    fn wants_id(&self) -> bool {
+        self.want_id && self.id.is_none()
+    }
+
+    fn read_id(&mut self, event: &[u8]) {
+        let Some(data) = data_of(event) else { return };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
+            return;
+        };
+        let id = v
+            .get("response")
+            .and_then(|r| r.get("id"))
+            .or_else(|| v.get("id"))
+            .and_then(serde_json::Value::as_str);
+        if let Some(id) = id {
+            self.id = Some(id.to_string());
+        }
+    }
+
     fn keep(&mut self, event: &[u8]) -> bool {
+        if self.wants_id() {
+            self.read_id(event);
+        }
         if !self.saw_end && says_it_ended(event) {
             self.saw_end = true;
         }

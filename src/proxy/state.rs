@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
+use sidecar_actors::affinity::Book;
 use sidecar_actors::PoolSupervisor;
 use slog::Logger;
 use tokio_util::task::TaskTracker;
@@ -59,4 +60,6 @@ pub struct ProxyState {
     /// One token per request still running (streams included): the final
     /// stats flush waits for them, so a stream cut by the drain is counted.
     pub live: TaskTracker,
+    /// Which account holds each stored object (affinity).
+    pub affinity: Book,
 }

@@ -12,6 +12,9 @@ use futures_util::{Future, Stream, StreamExt};
 use sidecar_actors::{Lease, Outcome, ProviderLimits, Report};
 use tokio::time::{Instant, Sleep};
 
+use sidecar_actors::affinity::{Book, Owner};
+
+use super::affinity::valid_object_id;
 use super::Trace;
 use crate::ops::events::EventSink;
 use crate::proxy::secrets::Masker;
@@ -62,6 +65,11 @@ pub struct StreamContext {
     pub limits: Option<ProviderLimits>,
     /// The most one event may hold before it ends.
     pub max_event_bytes: usize,
+    /// Whether the stream's usage was spent by this request (a replayed
+    /// stored response's was not).
+    pub counts_usage: bool,
+    /// The stream creates a stored object: its id goes in this book.
+    pub keep: Option<(Book, Owner)>,
 }
 
 pub struct PassThrough {
@@ -77,6 +85,8 @@ pub struct PassThrough {
     broken_first: bool,
     /// Masks the backend's key wherever an event carries it.
     masker: Masker,
+    /// Where the stream's object id goes, until it is read.
+    keep: Option<(Book, Owner)>,
 }
 
 /// Upstream chunks taken in one poll before yielding to the runtime: a
@@ -92,12 +102,17 @@ impl PassThrough {
         masker: Masker,
     ) -> Self {
         let mut filter = SseFilter::bounded(strip_usage, ctx.max_event_bytes);
+        let mut ctx = ctx;
+        let keep = ctx.keep.take();
+        if keep.is_some() {
+            filter.want_id();
+        }
         let (first, broken_first) = match filter.push(first) {
             Ok(b) => (masker.mask_bytes(b), false),
             Err(_) => (Bytes::new(), true),
         };
         let idle = ctx.lease.timeout;
-        Self {
+        let mut this = Self {
             upstream,
             first: Some(first),
             filter,
@@ -107,6 +122,23 @@ impl PassThrough {
             cut_next: false,
             broken_first,
             masker,
+            keep,
+        };
+        this.remember_id();
+        this
+    }
+
+    /// Puts the stream's object id in the book as soon as it is read,
+    /// before the event carrying it reaches the client.
+    fn remember_id(&mut self) {
+        if self.keep.is_none() {
+            return;
+        }
+        let Some(id) = self.filter.id.as_deref().filter(|id| valid_object_id(id)) else {
+            return;
+        };
+        if let Some((book, owner)) = self.keep.take() {
+            book.remember_soon(id, owner);
         }
     }
 
@@ -115,7 +147,7 @@ impl PassThrough {
         let Some(mut ctx) = self.ctx.take() else {
             return;
         };
-        let usage = self.filter.usage;
+        let usage = self.filter.usage.filter(|_| ctx.counts_usage);
         let rec = &mut ctx.trace.record;
         rec.usage = usage;
         if let Some(u) = usage {
@@ -183,6 +215,7 @@ impl Stream for PassThrough {
                             ))));
                         }
                     };
+                    this.remember_id();
                     if out.is_empty() {
                         continue;
                     }
@@ -210,7 +243,11 @@ impl Stream for PassThrough {
                         this.cut_next = true;
                         return Poll::Ready(Some(Ok(rest)));
                     }
-                    let usage = this.filter.usage;
+                    this.remember_id();
+                    let usage = this
+                        .filter
+                        .usage
+                        .filter(|_| this.ctx.as_ref().is_some_and(|c| c.counts_usage));
                     this.conclude(
                         Outcome::Success {
                             prompt_tokens: usage.and_then(|u| u.prompt_tokens),

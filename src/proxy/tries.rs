@@ -61,14 +61,18 @@ impl Tries {
     pub(crate) fn leased(
         &mut self,
         acquired: Result<Lease, AcquireError>,
-        model: &str,
+        p: &Prepared,
     ) -> Result<Lease, ApiError> {
         match acquired {
             Ok(lease) => {
                 self.total += 1;
                 Ok(lease)
             }
-            Err(AcquireError::UnknownModel) => Err(ApiError::ModelNotFound(model.to_string())),
+            // Pinned: the key holding the object is what is missing.
+            Err(AcquireError::UnknownModel) if p.pin.is_some() => Err(ApiError::HolderUnavailable(
+                p.object.clone().unwrap_or_default(),
+            )),
+            Err(AcquireError::UnknownModel) => Err(ApiError::ModelNotFound(p.model.to_string())),
             // After a real failure, that failure says more than "nothing left".
             Err(e) => Err(self.last.take().unwrap_or(ApiError::Acquire(e))),
         }
@@ -210,6 +214,7 @@ pub(crate) async fn acquire(
             exclude: exclude.to_vec(),
             est_tokens: p.est_tokens,
             deadline: Some(deadline),
+            pin: p.pin.clone(),
         })
         .await
         .map_err(|_| AcquireError::SupervisorGone)??;

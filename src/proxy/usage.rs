@@ -26,10 +26,27 @@ struct WithUsage {
     usage: Option<Usage>,
 }
 
-/// Usage from a whole (non-streaming) JSON body, if it has one; `Err` when
-/// the body is not JSON at all (parsed once: the parse is the check).
-pub fn from_json_body(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
-    serde_json::from_slice::<WithUsage>(body).map(|w| w.usage)
+/// What the gateway reads in a whole JSON answer.
+#[derive(Deserialize, Default)]
+pub struct Read {
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    /// The object's id (kept for affinity when the upstream stores it);
+    /// any JSON, so an odd id never makes a good answer unreadable.
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+}
+
+impl Read {
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_ref().and_then(serde_json::Value::as_str)
+    }
+}
+
+/// Usage and id from a whole (non-streaming) JSON body; `Err` when the body
+/// is not JSON at all (parsed once: the parse is the check).
+pub fn from_json_body(body: &[u8]) -> Result<Read, serde_json::Error> {
+    serde_json::from_slice::<Read>(body)
 }
 
 /// Usage from a whole (non-streaming) response body, if it has one.

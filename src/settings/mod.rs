@@ -121,6 +121,9 @@ pub struct StorageSettings {
     pub usage_retention_days: u32,
     pub backup_interval: Duration,
     pub backup_retention_days: u32,
+    /// How long, and how many, objects' keys are remembered (affinity).
+    pub affinity_retention: Duration,
+    pub affinity_max_entries: usize,
     /// Where rate state lives beyond this process.
     pub state: StateSettings,
 }

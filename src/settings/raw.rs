@@ -71,6 +71,10 @@ pub struct RawSettings {
     /// Seconds between backups (default one day).
     pub backup_interval: f64,
     pub backup_retention_days: u32,
+    /// Days the gateway remembers which key created a stored object.
+    pub affinity_retention_days: u32,
+    /// Most objects remembered at once (the oldest go first).
+    pub affinity_max_entries: usize,
     pub allow_unauthenticated: bool,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
@@ -131,6 +135,8 @@ impl Default for RawSettings {
             usage_retention_days: 90,
             backup_interval: 86_400.0,
             backup_retention_days: 7,
+            affinity_retention_days: 30,
+            affinity_max_entries: 200_000,
             allow_unauthenticated: false,
             log_level: None,
             log_format: None,

@@ -316,6 +316,10 @@ impl RawSettings {
                 usage_retention_days: self.usage_retention_days.max(1),
                 backup_interval: positive_secs(src, "backup_interval", self.backup_interval)?,
                 backup_retention_days: self.backup_retention_days.max(1),
+                affinity_retention: Duration::from_secs(
+                    u64::from(self.affinity_retention_days.max(1)).saturating_mul(86_400),
+                ),
+                affinity_max_entries: self.affinity_max_entries.max(1),
                 state: StateSettings::from_raw(
                     src,
                     &self.state_backend,

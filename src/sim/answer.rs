@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
+use super::streams::{add_rate_headers, responses_stream, stream_answer};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::keys::{admit, Admission, Ask, RateHeaders};
+use super::store::StoredKind;
 use super::*;
 
 pub(crate) async fn answer(
@@ -95,21 +96,78 @@ pub(crate) async fn answer(
         .unwrap_or("mock-model")
         .to_string();
     let prompt_tokens = (body.len() as u64 / 4).max(1);
+    // A response continues only one this account holds.
+    if let Some(prev) = json.get("previous_response_id").and_then(Value::as_str) {
+        if matches!(kind, Kind::Responses | Kind::Compact)
+            && !state.objects.has(&key, StoredKind::Response, prev)
+        {
+            return HttpResponse::BadRequest().json(json!({"error": {
+                "message": format!("Previous response with id '{prev}' not found."),
+                "type": "invalid_request_error", "param": "previous_response_id",
+                "code": "previous_response_not_found"}}));
+        }
+    }
+    let stored = match kind {
+        Kind::Responses => json.get("store") != Some(&Value::Bool(false)),
+        Kind::Chat => json.get("store") == Some(&Value::Bool(true)),
+        _ => false,
+    };
+    let id = match kind {
+        Kind::Responses => state.objects.new_id("resp_mock_"),
+        Kind::Compact => state.objects.new_id("resp_cmp_"),
+        _ => state.objects.new_id("chatcmpl-mock-"),
+    };
+    let items = match kind {
+        Kind::Chat => json.get("messages").and_then(Value::as_array).cloned(),
+        _ => match json.get("input") {
+            Some(Value::Array(a)) => Some(a.clone()),
+            Some(Value::String(s)) => Some(vec![json!({"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": s}]})]),
+            _ => None,
+        },
+    }
+    .unwrap_or_default();
+    let store_kind = match kind {
+        Kind::Responses => StoredKind::Response,
+        _ => StoredKind::ChatCompletion,
+    };
+    let keep = stored.then(|| Keep {
+        objects: state.clone(),
+        key: key.clone(),
+        kind: store_kind,
+        items: items.clone(),
+    });
     let stream = json.get("stream") == Some(&Value::Bool(true))
         && matches!(kind, Kind::Chat | Kind::Completion | Kind::Responses);
     if stream && matches!(kind, Kind::Responses) {
-        return responses_stream(
+        let created = unix_now();
+        let text: String = (0..state.chunks.max(1)).map(|i| format!("w{i} ")).collect();
+        let object = response_object(
+            &id,
             &model,
+            &text,
             prompt_tokens,
-            state.chunks.max(1),
-            state.chunk_interval,
-            &rate,
+            state.chunks.max(1) as u64,
+            created,
         );
+        if let Some(k) = keep {
+            k.put(object.clone());
+        }
+        return responses_stream(object, state.chunks.max(1), state.chunk_interval, &rate);
     }
     if stream {
         let include_usage =
             json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        if let Some(k) = keep {
+            let text: String = (0..state.chunks.max(1)).map(|i| format!("w{i} ")).collect();
+            k.put(json!({
+                "id": id, "object": "chat.completion", "created": unix_now(), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "metadata": json.get("metadata").cloned().unwrap_or(json!({})),
+            }));
+        }
         let plan = StreamPlan {
+            id,
             kind,
             model,
             prompt_tokens,
@@ -128,17 +186,36 @@ pub(crate) async fn answer(
     let mut res = HttpResponse::Ok();
     add_rate_headers(&mut res, &rate);
     match kind {
-        Kind::Chat => res.json(json!({
-            "id": format!("chatcmpl-mock-{created}"), "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": usage,
+        Kind::Chat => {
+            let object = json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": usage,
+                "metadata": json.get("metadata").cloned().unwrap_or(json!({})),
+            });
+            if let Some(k) = keep {
+                k.put(object.clone());
+            }
+            res.json(object)
+        }
+        Kind::Compact => res.json(json!({
+            "id": id, "object": "response.compaction", "created_at": created,
+            "output": [{"type": "compaction", "id": format!("cmp_{id}"), "encrypted_content": "c2ltdWxhdGVk"}],
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         })),
         Kind::Completion => res.json(json!({
             "id": format!("cmpl-mock-{created}"), "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
             "usage": usage,
         })),
-        Kind::Responses => res.json(response_object(&model, &text, prompt_tokens, completion_tokens, created)),
+        Kind::Responses => {
+            let object = response_object(&id, &model, &text, prompt_tokens, completion_tokens, created);
+            if let Some(k) = keep {
+                k.put(object.clone());
+            }
+            res.json(object)
+        }
         Kind::Moderation => res.json(json!({
             "id": format!("modr-mock-{created}"), "model": model,
             "results": [{"flagged": false, "categories": {"violence": false}, "category_scores": {"violence": 0.0001}}],
@@ -198,10 +275,17 @@ pub(crate) fn check_request(kind: Kind, json: &Value) -> Result<(), String> {
         },
         Kind::Responses => match json.get("input") {
             Some(Value::String(_) | Value::Array(_)) => {}
+            // A continuation may bring nothing new.
+            None if json.get("previous_response_id").is_some() => {}
             _ => {
                 return Err("'input' is a required property (a string or an array of items)".into())
             }
         },
+        Kind::Compact => {
+            if json.get("input").is_none() && json.get("previous_response_id").is_none() {
+                return Err("'input' or 'previous_response_id' is required".into());
+            }
+        }
         Kind::Moderation => match json.get("input") {
             Some(Value::String(_) | Value::Array(_)) => {}
             _ => return Err("'input' is a required property".into()),
@@ -228,56 +312,38 @@ pub(crate) fn check_request(kind: Kind, json: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// Keeps an answer in the key's account.
+struct Keep {
+    objects: web::Data<MockState>,
+    key: String,
+    kind: StoredKind,
+    items: Vec<Value>,
+}
+
+impl Keep {
+    fn put(self, object: Value) {
+        self.objects
+            .objects
+            .put(&self.key, self.kind, object, self.items);
+    }
+}
+
 /// A Responses-API `response` object.
-fn response_object(model: &str, text: &str, input: u64, output: u64, created: u64) -> Value {
+fn response_object(
+    id: &str,
+    model: &str,
+    text: &str,
+    input: u64,
+    output: u64,
+    created: u64,
+) -> Value {
     json!({
-        "id": format!("resp_mock_{created}"), "object": "response", "created_at": created,
+        "id": id, "object": "response", "created_at": created,
         "status": "completed", "model": model,
         "output": [{"type": "message", "id": format!("msg_mock_{created}"), "status": "completed", "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output},
     })
-}
-
-/// A Responses-API stream: `response.created`, text deltas, and
-/// `response.completed` (with usage) — no `[DONE]`, as the API ends it.
-fn responses_stream(
-    model: &str,
-    input: u64,
-    chunks: u32,
-    interval: Duration,
-    rate: &RateHeaders,
-) -> HttpResponse {
-    let created = unix_now();
-    let ev = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
-    let mut events = vec![ev(
-        "response.created",
-        json!({"type": "response.created", "response": {"id": format!("resp_mock_{created}"), "object": "response", "status": "in_progress", "model": model}}),
-    )];
-    let mut text = String::new();
-    for i in 0..chunks {
-        let delta = format!("w{i} ");
-        text.push_str(&delta);
-        events.push(ev(
-            "response.output_text.delta",
-            json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": delta}),
-        ));
-    }
-    events.push(ev(
-        "response.completed",
-        json!({"type": "response.completed", "response": response_object(model, &text, input, chunks as u64, created)}),
-    ));
-    let stream =
-        futures_util::stream::iter(events.into_iter().enumerate()).then(move |(i, e)| async move {
-            if i > 0 && !interval.is_zero() {
-                tokio::time::sleep(interval).await;
-            }
-            Ok::<_, actix_web::Error>(Bytes::from(e))
-        });
-    let mut res = HttpResponse::Ok();
-    add_rate_headers(&mut res, rate);
-    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .streaming(stream)
 }
 
 /// How many embeddings an `input` asks for: one per string (or token array).
@@ -322,104 +388,4 @@ fn embeddings(json: &Value) -> Vec<Value> {
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect()
-}
-
-pub(crate) fn stream_answer(plan: StreamPlan, rate: &RateHeaders) -> HttpResponse {
-    let StreamPlan {
-        kind,
-        model,
-        prompt_tokens,
-        chunks,
-        interval,
-        include_usage,
-        reset_after,
-        ending,
-    } = plan;
-    let created = unix_now();
-    let mut events: Vec<String> = Vec::new();
-    for i in 0..chunks {
-        let last = i + 1 == chunks;
-        let finish = if last { json!("stop") } else { Value::Null };
-        let choice = match kind {
-            // The first delta names the role, as real providers send it (SDK
-            // stream helpers depend on it).
-            Kind::Chat if i == 0 => {
-                json!({"index": 0, "delta": {"role": "assistant", "content": format!("w{i} ")}, "finish_reason": finish})
-            }
-            Kind::Chat => {
-                json!({"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": finish})
-            }
-            _ => json!({"index": 0, "text": format!("w{i} "), "finish_reason": finish}),
-        };
-        let object = if matches!(kind, Kind::Chat) {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        events.push(format!(
-            "data: {}\n\n",
-            json!({"id": format!("mock-{created}"), "object": object, "created": created, "model": model, "choices": [choice]})
-        ));
-    }
-    if include_usage {
-        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": chunks, "total_tokens": prompt_tokens + chunks as u64});
-        events.push(format!(
-            "data: {}\n\n",
-            json!({"id": format!("mock-{created}"), "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage})
-        ));
-    }
-    match ending {
-        Some(Fault::NoDone) => {}
-        Some(Fault::HalfEvent) => {
-            // The last content event loses its end: half of it, no blank line.
-            if let Some(last) = events.pop() {
-                let half = last.len() / 2;
-                events.push(last.chars().take(half).collect());
-            }
-        }
-        _ => events.push("data: [DONE]\n\n".to_string()),
-    }
-    let total = events.len();
-    let stream = futures_util::stream::unfold(0usize, move |i| {
-        let events = events.clone();
-        async move {
-            if i >= total {
-                return None;
-            }
-            if reset_after.is_some_and(|n| i as u32 >= n) {
-                // Let what was "sent" reach the peer before the cut.
-                tokio::time::sleep(interval.max(Duration::from_millis(30))).await;
-                let err =
-                    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated reset");
-                // One error ends the body; actix drops the connection.
-                return Some((Err::<Bytes, _>(actix_web::Error::from(err)), total));
-            }
-            // Content chunks are paced; the usage chunk and [DONE] follow the
-            // last one at once, as real providers send them.
-            if i > 0 && (i as u32) < chunks && !interval.is_zero() {
-                tokio::time::sleep(interval).await;
-            }
-            Some((Ok(Bytes::from(events[i].clone())), i + 1))
-        }
-    });
-    let mut res = HttpResponse::Ok();
-    add_rate_headers(&mut res, rate);
-    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .streaming(stream)
-}
-
-/// `x-ratelimit-*` as OpenAI-style providers send them.
-pub(crate) fn add_rate_headers(res: &mut actix_web::HttpResponseBuilder, rate: &RateHeaders) {
-    let reset = |d: Duration| format!("{:.3}s", d.as_secs_f64());
-    if let Some((limit, left, at)) = rate.requests {
-        res.insert_header(("x-ratelimit-limit-requests", limit.to_string()))
-            .insert_header(("x-ratelimit-remaining-requests", left.to_string()))
-            .insert_header(("x-ratelimit-reset-requests", reset(at)));
-    }
-    if let Some((limit, left, at)) = rate.tokens {
-        res.insert_header(("x-ratelimit-limit-tokens", limit.to_string()))
-            .insert_header(("x-ratelimit-remaining-tokens", left.to_string()))
-            .insert_header(("x-ratelimit-reset-tokens", reset(at)));
-    }
 }

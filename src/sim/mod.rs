@@ -10,6 +10,8 @@ mod answer;
 use answer::answer;
 mod hostile;
 mod keys;
+mod store;
+mod streams;
 
 use keys::KeyState;
 pub use keys::{Fault, KeyStats, MockKey};
@@ -58,6 +60,8 @@ pub struct MockState {
     chunk_interval: Duration,
     models: Vec<String>,
     keys: Mutex<HashMap<String, KeyState>>,
+    /// What each key's account stores (responses, chat completions).
+    pub objects: store::Objects,
 }
 
 /// A request body that carries this fails on every key with 500: the
@@ -137,6 +141,8 @@ enum Kind {
     Responses,
     Moderation,
     Speech,
+    /// `POST /v1/responses/compact`.
+    Compact,
 }
 
 fn unix_now() -> u64 {
@@ -164,6 +170,25 @@ async fn moderation(req: HttpRequest, body: Bytes, state: web::Data<MockState>) 
 async fn speech(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
     answer(Kind::Speech, req, body, state).await
 }
+async fn compact(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
+    answer(Kind::Compact, req, body, state).await
+}
+async fn object(
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: Bytes,
+    state: web::Data<MockState>,
+) -> HttpResponse {
+    store::object(req, (id.into_inner(), String::new()), body, state).await
+}
+async fn object_part(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: Bytes,
+    state: web::Data<MockState>,
+) -> HttpResponse {
+    store::object(req, path.into_inner(), body, state).await
+}
 /// What a provider says of a route it does not serve.
 async fn unknown(req: HttpRequest) -> HttpResponse {
     error_json(
@@ -175,6 +200,8 @@ async fn unknown(req: HttpRequest) -> HttpResponse {
 
 /// How one streamed answer goes.
 struct StreamPlan {
+    /// Every chunk's `id` (the stored completion's, when stored).
+    id: String,
     kind: Kind,
     model: String,
     prompt_tokens: u64,
@@ -267,6 +294,7 @@ impl MockUpstream {
             chunk_interval: config.chunk_interval,
             models: config.models.clone(),
             keys: Mutex::new(keys),
+            objects: store::Objects::default(),
         });
         let data = state.clone();
         let server = HttpServer::new(move || {
@@ -274,6 +302,15 @@ impl MockUpstream {
                 .app_data(data.clone())
                 .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
                 .route("/v1/chat/completions", web::post().to(chat))
+                .route(
+                    "/v1/chat/completions",
+                    web::get().to(store::list_completions),
+                )
+                .route("/v1/chat/completions/{id}", web::to(object))
+                .route("/v1/chat/completions/{id}/{part}", web::to(object_part))
+                .route("/v1/responses/compact", web::post().to(compact))
+                .route("/v1/responses/{id}", web::to(object))
+                .route("/v1/responses/{id}/{part}", web::to(object_part))
                 .route("/v1/completions", web::post().to(completion))
                 .route("/v1/embeddings", web::post().to(embedding))
                 .route("/v1/responses", web::post().to(responses))

@@ -18,6 +18,8 @@ pub struct Boot {
     pub runtime_json: Option<String>,
     /// The replicas this gateway last counted with shared state (Redis).
     pub replicas_seen: Option<u32>,
+    /// Which account holds each stored object still within the retention.
+    pub affinity: Vec<(String, sidecar_actors::affinity::Owner)>,
     /// Held while the gateway runs, so `restore` refuses to replace the
     /// database under it.
     pub lock: std::fs::File,
@@ -81,6 +83,8 @@ fn boot_with(
     let replicas_seen = db::get_config(&mut conn, sidecar_actors::rate_state::cluster::SEEN_KEY)?
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&n| n > 0);
+    let keep = i64::try_from(settings.storage.affinity_retention.as_millis()).unwrap_or(i64::MAX);
+    let affinity = db::affinity::load(&mut conn, db::now_ms().saturating_sub(keep))?;
     let mut specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
     if settings.storage.state == StateSettings::Embedded {
         restore_windows(&mut conn, &mut specs, log)?;
@@ -93,6 +97,7 @@ fn boot_with(
         "path" => settings.storage.db_path.display().to_string(),
         "migrations_applied" => migrations.len(),
         "backends" => specs.len(),
+        "stored_objects" => affinity.len(),
         "key" => source.describe());
     Ok(Boot {
         ring,
@@ -101,6 +106,7 @@ fn boot_with(
         migrations,
         runtime_json,
         replicas_seen,
+        affinity,
         lock,
     })
 }

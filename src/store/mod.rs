@@ -3,3 +3,4 @@
 
 pub mod boot;
 pub mod keys;
+pub mod shutdown;

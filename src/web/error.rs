@@ -24,6 +24,10 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("the model `{0}` is not allowed for this API key")]
     ModelNotAllowed(String),
+    #[error("no object `{0}` was created through this gateway for this client (or it is older than affinity_retention_days)")]
+    ObjectNotFound(String),
+    #[error("the key that holds `{0}` is disabled or no longer configured")]
+    HolderUnavailable(String),
     #[error("request body is larger than the limit of {0} bytes")]
     BodyTooLarge(usize),
     #[error("the request body did not arrive in time")]
@@ -86,6 +90,8 @@ impl ApiError {
             ApiError::MissingModel => ("invalid_request_error", "missing_model"),
             ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ApiError::ModelNotAllowed(_) => ("permission_error", "model_not_allowed"),
+            ApiError::ObjectNotFound(_) => ("invalid_request_error", "not_found"),
+            ApiError::HolderUnavailable(_) => ("server_error", "object_backend_unavailable"),
             ApiError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
             ApiError::BodyTimeout => ("invalid_request_error", "request_timeout"),
             ApiError::MissingKey => ("authentication_error", "missing_api_key"),
@@ -135,7 +141,10 @@ impl ResponseError for ApiError {
             ApiError::InvalidRequest(_) | ApiError::MalformedJson(_) | ApiError::MissingModel => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::ModelNotFound(_) | ApiError::UnknownPath => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::UnknownPath | ApiError::ObjectNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::HolderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -10,6 +10,7 @@ mod failover;
 mod hardening;
 mod helpers;
 mod key_state;
+mod objects;
 mod persistence;
 mod priority;
 mod process;

@@ -591,3 +591,65 @@ async fn stopping_answers_queued_requests_at_once() {
     }
     assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
 }
+
+/// A response created through one replica is reached through another: the
+/// affinity book is shared in Redis, so the second replica, whose own
+/// memory knows nothing of it, still sends it to the key that holds it.
+#[actix_web::test]
+async fn objects_made_through_one_replica_are_reached_through_another() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let keys = ["o-1", "o-2"];
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock(&keys, 1000);
+    let extra = redis_extra(&redis, "objects");
+    let gws: Vec<Gateway> = (0..2)
+        .map(|i| {
+            spawn_gateway_with(
+                &config(
+                    dir.path(),
+                    &format!("gw{i}"),
+                    &mock,
+                    &plain(&keys),
+                    1000,
+                    &extra,
+                ),
+                &[],
+            )
+        })
+        .collect();
+    let client = awc::Client::default();
+    let mut made = client
+        .post(format!("{}/v1/responses", gws[0].base))
+        .send_json(&serde_json::json!({"model": "m", "input": "hello"}))
+        .await
+        .expect("answer");
+    assert_eq!(made.status().as_u16(), 200);
+    let holder = made
+        .headers()
+        .get("x-sidecar-backend")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body: Value = made.json().await.expect("json");
+    let id = body["id"].as_str().expect("id").to_string();
+    for _ in 0..3 {
+        let got = client
+            .get(format!("{}/v1/responses/{id}", gws[1].base))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(
+            got.status().as_u16(),
+            200,
+            "reached through the other replica"
+        );
+        let backend = got
+            .headers()
+            .get("x-sidecar-backend")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert_eq!(backend, holder);
+    }
+    stop_all(gws).await;
+}

@@ -44,6 +44,8 @@ async fn the_node_sdk_helpers_pass_through_the_gateway() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("embeddings: 3 vectors of 8"), "{stdout}");
+    assert!(stdout.contains("responses: create, retrieve"), "{stdout}");
+    assert!(stdout.contains("stored completions: retrieve"), "{stdout}");
     assert!(stdout.lines().any(|l| l == "OK"), "{stdout}");
     app.stop().await;
 }

@@ -3,6 +3,7 @@
 //! use. diesel is synchronous: everything here runs on the `DbExecutor`'s
 //! SyncArbiter thread or in a CLI command, never on an async worker.
 
+pub mod affinity;
 pub mod backend_state;
 pub mod backends;
 pub mod backup;
@@ -227,7 +228,7 @@ mod tests {
              INSERT INTO backend_usage_logs (backend_id, model, hour, requests) VALUES (1, 'm', 0, 7);",
         )
         .unwrap();
-        assert_eq!(conn.pending_migrations(MIGRATIONS).unwrap().len(), 3);
+        assert_eq!(conn.pending_migrations(MIGRATIONS).unwrap().len(), 4);
         drop(conn);
         let mut conn = open(&old).unwrap();
         assert!(conn.pending_migrations(MIGRATIONS).unwrap().is_empty());

@@ -111,3 +111,12 @@ diesel::table! {
         saved_at -> BigInt,
     }
 }
+
+diesel::table! {
+    affinity (object_id) {
+        object_id -> Text,
+        account -> Text,
+        client -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}

@@ -18,12 +18,18 @@ pub struct Need {
     /// Backends this request may not use again (they failed it).
     pub exclude: Vec<BackendId>,
     pub est_tokens: u64,
+    /// Only the backend of this upstream account may serve it (an object
+    /// stored there: a response, a stored completion). An empty `model`
+    /// then means "whatever model": the request names none.
+    pub pin: Option<Arc<str>>,
 }
 
 /// One backend as the chooser knows it.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub spec: Arc<BackendSpec>,
+    /// [`BackendSpec::account`], computed once.
+    pub account: Arc<str>,
     pub view: BackendView,
     pub granted: u64,
     pub granted_emergency: u64,
@@ -106,6 +112,7 @@ impl Opening {
 impl Slot {
     pub fn new(spec: Arc<BackendSpec>, view: BackendView) -> Self {
         Self {
+            account: Arc::from(spec.account()),
             spec,
             view,
             granted: 0,
@@ -190,8 +197,17 @@ impl Slot {
         }
     }
 
-    fn serves(&self, pool: Pool, model: &str) -> bool {
-        self.spec.pool == pool && self.spec.enabled && self.spec.route(model).is_some()
+    fn serves(&self, pool: Pool, need: &Need) -> bool {
+        if self.spec.pool != pool || !self.spec.enabled {
+            return false;
+        }
+        match &need.pin {
+            Some(account) => {
+                *self.account == **account
+                    && (need.model.is_empty() || self.spec.route(&need.model).is_some())
+            }
+            None => self.spec.route(&need.model).is_some(),
+        }
     }
 }
 
@@ -254,7 +270,7 @@ pub fn decide<S: AsRef<Slot>>(slots: &[S], need: &Need, now: Instant) -> Decisio
         let mut best: Option<(usize, f64, f64)> = None;
         for (index, slot) in slots.iter().enumerate() {
             let e = slot.as_ref();
-            if !e.serves(pool, &need.model) {
+            if !e.serves(pool, need) {
                 continue;
             }
             known = true;

@@ -30,6 +30,7 @@ impl Handler<Acquire> for PoolSupervisor {
             model: msg.model,
             exclude: msg.exclude,
             est_tokens: msg.est_tokens,
+            pin: msg.pin,
         };
         match self.decide(&need, now) {
             Decision::Grant { index, emergency } => {

@@ -21,6 +21,8 @@ pub struct Acquire {
     /// The request waits for capacity until then at most, however many
     /// attempts it makes (`None`: the queue timeout from now).
     pub deadline: Option<Instant>,
+    /// Only the backend of this upstream account may serve it.
+    pub pin: Option<Arc<str>>,
 }
 
 /// Supervisor: every backend's grant log, for saving at shutdown.

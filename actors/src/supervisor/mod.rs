@@ -165,6 +165,7 @@ impl PoolSupervisor {
         Lease {
             id,
             backend: spec.id,
+            account: e.slot.account.clone(),
             name: spec.name.clone(),
             pool: spec.pool,
             base_url: spec.base_url.clone(),

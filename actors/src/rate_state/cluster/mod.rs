@@ -6,6 +6,7 @@
 //! timeout: a dead Redis never blocks the request path, it makes the
 //! replica serve on a conservative share until Redis answers again.
 
+mod objects;
 mod replicas;
 mod shared;
 #[cfg(test)]
@@ -25,7 +26,6 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use slog::{info, warn, Logger};
 use tokio::time::Instant;
 
@@ -140,14 +140,10 @@ impl Cluster {
         &self.0.replica
     }
 
-    /// A key's name in Redis: a hash of its upstream and secret, the same on
-    /// every replica whatever the backend is called or numbered there.
+    /// A key's name in Redis: its account (see [`BackendSpec::account`]),
+    /// the same on every replica whatever the backend is called there.
     pub fn key_id(spec: &BackendSpec) -> String {
-        let mut h = Sha256::new();
-        h.update(spec.base_url.as_bytes());
-        h.update(b"\n");
-        h.update(spec.api_key.expose().as_bytes());
-        hex::encode(&h.finalize()[..12])
+        spec.account()
     }
 
     fn names(&self, id: &str) -> (String, String, String) {

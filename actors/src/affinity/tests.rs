@@ -1,0 +1,65 @@
+use std::time::Duration;
+
+use super::*;
+
+fn owner(account: &str, created_ms: i64) -> Owner {
+    Owner {
+        account: account.into(),
+        client: None,
+        created_ms,
+    }
+}
+
+fn book(retention_ms: u64, cap: usize) -> Book {
+    Book::new(
+        Duration::from_millis(retention_ms),
+        cap,
+        None,
+        Logger::root(slog::Discard, slog::o!()),
+    )
+}
+
+#[actix_rt::test]
+async fn remembers_forgets_and_saves_each_change_once() {
+    let b = book(3_600_000, 100);
+    let now = now_ms();
+    b.remember("resp_1", owner("a", now)).await;
+    b.remember("resp_2", owner("b", now)).await;
+    assert_eq!(b.lookup("resp_1").await, Some(owner("a", now)));
+    assert_eq!(b.lookup("resp_3").await, None);
+    b.forget("resp_2").await;
+    assert_eq!(b.lookup("resp_2").await, None);
+    let pending = b.take_pending();
+    assert_eq!(pending.len(), 3);
+    assert!(matches!(&pending[2], Change::Forget(id) if &**id == "resp_2"));
+    assert!(b.take_pending().is_empty());
+    // A failed save puts its changes back before newer ones.
+    b.remember("resp_4", owner("a", now)).await;
+    b.restore_pending(pending);
+    let again = b.take_pending();
+    assert_eq!(again.len(), 4);
+    assert!(matches!(&again[3], Change::Put(id, _) if &**id == "resp_4"));
+}
+
+#[actix_rt::test]
+async fn the_retention_and_the_cap_hold() {
+    let b = book(1_000, 3);
+    let now = now_ms();
+    // Loaded rows older than the retention are not served.
+    b.load(vec![("old".into(), owner("a", now - 5_000))]);
+    assert_eq!(b.lookup("old").await, None);
+    b.prune(now);
+    assert_eq!(b.len(), 0);
+    for i in 0..5 {
+        b.remember(&format!("r{i}"), owner("a", now + i)).await;
+    }
+    // The cap drops the oldest first.
+    assert_eq!(b.len(), 3);
+    assert_eq!(b.lookup("r0").await, None);
+    assert!(b.lookup("r4").await.is_some());
+    // Remembering an id again moves it to the back of the line.
+    b.remember("r2", owner("b", now + 10)).await;
+    b.remember("r5", owner("a", now + 11)).await;
+    assert_eq!(b.lookup("r2").await, Some(owner("b", now + 10)));
+    assert_eq!(b.lookup("r3").await, None);
+}

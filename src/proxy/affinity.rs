@@ -1,0 +1,101 @@
+//! The proxy's side of affinity: which requests create stored objects,
+//! which name one, and who may reach it. The book itself (memory, SQLite,
+//! Redis) is `sidecar_actors::affinity`.
+
+use serde_json::{Map, Value};
+use sidecar_actors::affinity::{Book, Owner};
+use sidecar_actors::db::now_ms;
+use sidecar_actors::Lease;
+
+use super::Endpoint;
+use crate::web::error::ApiError;
+
+/// Whether a request's answer is an object the upstream keeps: a response
+/// (stored unless `store: false`) or a chat completion with `store: true`.
+pub(crate) fn stores(endpoint: Endpoint, json: &Map<String, Value>) -> bool {
+    match endpoint {
+        Endpoint::Responses => json.get("store") != Some(&Value::Bool(false)),
+        Endpoint::ChatCompletions => json.get("store") == Some(&Value::Bool(true)),
+        _ => false,
+    }
+}
+
+/// Ids as providers make them (`resp_…`, `chatcmpl-…`): anything else is
+/// neither remembered nor put in an upstream path.
+pub(crate) fn valid_object_id(id: &str) -> bool {
+    (1..=256).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+        && id != "."
+        && id != ".."
+}
+
+/// Who holds `id`, as this client may see it: an object another client
+/// created is as unknown to this one as an id never seen.
+pub(crate) async fn owner_for(
+    book: &Book,
+    id: &str,
+    client: Option<&str>,
+) -> Result<Owner, ApiError> {
+    match book.lookup(id).await {
+        Some(owner) if owner.client.as_deref() == client => Ok(owner),
+        _ => Err(ApiError::ObjectNotFound(id.to_string())),
+    }
+}
+
+/// The owner of what this lease's answer creates.
+pub(crate) fn owner(lease: &Lease, client: Option<&std::sync::Arc<str>>) -> Owner {
+    Owner {
+        account: lease.account.clone(),
+        client: client.cloned(),
+        created_ms: now_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_provider_shaped_ids_are_kept() {
+        assert!(valid_object_id(
+            "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b"
+        ));
+        assert!(valid_object_id("chatcmpl-abc123"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a?b",
+            "a b",
+            "a%2Fb",
+            &"x".repeat(257),
+        ] {
+            assert!(!valid_object_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_are_stored_unless_told_and_chat_only_when_told() {
+        let obj = |v: Value| v.as_object().cloned().unwrap_or_default();
+        assert!(stores(Endpoint::Responses, &obj(serde_json::json!({}))));
+        assert!(!stores(
+            Endpoint::Responses,
+            &obj(serde_json::json!({"store": false}))
+        ));
+        assert!(!stores(
+            Endpoint::ChatCompletions,
+            &obj(serde_json::json!({}))
+        ));
+        assert!(stores(
+            Endpoint::ChatCompletions,
+            &obj(serde_json::json!({"store": true}))
+        ));
+        assert!(!stores(
+            Endpoint::Embeddings,
+            &obj(serde_json::json!({"store": true}))
+        ));
+    }
+}
