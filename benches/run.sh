@@ -45,6 +45,14 @@ if [ ! -x "$OUT/litellm-venv/bin/litellm" ]; then
   "$OUT/litellm-venv/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION" || "$OUT/litellm-venv/bin/pip" install -q 'litellm[proxy]'
 fi
 LITELLM=$OUT/litellm-venv/bin/litellm
+# Portkey's gateway (Node), started offline in headless mode.
+PORTKEY_VERSION=${PORTKEY_VERSION:-1.15.2}
+PORTKEY=$OUT/portkey/node_modules/@portkey-ai/gateway/build/start-server.js
+if [ ! -f "$PORTKEY" ]; then
+  log "installing @portkey-ai/gateway@$PORTKEY_VERSION into $OUT/portkey"
+  mkdir -p "$OUT/portkey"
+  npm install --silent --no-audit --no-fund --prefix "$OUT/portkey" "@portkey-ai/gateway@$PORTKEY_VERSION" >/dev/null
+fi
 # LiteLLM refuses to start without a master key; every client sends it (sidecar
 # and nginx ignore it). LiteLLM wants the `sk-` prefix; the rest says what it is.
 export LITELLM_MASTER_KEY=sk-FAKE-local-bench-only
@@ -86,6 +94,13 @@ http {
     location /v1/chat/completions { default_type application/json; return 200 '$CANNED'; }
     location /v1/models { default_type application/json; return 200 '{"object":"list","data":[{"id":"native-m","object":"model"}]}'; }
   }
+  # nginx as a reverse proxy in front of the same answer: the line of what a
+  # proxy (two HTTP exchanges per request) costs at best.
+  upstream canned { server 127.0.0.1:18080; keepalive 64; }
+  server {
+    listen 127.0.0.1:18081;
+    location / { proxy_pass http://canned; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
 }
 EOF
   nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx" -g 'daemon off;' &
@@ -109,6 +124,14 @@ start_litellm() { # config-file port -> sets LITELLM_PID
   wait_http "http://127.0.0.1:$2/health/liveliness"
 }
 
+start_portkey() { # port -> sets PORTKEY_PID
+  (cd "$OUT/portkey" && exec node "$PORTKEY" --headless --port="$1") > "$OUT/portkey-$1.log" 2>&1 &
+  PORTKEY_PID=$!
+  PIDS+=("$PORTKEY_PID")
+  for _ in $(seq 1 300); do curl -sS -o /dev/null "http://127.0.0.1:$1/" 2>/dev/null && return 0; sleep 0.2; done
+  log "timed out waiting for portkey on $1"; return 1
+}
+
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 post_lua() {
@@ -118,11 +141,17 @@ wrk.body = '{"model":"m","messages":[{"role":"user","content":"benchmark request
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-FAKE-local-bench-only"
 EOF
+  # Portkey is told its target per request (one x-portkey-config target per backend).
+  cp "$OUT/post.lua" "$OUT/post-portkey.lua"
+  cat >> "$OUT/post-portkey.lua" <<'EOF'
+wrk.headers["x-portkey-config"] = '{"provider":"openai","api_key":"fake-upstream","custom_host":"http://127.0.0.1:18080/v1"}'
+EOF
 }
 
 wrk_run() { # label url conns -> prints "rps p50_ms p99_ms"
-  local out
-  out=$(wrk -t "$(( $3 < 2 ? 1 : 2 ))" -c "$3" -d "${WRK_SECS:-15}s" --latency -s "$OUT/post.lua" "$2/v1/chat/completions" 2>&1)
+  local out script=$OUT/post.lua
+  case "$1" in portkey*) script=$OUT/post-portkey.lua ;; esac
+  out=$(wrk -t "$(( $3 < 2 ? 1 : 2 ))" -c "$3" -d "${WRK_SECS:-15}s" --latency -s "$script" "$2/v1/chat/completions" 2>&1)
   echo "$out" > "$OUT/wrk-$1-c$3.txt"
   python3 - "$OUT/wrk-$1-c$3.txt" <<'EOF'
 import re, sys
@@ -141,7 +170,7 @@ EOF
 
 # ---- overhead ----------------------------------------------------------------
 overhead() {
-  log "overhead: nginx direct vs sidecar vs LiteLLM (2 workers), c=1 and c=64, ${WRK_SECS:-15} s each"
+  log "overhead: nginx direct, nginx as proxy, sidecar, Portkey, LiteLLM (2 workers); c=1 and c=64, ${WRK_SECS:-15} s each, interleaved"
   start_nginx
   post_lua
   cat > "$OUT/overhead.toml" <<EOF
@@ -166,25 +195,34 @@ litellm_settings: { drop_params: true, telemetry: false }
 general_settings: { disable_spend_logs: true }
 EOF
   start_sidecar "$OUT/overhead.toml" 19190
-  start_litellm "$OUT/litellm-overhead.yaml" 14000
+  start_portkey 18787
+  [ -n "${SKIP_LITELLM:-}" ] || start_litellm "$OUT/litellm-overhead.yaml" 14000
+  local targets="direct proxy sidecar portkey"
+  [ -n "${SKIP_LITELLM:-}" ] || targets="$targets litellm"
   declare -A R
+  declare -A URL=([direct]=http://127.0.0.1:18080 [proxy]=http://127.0.0.1:18081 [sidecar]=http://127.0.0.1:19190 [portkey]=http://127.0.0.1:18787 [litellm]=http://127.0.0.1:14000)
+  # Interleaved: each round runs every target once, so drift in the machine
+  # lands on all of them alike; the table shows the median round.
+  local rounds=${ROUNDS:-3}
   for c in 1 64; do
-    R[direct-$c]=$(wrk_run direct http://127.0.0.1:18080 "$c")
-    R[sidecar-$c]=$(wrk_run sidecar http://127.0.0.1:19190 "$c")
-    R[litellm-$c]=$(wrk_run litellm http://127.0.0.1:14000 "$c")
-  done
-  stop_pid "$LITELLM_PID"
-  emit ""
-  emit "### Overhead (non-streaming, ${WRK_SECS:-15} s per cell, wrk)"
-  emit ""
-  emit "| target | c | req/s | p50 ms | p99 ms | non-2xx | req/s vs direct | added p50 ms | added p99 ms |"
-  emit "|---|---|---|---|---|---|---|---|---|"
-  for c in 1 64; do
-    read -r drps dp50 dp99 dbad <<<"${R[direct-$c]}"
-    for t in direct sidecar litellm; do
-      read -r rps p50 p99 bad <<<"${R[$t-$c]}"
-      emit "$(python3 -c "print(f'| $t | $c | $rps | $p50 | $p99 | $bad | {$rps/$drps:.3f} | {$p50-$dp50:+.3f} | {$p99-$dp99:+.3f} |')")"
+    for r in $(seq 1 "$rounds"); do
+      for t in $targets; do R[$t-$c-$r]=$(wrk_run "$t-r$r" "${URL[$t]}" "$c"); done
     done
+  done
+  [ -n "${SKIP_LITELLM:-}" ] || stop_pid "$LITELLM_PID"
+  stop_pid "$PORTKEY_PID"
+  emit ""
+  emit "### Overhead (non-streaming, one backend; $rounds interleaved rounds of ${WRK_SECS:-15} s per cell, wrk; median round by req/s)"
+  emit ""
+  emit "| target | c | req/s | p50 ms | p99 ms | non-2xx | req/s vs nginx proxy | p50 vs nginx proxy | p99 vs nginx proxy | every round req/s |"
+  emit "|---|---|---|---|---|---|---|---|---|---|"
+  for c in 1 64; do
+    local cells=""
+    for t in $targets; do
+      for r in $(seq 1 "$rounds"); do cells="$cells $t:${R[$t-$c-$r]// /,}"; done
+    done
+    # shellcheck disable=SC2086
+    python3 "$ROOT/benches/median.py" "$c" $cells | tee -a "$RESULTS"
   done
   stop_pid "$SIDECAR_PID"
 

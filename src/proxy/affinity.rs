@@ -38,10 +38,23 @@ pub(crate) async fn owner_for(
     id: &str,
     client: Option<&str>,
 ) -> Result<Owner, ApiError> {
-    match book.lookup(id).await {
-        Some(owner) if owner.client.as_deref() == client => Ok(owner),
-        _ => Err(ApiError::ObjectNotFound(id.to_string())),
+    if !valid_object_id(id) {
+        return Err(ApiError::ObjectNotFound(shown(id)));
     }
+    match book.lookup(id).await {
+        Ok(Some(owner)) if owner.client.as_deref() == client => Ok(owner),
+        Ok(_) => Err(ApiError::ObjectNotFound(id.to_string())),
+        Err(_) => Err(ApiError::AffinityUnavailable),
+    }
+}
+
+/// An id as an error message may repeat it: bounded, printable.
+fn shown(id: &str) -> String {
+    let mut s: String = id.chars().take(64).filter(|c| !c.is_control()).collect();
+    if id.chars().count() > 64 {
+        s.push('…');
+    }
+    s
 }
 
 /// The owner of what this lease's answer creates.

@@ -13,6 +13,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use sidecar_actors::affinity::Owner;
 
+use sidecar_actors::Priority;
+
+use super::prepare::priority_of;
 use super::{proxy, Endpoint, Input, ProxyState};
 use crate::web::error::ApiError;
 
@@ -72,7 +75,9 @@ impl ListQuery {
         for (k, v) in &self.rest {
             s.append_pair(k, v);
         }
-        s.append_pair("limit", &self.limit.to_string());
+        // Whole upstream pages: another client's objects on a shared key
+        // are read past, so fewer round trips find this client's.
+        s.append_pair("limit", &MAX_LIMIT.to_string());
         s.append_pair("order", if self.descending { "desc" } else { "asc" });
         if let Some(a) = after {
             s.append_pair("after", a);
@@ -82,6 +87,87 @@ impl ListQuery {
 }
 
 type Key = (i64, Arc<str>);
+
+/// Upstream pages one account is read for, at most, per list page (other
+/// clients' objects on a shared key are skipped over, not returned).
+const MAX_PAGES: usize = 5;
+
+struct List<'a> {
+    req: &'a HttpRequest,
+    state: &'a web::Data<ProxyState>,
+    client: &'a web::Data<awc::Client>,
+    query: &'a ListQuery,
+    who: Option<Arc<str>>,
+    priority: Priority,
+    created: &'a HashMap<Arc<str>, Key>,
+}
+
+impl List<'_> {
+    /// This client's objects in one account after `after`: page after
+    /// upstream page until there are more than a list page of them or the
+    /// account has no more. `Err` is the account's failed answer.
+    async fn collect(
+        &self,
+        account: Arc<str>,
+        mut after: Option<String>,
+    ) -> Result<(Vec<(Key, Value)>, bool), HttpResponse> {
+        let mut got = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let input = Input::Page {
+                account: account.clone(),
+                path: self.query.path(after.as_deref()),
+                client: self.who.clone(),
+                priority: self.priority,
+            };
+            let res = proxy(
+                Endpoint::ChatCompletionList,
+                self.req.clone(),
+                input,
+                self.state.clone(),
+                self.client.clone(),
+            )
+            .await;
+            if !res.status().is_success() {
+                return Err(res);
+            }
+            let bytes = actix_web::body::to_bytes(res.into_body())
+                .await
+                .map_err(|_| {
+                    actix_web::ResponseError::error_response(&ApiError::Internal(
+                        "could not read an account's page".into(),
+                    ))
+                })?;
+            let page: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let more = page.get("has_more") == Some(&Value::Bool(true));
+            let data = page.get("data").and_then(Value::as_array).cloned();
+            let data = data.unwrap_or_default();
+            let last = data
+                .last()
+                .and_then(|v| v.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            for item in data {
+                let key = item
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .and_then(|id| self.created.get(id))
+                    .cloned();
+                // Another client's object on a shared key is not this client's.
+                if let Some(key) = key {
+                    got.push((key, item));
+                }
+            }
+            if got.len() > self.query.limit || !more {
+                return Ok((got, more));
+            }
+            match last {
+                Some(l) => after = Some(l),
+                None => return Ok((got, more)),
+            }
+        }
+        Ok((got, true))
+    }
+}
 
 pub async fn list_chat_completions(
     req: HttpRequest,
@@ -118,46 +204,33 @@ pub async fn list_chat_completions(
             accounts.push(o.account.clone());
         }
     }
+    let priority = client_key
+        .as_ref()
+        .map_or(Priority::Normal, |c| c.key.priority);
+    let list = List {
+        req: &req,
+        state: &state,
+        client: &client,
+        query: &q,
+        who: who.clone(),
+        priority: priority_of(&req, priority)?,
+        created: &created,
+    };
     let pages = accounts.iter().map(|account| {
-        let after = cursor(&mine, account, pivot.as_ref(), q.descending);
-        let input = Input::Page {
-            account: account.clone(),
-            path: q.path(after.as_deref()),
-            client: who.clone(),
-        };
-        proxy(
-            Endpoint::ChatCompletionList,
-            req.clone(),
-            input,
-            state.clone(),
-            client.clone(),
-        )
+        let start = cursor(&mine, account, pivot.as_ref(), q.descending);
+        list.collect(account.clone(), start)
     });
-    let answers = futures_util::future::join_all(pages).await;
     let mut items: Vec<(Key, Value)> = Vec::new();
     let mut more = false;
-    for res in answers {
-        if !res.status().is_success() {
+    for got in futures_util::future::join_all(pages).await {
+        match got {
+            Ok((its, m)) => {
+                items.extend(its);
+                more |= m;
+            }
             // One account failing the list fails it: a silently partial
             // list would look complete.
-            return Ok(res);
-        }
-        let bytes = actix_web::body::to_bytes(res.into_body())
-            .await
-            .map_err(|_| ApiError::Internal("could not read an account's page".into()))?;
-        let page: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        more |= page.get("has_more") == Some(&Value::Bool(true));
-        let data = page.get("data").and_then(Value::as_array).cloned();
-        for item in data.unwrap_or_default() {
-            let key = item
-                .get("id")
-                .and_then(Value::as_str)
-                .and_then(|id| created.get(id))
-                .cloned();
-            // Another client's object on a shared key is not this client's.
-            if let Some(key) = key {
-                items.push((key, item));
-            }
+            Err(res) => return Ok(res),
         }
     }
     Ok(HttpResponse::Ok().json(merge(items, pivot, q.limit, q.descending, more)))

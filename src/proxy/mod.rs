@@ -148,6 +148,7 @@ pub(crate) enum Input {
         account: Arc<str>,
         path: String,
         client: Option<Arc<str>>,
+        priority: sidecar_actors::Priority,
     },
 }
 
@@ -255,13 +256,15 @@ async fn handle(
             account,
             path,
             client,
-        } => objects::prepare_page(req, account, path, client, trace),
+            priority,
+        } => objects::prepare_page(req, account, path, client, priority, trace),
     };
     let mut tries = Tries::new(
         state.limits.max_attempts,
         state.metrics.clone(),
         state.log.clone(),
     );
+    tries.pinned = p.pin.is_some();
     // However many attempts it takes, the request waits for capacity this
     // long at most.
     let deadline = Instant::now() + state.queue_timeout.get();

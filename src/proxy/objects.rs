@@ -10,7 +10,7 @@ use actix_web::http::Method;
 use actix_web::{web, HttpRequest};
 use sidecar_actors::Priority;
 
-use super::affinity::{owner_for, valid_object_id};
+use super::affinity::owner_for;
 use super::prepare::{priority_of, read_body, Keep, Outgoing, Prepared};
 use super::{listing, proxy, upstream, Endpoint, Input, ProxyState, Trace};
 use crate::web::error::ApiError;
@@ -98,9 +98,6 @@ pub(crate) async fn prepare(
         trace.record.client = Some(c.key.name.clone());
         c.take()?;
     }
-    if !valid_object_id(&id) {
-        return Err(ApiError::ObjectNotFound(id));
-    }
     let owner = owner_for(&state.affinity, &id, client.as_deref()).await?;
     let method = req.method().clone();
     let query = req.query_string();
@@ -144,12 +141,13 @@ pub(crate) fn prepare_page(
     account: Arc<str>,
     path: String,
     client: Option<Arc<str>>,
+    priority: Priority,
     trace: &mut Trace,
 ) -> Prepared {
     trace.record.client = client.clone();
     Prepared {
         model: Arc::from(""),
-        priority: priority_of(req, Priority::Normal).unwrap_or(Priority::Normal),
+        priority,
         stream: false,
         strip_usage: false,
         est_tokens: 0,

@@ -37,6 +37,10 @@ pub(crate) struct Tries {
     /// 5xx failures whose blame waits: a second backend answering the same
     /// status shows the failure follows the request (a poison request).
     strikes: Vec<(PendingStrike, u16)>,
+    /// Only one key can serve this request (it holds the object named):
+    /// a 5xx cannot be told the key's from the request's, so it is the
+    /// client's answer and no strike.
+    pub(crate) pinned: bool,
     metrics: Arc<Metrics>,
     log: slog::Logger,
 }
@@ -52,6 +56,7 @@ impl Tries {
             limited: Vec::new(),
             last: None,
             strikes: Vec::new(),
+            pinned: false,
             metrics,
             log,
         }
@@ -137,10 +142,11 @@ impl Tries {
                 self.count_error(&lease, &status.to_string());
                 let (backend, name) = (lease.backend, lease.name.clone());
                 let strike = lease.settle_deferred(report).await;
-                let follows = self
-                    .strikes
-                    .iter()
-                    .any(|(s, st)| *st == status && s.backend != backend);
+                let follows = self.pinned
+                    || self
+                        .strikes
+                        .iter()
+                        .any(|(s, st)| *st == status && s.backend != backend);
                 if follows {
                     // The same failure on two keys is the request's: stop,
                     // answer the upstream's error, and blame no key for it.

@@ -84,7 +84,11 @@ fn boot_with(
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&n| n > 0);
     let keep = i64::try_from(settings.storage.affinity_retention.as_millis()).unwrap_or(i64::MAX);
-    let affinity = db::affinity::load(&mut conn, db::now_ms().saturating_sub(keep))?;
+    let affinity = db::affinity::load(
+        &mut conn,
+        db::now_ms().saturating_sub(keep),
+        settings.storage.affinity_max_entries,
+    )?;
     let mut specs: Vec<BackendSpec> = records.iter().map(|r| r.to_spec()).collect();
     if settings.storage.state == StateSettings::Embedded {
         restore_windows(&mut conn, &mut specs, log)?;

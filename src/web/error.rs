@@ -26,8 +26,10 @@ pub enum ApiError {
     ModelNotAllowed(String),
     #[error("no object `{0}` was created through this gateway for this client (or it is older than affinity_retention_days)")]
     ObjectNotFound(String),
-    #[error("the key that holds `{0}` is disabled or no longer configured")]
+    #[error("the key that holds `{0}` cannot serve it: disabled, removed, or without the requested model")]
     HolderUnavailable(String),
+    #[error("the shared record of which key holds this object (Redis) is unreachable; try again")]
+    AffinityUnavailable,
     #[error("request body is larger than the limit of {0} bytes")]
     BodyTooLarge(usize),
     #[error("the request body did not arrive in time")]
@@ -92,6 +94,7 @@ impl ApiError {
             ApiError::ModelNotAllowed(_) => ("permission_error", "model_not_allowed"),
             ApiError::ObjectNotFound(_) => ("invalid_request_error", "not_found"),
             ApiError::HolderUnavailable(_) => ("server_error", "object_backend_unavailable"),
+            ApiError::AffinityUnavailable => ("server_error", "affinity_unavailable"),
             ApiError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
             ApiError::BodyTimeout => ("invalid_request_error", "request_timeout"),
             ApiError::MissingKey => ("authentication_error", "missing_api_key"),
@@ -129,6 +132,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::ClientRateLimited { retry_after } => Some(*retry_after),
+            ApiError::AffinityUnavailable => Some(Duration::from_secs(1)),
             ApiError::Acquire(e) => e.retry_after(),
             _ => None,
         }
@@ -144,7 +148,9 @@ impl ResponseError for ApiError {
             ApiError::ModelNotFound(_) | ApiError::UnknownPath | ApiError::ObjectNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::HolderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::HolderUnavailable(_) | ApiError::AffinityUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -277,8 +277,26 @@ async fn stored_chat_completions_are_reached_updated_listed_and_deleted() {
         stream_id(&s.text).expect("stream id"),
         s.backend.expect("backend"),
     ));
+    // Another client stores many on the same keys, then this one a fifth:
+    // the list reads past the other's objects.
+    for n in 0..150 {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat(100 + n)),
+            OTHER,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = call(&app, "POST", "/v1/chat/completions", Some(chat(4)), APP).await;
+    made.push((
+        r.body["id"].as_str().expect("id").to_string(),
+        r.backend.expect("backend"),
+    ));
     let holders: std::collections::HashSet<&str> = made.iter().map(|(_, b)| b.as_str()).collect();
-    assert_eq!(holders.len(), 2, "the four completions span both accounts");
+    assert_eq!(holders.len(), 2, "the five completions span both accounts");
     // A completion without `store` is not kept.
     let plain = call(
         &app,
@@ -373,10 +391,11 @@ async fn stored_chat_completions_are_reached_updated_listed_and_deleted() {
     let mut reversed = want.clone();
     reversed.reverse();
     assert_eq!(ids(&desc), reversed);
-    // Another client sees none of them, though it shares the keys.
+    // Another client sees only its own, though it shares the keys.
     let foreign = call(&app, "GET", "/v1/chat/completions", None, OTHER).await;
     assert_eq!(foreign.status, 200);
-    assert!(ids(&foreign).is_empty(), "{}", foreign.text);
+    assert_eq!(ids(&foreign).len(), 20, "{}", foreign.text);
+    assert!(ids(&foreign).iter().all(|id| !want.contains(id)));
 
     let deleted = call(
         &app,
@@ -409,7 +428,7 @@ async fn affinity_survives_a_restart() {
     // Saved off the request path within about a second (so a crash keeps
     // it too), and at the latest when the gateway stops.
     let saved = || {
-        sidecar_actors::db::affinity::load(&mut app.db(), 0)
+        sidecar_actors::db::affinity::load(&mut app.db(), 0, 100)
             .map(|rows| rows.len())
             .unwrap_or(0)
     };

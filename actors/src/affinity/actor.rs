@@ -61,10 +61,11 @@ impl Keeper {
         let now = now_ms();
         self.book.prune(now);
         let before = self.book.cutoff_ms(now);
+        let max = self.book.max_entries();
         let (db, log) = (self.db.clone(), self.log.clone());
         ctx.spawn(
             async move {
-                if let Err(e) = run(&db, move |c| affinity::prune(c, before)).await {
+                if let Err(e) = run(&db, move |c| affinity::prune(c, before, max)).await {
                     warn!(log, "could not prune object affinity"; "error" => e.to_string());
                 }
             }

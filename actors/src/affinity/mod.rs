@@ -121,12 +121,18 @@ impl Book {
     /// [`Book::remember`] from where nothing can wait (a stream passing
     /// through): Redis is written in the background.
     pub fn remember_soon(&self, id: &str, owner: Owner) {
-        if self.0.cluster.is_none() {
-            self.remember_here(id, owner);
+        // This replica knows at once; the others as soon as Redis has it.
+        self.remember_here(id, owner.clone());
+        let Some(c) = self.0.cluster.clone() else {
             return;
-        }
-        let (book, id) = (self.clone(), id.to_string());
-        tokio::spawn(async move { book.remember(&id, owner).await });
+        };
+        let (id, keep, log) = (id.to_string(), self.0.retention, self.0.log.clone());
+        tokio::spawn(async move {
+            if let Err(e) = c.remember_object(&id, &owner, keep).await {
+                warn!(log, "could not share an object's account in redis; other replicas cannot route it";
+                    "object" => id, "error" => e);
+            }
+        });
     }
 
     fn remember_here(&self, id: &str, owner: Owner) {
@@ -140,18 +146,21 @@ impl Book {
         Self::evict(&mut s, cutoff, cap);
     }
 
-    /// Who holds `id`, if the gateway created it within the retention.
-    pub async fn lookup(&self, id: &str) -> Option<Owner> {
+    /// Who holds `id`, if the gateway created it within the retention;
+    /// `Err` when Redis, which may know, cannot be asked.
+    pub async fn lookup(&self, id: &str) -> Result<Option<Owner>, String> {
         let cutoff = self.cutoff_ms(now_ms());
         if let Some(o) = self.state().map.get(id) {
-            return (o.created_ms >= cutoff).then(|| o.clone());
+            return Ok((o.created_ms >= cutoff).then(|| o.clone()));
         }
-        let c = self.0.cluster.as_ref()?;
+        let Some(c) = self.0.cluster.as_ref() else {
+            return Ok(None);
+        };
         match c.lookup_object(id).await {
-            Ok(found) => found.filter(|o| o.created_ms >= cutoff),
+            Ok(found) => Ok(found.filter(|o| o.created_ms >= cutoff)),
             Err(e) => {
-                warn!(self.0.log, "could not look an object up in redis"; "object" => id, "error" => e);
-                None
+                warn!(self.0.log, "could not look an object up in redis"; "object" => id, "error" => e.clone());
+                Err(e)
             }
         }
     }
@@ -206,10 +215,24 @@ impl Book {
     }
 
     /// Puts back changes a failed save could not write (before newer ones).
+    /// While the database stays unwritable the oldest go first: what is
+    /// waiting never outgrows the book itself.
     pub fn restore_pending(&self, mut changes: Vec<Change>) {
         let mut s = self.state();
         changes.append(&mut s.pending);
+        let bound = self.0.max_entries.saturating_add(1024);
+        if changes.len() > bound {
+            let dropped = changes.len() - bound;
+            changes.drain(..dropped);
+            warn!(self.0.log, "object affinity could not be saved for a while; the oldest unsaved changes are dropped";
+                "dropped" => dropped);
+        }
         s.pending = changes;
+    }
+
+    /// Most objects kept (in memory, and on disk by the keeper).
+    pub fn max_entries(&self) -> usize {
+        self.0.max_entries
     }
 
     /// Every object this client created that this process knows of, oldest

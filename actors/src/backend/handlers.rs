@@ -69,6 +69,9 @@ impl Handler<KeyTested> for BackendActor {
 impl Handler<Reconfigure> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Reconfigure, ctx: &mut Self::Context) {
+        // A new key or upstream is another account: its shared state is
+        // another key's in Redis.
+        self.key_id = msg.0.account();
         let ch = self.machine.reconfigure(msg.0, Instant::now());
         self.apply(ch, ctx);
     }

@@ -31,11 +31,16 @@ pub fn apply(conn: &mut SqliteConnection, changes: &[Change]) -> Result<usize, D
     })
 }
 
-/// Every object created at or after `since_ms`, oldest first.
-pub fn load(conn: &mut SqliteConnection, since_ms: i64) -> Result<Vec<(String, Owner)>, DbError> {
-    let rows: Vec<(String, String, Option<String>, i64)> = affinity::table
+/// The newest `max` objects created at or after `since_ms`, oldest first.
+pub fn load(
+    conn: &mut SqliteConnection,
+    since_ms: i64,
+    max: usize,
+) -> Result<Vec<(String, Owner)>, DbError> {
+    let mut rows: Vec<(String, String, Option<String>, i64)> = affinity::table
         .filter(affinity::created_at.ge(since_ms))
-        .order(affinity::created_at.asc())
+        .order(affinity::created_at.desc())
+        .limit(i64::try_from(max).unwrap_or(i64::MAX))
         .select((
             affinity::object_id,
             affinity::account,
@@ -43,6 +48,7 @@ pub fn load(conn: &mut SqliteConnection, since_ms: i64) -> Result<Vec<(String, O
             affinity::created_at,
         ))
         .load(conn)?;
+    rows.reverse();
     Ok(rows
         .into_iter()
         .map(|(id, account, client, created_ms)| {
@@ -58,7 +64,17 @@ pub fn load(conn: &mut SqliteConnection, since_ms: i64) -> Result<Vec<(String, O
         .collect())
 }
 
-/// Forgets objects created before `before_ms`; returns how many.
-pub fn prune(conn: &mut SqliteConnection, before_ms: i64) -> Result<usize, DbError> {
-    Ok(diesel::delete(affinity::table.filter(affinity::created_at.lt(before_ms))).execute(conn)?)
+/// Forgets objects created before `before_ms`, and all but the newest
+/// `max`; returns how many.
+pub fn prune(conn: &mut SqliteConnection, before_ms: i64, max: usize) -> Result<usize, DbError> {
+    let old =
+        diesel::delete(affinity::table.filter(affinity::created_at.lt(before_ms))).execute(conn)?;
+    let keep = i64::try_from(max).unwrap_or(i64::MAX);
+    let over = diesel::sql_query(
+        "DELETE FROM affinity WHERE object_id NOT IN \
+         (SELECT object_id FROM affinity ORDER BY created_at DESC LIMIT ?)",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(keep)
+    .execute(conn)?;
+    Ok(old + over)
 }

@@ -128,6 +128,11 @@ impl Handler<UpsertBackend> for PoolSupervisor {
         match self.entry_index(spec.id) {
             Some(i) => {
                 let spec = Arc::new(spec);
+                // A changed key or upstream is another account: objects the
+                // old one holds are no longer reached through this backend.
+                let account = spec.account();
+                self.entries[i].slot.account = Arc::from(account.as_str());
+                self.entries[i].key_id = account;
                 self.entries[i].slot.spec = spec.clone();
                 self.entries[i].addr.do_send(Reconfigure(spec));
                 info!(self.log, "backend updated"; "backend" => self.entries[i].slot.spec.name.to_string());
