@@ -230,6 +230,7 @@ impl Application {
         recent.spawn_ticker();
         let events = EventSink {
             log: log.clone(),
+            lines: crate::ops::request_line::RequestLines::for_logger(&log),
             stats: Some(stats.clone()),
             metrics: Some(metrics.clone()),
             recent: Some(recent.clone()),

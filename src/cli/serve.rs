@@ -13,7 +13,7 @@ use crate::startup::Application;
 
 pub(crate) fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config)?;
-    let log = telemetry::build_logger(settings.logging.level, settings.logging.json);
+    let log = telemetry::build_logger_for_serving(settings.logging.level, settings.logging.json);
     actix_web::rt::System::new().block_on(async move {
         let listener = proxy_listener(&settings, &log)?;
         let app = Application::build(&settings, listener, log).await?;

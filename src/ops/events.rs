@@ -10,7 +10,7 @@ use sidecar_actors::stats::{RecordUsage, StatsActor};
 use sidecar_actors::{BackendId, Pool};
 
 use crate::ops::metrics::{status_class, Metrics};
-use slog::{info, warn, Logger};
+use slog::Logger;
 
 use crate::proxy::usage::Usage;
 
@@ -36,15 +36,13 @@ pub struct RequestFinished {
     pub error_code: Option<&'static str>,
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 100_000.0).round() / 100.0
-}
-
 /// Where events go: the log, and the stats actor (which only ever gets a
 /// `do_send`: the request path never waits on it).
 #[derive(Clone)]
 pub struct EventSink {
     pub log: Logger,
+    /// Where the request line goes (see `request_line`).
+    pub lines: crate::ops::request_line::RequestLines,
     pub stats: Option<Addr<StatsActor>>,
     pub metrics: Option<Arc<Metrics>>,
     /// The dashboard's recent requests and history.
@@ -53,7 +51,7 @@ pub struct EventSink {
 
 impl RequestFinished {
     pub fn emit(&self, sink: &EventSink) {
-        self.log_line(&sink.log);
+        sink.lines.write(self);
         if let Some(m) = &sink.metrics {
             self.count(m);
         }
@@ -111,35 +109,6 @@ impl RequestFinished {
             if self.cost > 0.0 {
                 m.cost.with_label_values(&[b, model]).inc_by(self.cost);
             }
-        }
-    }
-
-    fn log_line(&self, log: &Logger) {
-        let model = self.model.as_deref().unwrap_or("-").to_string();
-        let backend = self.backend.as_deref().unwrap_or("-").to_string();
-        let usage = self.usage.unwrap_or_default();
-        // slog prints pairs last-first; listed in reverse so the line reads id first.
-        let kv = slog::o!(
-            "error" => self.error_code,
-            "cost_usd" => self.cost,
-            "completion_tokens" => usage.completion_tokens,
-            "prompt_tokens" => usage.prompt_tokens,
-            "stream" => self.stream,
-            "attempts" => self.attempts,
-            "ttft_ms" => self.ttft.map(ms),
-            "queued_ms" => ms(self.queued),
-            "latency_ms" => ms(self.latency),
-            "status" => self.status,
-            "backend" => backend,
-            "model" => model,
-            "endpoint" => self.endpoint,
-            "request_id" => self.request_id.to_string(),
-        );
-        let log = log.new(kv);
-        if self.status >= 500 {
-            warn!(log, "request");
-        } else {
-            info!(log, "request");
         }
     }
 }

@@ -44,9 +44,23 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
         m.db_size.set(db as i64);
         m.wal_size.set(wal as i64);
     }
+    #[allow(unused_mut)]
+    let mut body = m.encode();
+    // The benchmark's counting build (`--features alloc-stats`) only.
+    #[cfg(feature = "alloc-stats")]
+    {
+        let s = dhat::HeapStats::get();
+        body.push_str(&format!(
+            "# HELP sidecar_alloc_blocks_total Heap allocations since start (alloc-stats build).\n\
+             # TYPE sidecar_alloc_blocks_total counter\nsidecar_alloc_blocks_total {}\n\
+             # HELP sidecar_alloc_bytes_total Bytes allocated since start (alloc-stats build).\n\
+             # TYPE sidecar_alloc_bytes_total counter\nsidecar_alloc_bytes_total {}\n",
+            s.total_blocks, s.total_bytes
+        ));
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(m.encode())
+        .body(body)
 }
 
 pub fn run(listener: TcpListener, state: web::Data<AdminState>) -> std::io::Result<Server> {

@@ -6,4 +6,5 @@ pub mod metrics;
 pub mod metrics_server;
 pub mod notify;
 pub mod recent;
+pub mod request_line;
 pub mod telemetry;

@@ -50,11 +50,27 @@ fn json_out() -> BufferedStderr {
         .clone()
 }
 
+/// Appends one whole line to the buffered stderr (the request line,
+/// formatted by the worker that served the request).
+pub fn write_line(line: &[u8]) {
+    let out = json_out();
+    // One lock for the whole line: lines from two workers never interleave.
+    let mut w = out.0.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = w.write_all(line);
+}
+
 /// Writes out buffered log lines (at shutdown).
 pub fn flush() {
     if let Some(out) = JSON_OUT.get() {
         let _ = out.clone().flush();
     }
+}
+
+/// The gateway's logger; with `direct_requests`, request lines bypass it
+/// (see `request_line`).
+pub fn build_logger_for_serving(level: slog::Level, json: bool) -> Logger {
+    crate::ops::request_line::write_directly(json, level);
+    build_logger(level, json)
 }
 
 pub fn build_logger(level: slog::Level, json: bool) -> Logger {

@@ -2,7 +2,6 @@
 //! which name one, and who may reach it. The book itself (memory, SQLite,
 //! Redis) is `sidecar_actors::affinity`.
 
-use serde_json::{Map, Value};
 use sidecar_actors::affinity::{Book, Owner};
 use sidecar_actors::db::now_ms;
 use sidecar_actors::Lease;
@@ -12,10 +11,10 @@ use crate::web::error::ApiError;
 
 /// Whether a request's answer is an object the upstream keeps: a response
 /// (stored unless `store: false`) or a chat completion with `store: true`.
-pub(crate) fn stores(endpoint: Endpoint, json: &Map<String, Value>) -> bool {
+pub(crate) fn stores(endpoint: Endpoint, store: Option<bool>) -> bool {
     match endpoint {
-        Endpoint::Responses => json.get("store") != Some(&Value::Bool(false)),
-        Endpoint::ChatCompletions => json.get("store") == Some(&Value::Bool(true)),
+        Endpoint::Responses => store != Some(false),
+        Endpoint::ChatCompletions => store == Some(true),
         _ => false,
     }
 }
@@ -92,23 +91,10 @@ mod tests {
 
     #[test]
     fn responses_are_stored_unless_told_and_chat_only_when_told() {
-        let obj = |v: Value| v.as_object().cloned().unwrap_or_default();
-        assert!(stores(Endpoint::Responses, &obj(serde_json::json!({}))));
-        assert!(!stores(
-            Endpoint::Responses,
-            &obj(serde_json::json!({"store": false}))
-        ));
-        assert!(!stores(
-            Endpoint::ChatCompletions,
-            &obj(serde_json::json!({}))
-        ));
-        assert!(stores(
-            Endpoint::ChatCompletions,
-            &obj(serde_json::json!({"store": true}))
-        ));
-        assert!(!stores(
-            Endpoint::Embeddings,
-            &obj(serde_json::json!({"store": true}))
-        ));
+        assert!(stores(Endpoint::Responses, None));
+        assert!(!stores(Endpoint::Responses, Some(false)));
+        assert!(!stores(Endpoint::ChatCompletions, None));
+        assert!(stores(Endpoint::ChatCompletions, Some(true)));
+        assert!(!stores(Endpoint::Embeddings, Some(true)));
     }
 }

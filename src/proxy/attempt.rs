@@ -12,12 +12,12 @@ use serde_json::Value;
 use sidecar_actors::{Lease, Outcome, Report};
 use tokio::time::Instant;
 
-use super::affinity;
 use super::prepare::{Keep, Outgoing, Prepared};
 use super::secrets::Masker;
 use super::stream::{first_chunk, PassThrough, StreamContext};
 use super::upstream::{self, classify_send_error, Answer};
 use super::ProxyState;
+use super::{affinity, body};
 use super::{limits, usage, Endpoint, Trace, BACKEND_HEADER};
 use crate::web::error::ApiError;
 
@@ -81,6 +81,13 @@ pub(crate) async fn attempt(
         }));
     }
     let (out, content_type) = match &mut p.body {
+        Outgoing::Spliced { bytes, at } => match body::splice(bytes, at, &lease.native_model) {
+            Ok(out) => (
+                Bytes::from(out),
+                Some(HeaderValue::from_static("application/json")),
+            ),
+            Err(e) => return Step::GiveUp(e),
+        },
         Outgoing::Json(json) => {
             json.insert(
                 "model".into(),

@@ -9,6 +9,7 @@
 
 mod affinity;
 mod attempt;
+mod body;
 pub mod client_keys;
 pub mod limits;
 mod listing;

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use sidecar_actors::Priority;
 use tokio::time::Instant;
 
+use super::body::{self, StreamUsage};
 use super::ProxyState;
 use super::{affinity, upstream, Endpoint, Trace};
 use crate::web::error::ApiError;
@@ -47,6 +48,8 @@ pub(crate) struct Prepared {
 
 /// The body sent upstream.
 pub(crate) enum Outgoing {
+    /// The client's bytes with `model` replaced in place (see `body`).
+    Spliced { bytes: Bytes, at: body::Spliced },
     /// A JSON object whose `model` each attempt sets to the backend's name.
     Json(Map<String, Value>),
     /// The client's bytes as they came (empty: no body).
@@ -87,11 +90,15 @@ pub(crate) async fn prepare(
         state.limits.body_timeout,
     )
     .await?;
-    let mut json = parse_object(&body)?;
-    let model = model_of(&json)?;
+    let peeked = body::peek(&body)?;
+    let model = peeked.model.clone();
     let client = client_key.as_ref().map(|c| c.key.name.clone());
     // A response continuing another must go where that one lives.
-    let (pin, object) = match previous_response(endpoint, &json) {
+    let previous = peeked
+        .previous_response_id
+        .clone()
+        .filter(|_| matches!(endpoint, Endpoint::Responses | Endpoint::ResponsesCompact));
+    let (pin, object) = match previous {
         Some(prev) => {
             let owner = affinity::owner_for(&state.affinity, &prev, client.as_deref()).await?;
             (Some(owner.account), Some(prev))
@@ -108,14 +115,43 @@ pub(crate) async fn prepare(
         c.check_model(&model)?;
         c.take()?;
     }
-    let stream = endpoint.streams() && json.get("stream") == Some(&Value::Bool(true));
+    let stream = endpoint.streams() && peeked.stream;
     trace.record.stream = stream;
-    let strip_usage = stream && endpoint.asks_stream_usage() && request_stream_usage(&mut json);
-    let est_tokens = estimate_tokens(body.len(), &json);
-    let keep = if affinity::stores(endpoint, &json) {
+    let est_tokens = estimate(body.len(), peeked.completion_budget);
+    let keep = if affinity::stores(endpoint, peeked.store) {
         Keep::Created
     } else {
         Keep::Nothing
+    };
+    // Usage is asked for in a stream where the API has the option; the
+    // client's bytes are sent with only `model` replaced, unless its own
+    // `stream_options` must be edited (then the object is rebuilt).
+    let asks_usage = stream && endpoint.asks_stream_usage();
+    let splice = |insert| body::Spliced {
+        model_at: peeked.model_at.clone(),
+        open: peeked.open,
+        insert,
+    };
+    let (out, strip_usage) = match (asks_usage, peeked.stream_usage) {
+        (false, _) | (true, StreamUsage::Asked) => (
+            Outgoing::Spliced {
+                bytes: body.clone(),
+                at: splice(""),
+            },
+            false,
+        ),
+        (true, StreamUsage::Absent) => (
+            Outgoing::Spliced {
+                bytes: body.clone(),
+                at: splice(body::ASK_USAGE),
+            },
+            true,
+        ),
+        (true, StreamUsage::Other) => {
+            let mut json = parse_object(&body)?;
+            let strip = request_stream_usage(&mut json);
+            (Outgoing::Json(json), strip)
+        }
     };
     Ok(Prepared {
         model,
@@ -125,24 +161,13 @@ pub(crate) async fn prepare(
         est_tokens,
         method: Method::POST,
         path: endpoint.path().to_string(),
-        body: Outgoing::Json(json),
+        body: out,
         headers: upstream::forwardable_request_headers(req.headers()),
         pin,
         object,
         keep,
         client,
     })
-}
-
-/// `previous_response_id`, for the routes that continue a response.
-fn previous_response(endpoint: Endpoint, json: &Map<String, Value>) -> Option<String> {
-    if !matches!(endpoint, Endpoint::Responses | Endpoint::ResponsesCompact) {
-        return None;
-    }
-    match json.get("previous_response_id") {
-        Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
-        _ => None,
-    }
 }
 
 /// Reads the request body: at most `max` bytes, no gap between chunks
@@ -191,13 +216,6 @@ pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> 
     }
 }
 
-pub(crate) fn model_of(json: &Map<String, Value>) -> Result<Arc<str>, ApiError> {
-    match json.get("model") {
-        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Arc::from(s.as_str())),
-        _ => Err(ApiError::MissingModel),
-    }
-}
-
 pub(crate) fn priority_of(req: &HttpRequest, default: Priority) -> Result<Priority, ApiError> {
     match req.headers().get("x-priority") {
         None => Ok(default),
@@ -212,13 +230,9 @@ pub(crate) fn priority_of(req: &HttpRequest, default: Priority) -> Result<Priori
 /// A rough count for TPM-limited backends: ~4 bytes a token plus the
 /// completion budget the client asked for (saturating: the client's
 /// numbers can be anything).
-pub(crate) fn estimate_tokens(body_len: usize, json: &Map<String, Value>) -> u64 {
-    let completion = ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|k| json.get(*k).and_then(Value::as_u64))
-        .unwrap_or(0);
+pub(crate) fn estimate(body_len: usize, completion: Option<u64>) -> u64 {
     (body_len as u64 / 4)
-        .saturating_add(completion)
+        .saturating_add(completion.unwrap_or(0))
         .min(MAX_EST_TOKENS)
 }
 
@@ -248,9 +262,7 @@ mod tests {
 
     #[test]
     fn token_estimate_saturates() {
-        let mut json = Map::new();
-        json.insert("max_tokens".into(), Value::from(u64::MAX));
-        assert_eq!(estimate_tokens(4000, &json), MAX_EST_TOKENS);
+        assert_eq!(estimate(4000, Some(u64::MAX)), MAX_EST_TOKENS);
     }
 
     use proptest::prelude::*;
@@ -290,13 +302,12 @@ mod tests {
         /// No body panics the request preparation; the estimate is bounded.
         #[test]
         fn any_body_is_parsed_without_panic(bytes in body()) {
+            if let Ok(p) = super::super::body::peek(&bytes) {
+                prop_assert!(!p.model.trim().is_empty());
+                prop_assert!(estimate(bytes.len(), p.completion_budget) <= MAX_EST_TOKENS);
+            }
             if let Ok(mut json) = parse_object(&bytes) {
-                let model = model_of(&json);
-                if let Ok(m) = &model {
-                    prop_assert!(!m.trim().is_empty());
-                }
                 let _ = request_stream_usage(&mut json);
-                prop_assert!(estimate_tokens(bytes.len(), &json) <= MAX_EST_TOKENS);
             }
         }
     }

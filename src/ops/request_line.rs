@@ -1,0 +1,281 @@
+//! The per-request log line, written by the worker that served the request.
+//!
+//! Through slog, every request line was a fresh logger, a dozen boxed values
+//! sent to slog-async's thread and formatted there: at c=1 the wake-up of
+//! that thread alone cost a third of the gateway's latency, and under load
+//! its formatting competed with the workers for the same cores. Served by
+//! `sidecar serve`, the line is formatted in place into a per-thread buffer
+//! and appended to the buffered stderr that a flusher writes out every
+//! 100 ms — the same stream, in the same format (JSON or text), as every
+//! other line. Anywhere else (tests, embedding) it goes through the slog
+//! logger the gateway was given, as before.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
+use slog::{info, warn, Logger};
+
+use super::events::RequestFinished;
+use super::telemetry;
+
+/// How request lines are written where the process's logging was set up.
+#[derive(Debug, Clone, Copy)]
+struct Direct {
+    json: bool,
+    level: slog::Level,
+}
+
+static DIRECT: OnceLock<Direct> = OnceLock::new();
+
+/// Request lines go straight to the buffered stderr from now on.
+pub fn write_directly(json: bool, level: slog::Level) {
+    let _ = DIRECT.set(Direct { json, level });
+}
+
+#[derive(Clone)]
+pub enum RequestLines {
+    /// Through the gateway's own logger.
+    Slog(Logger),
+    Direct(DirectLines),
+}
+
+#[derive(Clone, Copy)]
+pub struct DirectLines(Direct);
+
+impl RequestLines {
+    /// Direct when the process set its logging up for it, else `log`.
+    pub fn for_logger(log: &Logger) -> Self {
+        match DIRECT.get() {
+            Some(d) => RequestLines::Direct(DirectLines(*d)),
+            None => RequestLines::Slog(log.clone()),
+        }
+    }
+
+    pub fn write(&self, r: &RequestFinished) {
+        match self {
+            RequestLines::Slog(log) => through_slog(log, r),
+            RequestLines::Direct(DirectLines(d)) => {
+                let warning = r.status >= 500;
+                let level = if warning {
+                    slog::Level::Warning
+                } else {
+                    slog::Level::Info
+                };
+                if !level.is_at_least(d.level) {
+                    return;
+                }
+                thread_local! {
+                    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+                }
+                LINE.with(|line| {
+                    let Ok(mut line) = line.try_borrow_mut() else {
+                        return;
+                    };
+                    line.clear();
+                    if d.json {
+                        json_line(&mut line, r, warning);
+                    } else {
+                        text_line(&mut line, r, warning);
+                    }
+                    telemetry::write_line(line.as_bytes());
+                });
+            }
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+/// A JSON string, escaped as JSON requires.
+fn json_str(out: &mut String, s: &str) {
+    match serde_json::to_string(s) {
+        Ok(q) => out.push_str(&q),
+        Err(_) => out.push_str("null"),
+    }
+}
+
+fn json_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("null"),
+    }
+}
+
+fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
+    let usage = r.usage.unwrap_or_default();
+    out.push_str("{\"msg\":\"request\",\"level\":\"");
+    out.push_str(if warning { "WARN" } else { "INFO" });
+    out.push_str("\",\"ts\":\"");
+    let _ = write!(
+        out,
+        "{}",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+    );
+    out.push_str("\",\"service\":\"sidecar\",\"request_id\":");
+    json_str(out, &r.request_id);
+    out.push_str(",\"endpoint\":");
+    json_str(out, r.endpoint);
+    out.push_str(",\"model\":");
+    json_str(out, r.model.as_deref().unwrap_or("-"));
+    out.push_str(",\"backend\":");
+    json_str(out, r.backend.as_deref().unwrap_or("-"));
+    let _ = write!(
+        out,
+        ",\"status\":{},\"latency_ms\":{},\"queued_ms\":{},\"ttft_ms\":",
+        r.status,
+        ms(r.latency),
+        ms(r.queued)
+    );
+    json_opt(out, r.ttft.map(ms));
+    let _ = write!(
+        out,
+        ",\"attempts\":{},\"stream\":{},\"prompt_tokens\":",
+        r.attempts, r.stream
+    );
+    json_opt(out, usage.prompt_tokens);
+    out.push_str(",\"completion_tokens\":");
+    json_opt(out, usage.completion_tokens);
+    let _ = write!(out, ",\"cost_usd\":{},\"error\":", r.cost);
+    match r.error_code {
+        Some(code) => json_str(out, code),
+        None => out.push_str("null"),
+    }
+    out.push_str("}\n");
+}
+
+fn text_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("None"),
+    }
+}
+
+/// As slog-term's full format prints it.
+fn text_line(out: &mut String, r: &RequestFinished, warning: bool) {
+    let usage = r.usage.unwrap_or_default();
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let _ = write!(
+        out,
+        "{} {} request, request_id: {}, endpoint: {}, model: {}, backend: {}, status: {}, \
+         latency_ms: {}, queued_ms: {}, ttft_ms: ",
+        now.trim_end_matches('Z').replace('T', " "),
+        if warning { "WARN" } else { "INFO" },
+        r.request_id,
+        r.endpoint,
+        r.model.as_deref().unwrap_or("-"),
+        r.backend.as_deref().unwrap_or("-"),
+        r.status,
+        ms(r.latency),
+        ms(r.queued)
+    );
+    text_opt(out, r.ttft.map(ms));
+    let _ = write!(
+        out,
+        ", attempts: {}, stream: {}, prompt_tokens: ",
+        r.attempts, r.stream
+    );
+    text_opt(out, usage.prompt_tokens);
+    out.push_str(", completion_tokens: ");
+    text_opt(out, usage.completion_tokens);
+    let _ = write!(out, ", cost_usd: {}, error: ", r.cost);
+    text_opt(out, r.error_code);
+    out.push_str(", service: sidecar\n");
+}
+
+fn through_slog(log: &Logger, r: &RequestFinished) {
+    let usage = r.usage.unwrap_or_default();
+    let (model, backend) = (
+        r.model.as_deref().unwrap_or("-"),
+        r.backend.as_deref().unwrap_or("-"),
+    );
+    let id: &str = &r.request_id;
+    // slog prints pairs last-first; listed in reverse so the line reads id first.
+    if r.status >= 500 {
+        warn!(log, "request"; "error" => r.error_code, "cost_usd" => r.cost,
+            "completion_tokens" => usage.completion_tokens, "prompt_tokens" => usage.prompt_tokens,
+            "stream" => r.stream, "attempts" => r.attempts, "ttft_ms" => r.ttft.map(ms),
+            "queued_ms" => ms(r.queued), "latency_ms" => ms(r.latency), "status" => r.status,
+            "backend" => backend, "model" => model, "endpoint" => r.endpoint, "request_id" => id);
+    } else {
+        info!(log, "request"; "error" => r.error_code, "cost_usd" => r.cost,
+            "completion_tokens" => usage.completion_tokens, "prompt_tokens" => usage.prompt_tokens,
+            "stream" => r.stream, "attempts" => r.attempts, "ttft_ms" => r.ttft.map(ms),
+            "queued_ms" => ms(r.queued), "latency_ms" => ms(r.latency), "status" => r.status,
+            "backend" => backend, "model" => model, "endpoint" => r.endpoint, "request_id" => id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn finished() -> RequestFinished {
+        RequestFinished {
+            request_id: Arc::from("req-1"),
+            endpoint: "/chat/completions",
+            model: Some(Arc::from("m \"quoted\"")),
+            backend: Some(Arc::from("b")),
+            status: 200,
+            latency: Duration::from_micros(1234),
+            attempts: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_json_line_is_one_valid_object_with_every_field() {
+        let mut line = String::new();
+        json_line(&mut line, &finished(), false);
+        assert!(line.ends_with("}\n"));
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).expect("valid JSON");
+        assert_eq!(v["msg"], "request");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["model"], "m \"quoted\"");
+        assert_eq!(v["latency_ms"], 1.23);
+        assert_eq!(v["ttft_ms"], serde_json::Value::Null);
+        assert_eq!(v["error"], serde_json::Value::Null);
+        for key in [
+            "ts",
+            "request_id",
+            "endpoint",
+            "backend",
+            "status",
+            "queued_ms",
+            "attempts",
+            "stream",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+    }
+
+    #[test]
+    fn the_text_line_reads_like_slog_terms() {
+        let mut line = String::new();
+        let mut r = finished();
+        r.status = 502;
+        r.error_code = Some("upstream_error");
+        text_line(&mut line, &r, true);
+        assert!(
+            line.contains(" WARN request, request_id: req-1, endpoint: /chat/completions"),
+            "{line}"
+        );
+        assert!(
+            line.contains("status: 502") && line.contains("error: upstream_error"),
+            "{line}"
+        );
+        assert_eq!(line.matches('\n').count(), 1);
+    }
+}
