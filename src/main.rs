@@ -1,8 +1,9 @@
 //! The `sidecar` binary: everything it does is in the library's `cli` room.
 
+// jemalloc: fast across threads and returns memory (see Cargo.toml).
 #[cfg(not(feature = "alloc-stats"))]
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 // The benchmark's counting build: every allocation through dhat.
 #[cfg(feature = "alloc-stats")]
@@ -11,6 +12,7 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 
 fn main() -> std::process::ExitCode {
     #[cfg(feature = "alloc-stats")]
-    let _profiler = dhat::Profiler::builder().testing().build();
+    // Writes dhat-heap.json (allocation sites) in the working directory at exit.
+    let _profiler = dhat::Profiler::new_heap();
     sidecar::cli::run()
 }

@@ -50,7 +50,12 @@ fn request_id_from(req: &actix_web::dev::ServiceRequest) -> Arc<str> {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().simple().to_string()))
+        // Random from the thread's own generator: a v4 UUID from the OS cost
+        // a getrandom syscall per request.
+        .unwrap_or_else(|| {
+            let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+            Arc::from(id.simple().to_string())
+        })
 }
 
 /// Stops the gateway: STOPPING=1, live streams closed, in-flight requests
@@ -251,6 +256,7 @@ impl Application {
             log: log.clone(),
             live: live.clone(),
             affinity,
+            maskers: Default::default(),
         });
         let state = web::Data::new(AdminState {
             supervisor: supervisor.clone(),

@@ -32,7 +32,9 @@ impl RollingLimiter {
             window,
             limit,
             burst,
-            grants: VecDeque::with_capacity(limit as usize),
+            // Grown as grants come: a key allowed 100 M a minute must not
+            // reserve 1.6 GB up front.
+            grants: VecDeque::with_capacity((limit as usize).min(1024)),
             bucket: burst as f64,
             refilled_at: now,
             version: 0,

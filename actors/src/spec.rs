@@ -27,7 +27,7 @@ impl Pool {
 }
 
 /// An upstream API key. Its `Debug`/`Display` never print the secret.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ApiKey(Arc<str>);
 
 impl ApiKey {

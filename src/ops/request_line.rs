@@ -89,12 +89,23 @@ fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
-/// A JSON string, escaped as JSON requires.
+/// A JSON string, escaped as JSON requires, written in place.
 fn json_str(out: &mut String, s: &str) {
-    match serde_json::to_string(s) {
-        Ok(q) => out.push_str(&q),
-        Err(_) => out.push_str("null"),
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
     }
+    out.push('"');
 }
 
 fn json_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
@@ -157,20 +168,36 @@ fn text_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
     }
 }
 
+/// A value as the text line shows it: control characters escaped, so a
+/// client's model name cannot start a forged line.
+fn text_val(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if c.is_control() {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+}
+
 /// As slog-term's full format prints it.
 fn text_line(out: &mut String, r: &RequestFinished, warning: bool) {
     let usage = r.usage.unwrap_or_default();
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let _ = write!(
         out,
-        "{} {} request, request_id: {}, endpoint: {}, model: {}, backend: {}, status: {}, \
-         latency_ms: {}, queued_ms: {}, ttft_ms: ",
+        "{} {} request, request_id: ",
         now.trim_end_matches('Z').replace('T', " "),
         if warning { "WARN" } else { "INFO" },
-        r.request_id,
-        r.endpoint,
-        r.model.as_deref().unwrap_or("-"),
-        r.backend.as_deref().unwrap_or("-"),
+    );
+    text_val(out, &r.request_id);
+    let _ = write!(out, ", endpoint: {}, model: ", r.endpoint);
+    text_val(out, r.model.as_deref().unwrap_or("-"));
+    out.push_str(", backend: ");
+    text_val(out, r.backend.as_deref().unwrap_or("-"));
+    let _ = write!(
+        out,
+        ", status: {}, latency_ms: {}, queued_ms: {}, ttft_ms: ",
         r.status,
         ms(r.latency),
         ms(r.queued)
@@ -223,7 +250,7 @@ mod tests {
         RequestFinished {
             request_id: Arc::from("req-1"),
             endpoint: "/chat/completions",
-            model: Some(Arc::from("m \"quoted\"")),
+            model: Some(Arc::from("m \"quoted\"\\\n\u{1}")),
             backend: Some(Arc::from("b")),
             status: 200,
             latency: Duration::from_micros(1234),
@@ -240,7 +267,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(line.trim_end()).expect("valid JSON");
         assert_eq!(v["msg"], "request");
         assert_eq!(v["level"], "INFO");
-        assert_eq!(v["model"], "m \"quoted\"");
+        assert_eq!(v["model"], "m \"quoted\"\\\n\u{1}");
         assert_eq!(v["latency_ms"], 1.23);
         assert_eq!(v["ttft_ms"], serde_json::Value::Null);
         assert_eq!(v["error"], serde_json::Value::Null);

@@ -144,7 +144,7 @@ pub(crate) async fn attempt(
     };
     let status = res.status().as_u16();
     // One masker per answer: an upstream may echo the key in anything it sends.
-    let masker = Masker::new(&lease.api_key);
+    let masker = state.maskers.get(&lease.api_key);
     let provider = limits::provider_limits(res.headers());
     let answer = Answer::of(status);
     match answer {
@@ -329,7 +329,15 @@ pub(crate) fn response_builder(
             }
         }
     }
-    builder.insert_header((BACKEND_HEADER, lease.name.to_string()));
+    const NAME: header::HeaderName = header::HeaderName::from_static(BACKEND_HEADER);
+    match HeaderValue::from_str(&lease.name) {
+        Ok(v) => {
+            builder.insert_header((NAME, v));
+        }
+        Err(_) => {
+            builder.insert_header((NAME, lease.name.to_string()));
+        }
+    }
     builder
 }
 

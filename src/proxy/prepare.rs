@@ -217,7 +217,9 @@ pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> 
 }
 
 pub(crate) fn priority_of(req: &HttpRequest, default: Priority) -> Result<Priority, ApiError> {
-    match req.headers().get("x-priority") {
+    // A static name: looking a header up by `&str` allocates its name.
+    const X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
+    match req.headers().get(&X_PRIORITY) {
         None => Ok(default),
         Some(v) => v
             .to_str()

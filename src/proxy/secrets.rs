@@ -3,6 +3,8 @@
 //! any long prefix of it — is masked before it goes on, to a client, a log,
 //! the dashboard or the database.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use memchr::memmem;
 use sidecar_actors::ApiKey;
@@ -10,6 +12,30 @@ use sidecar_actors::ApiKey;
 /// How much of a key, from its start, counts as the key: enough to use or
 /// guess it, more than a masked hint (`key-****abcd`) shows.
 const PREFIX: usize = 12;
+
+/// One masker per key, built once: building one (the masked hint, the
+/// search table) cost seven allocations on every answer.
+#[derive(Default)]
+pub struct Maskers(std::sync::RwLock<std::collections::HashMap<ApiKey, Arc<Masker>>>);
+
+/// Keys replaced since the start (rotations) are dropped past this many.
+const MAX_MASKERS: usize = 4096;
+
+impl Maskers {
+    pub fn get(&self, key: &ApiKey) -> Arc<Masker> {
+        if let Some(m) = self.0.read().ok().and_then(|m| m.get(key).cloned()) {
+            return m;
+        }
+        let m = Arc::new(Masker::new(key));
+        if let Ok(mut all) = self.0.write() {
+            if all.len() >= MAX_MASKERS {
+                all.clear();
+            }
+            all.insert(key.clone(), m.clone());
+        }
+        m
+    }
+}
 
 /// Finds and masks one key in any bytes.
 pub struct Masker {

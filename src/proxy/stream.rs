@@ -3,6 +3,7 @@
 //! line when it ends, fails, or the client goes away.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -84,7 +85,7 @@ pub struct PassThrough {
     /// The first chunk made the stream broken (an endless first event).
     broken_first: bool,
     /// Masks the backend's key wherever an event carries it.
-    masker: Masker,
+    masker: Arc<Masker>,
     /// Where the stream's object id goes, until it is read.
     keep: Option<(Book, Owner)>,
 }
@@ -99,7 +100,7 @@ impl PassThrough {
         first: Bytes,
         strip_usage: bool,
         ctx: StreamContext,
-        masker: Masker,
+        masker: Arc<Masker>,
     ) -> Self {
         let mut filter = SseFilter::bounded(strip_usage, ctx.max_event_bytes);
         let mut ctx = ctx;

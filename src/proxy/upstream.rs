@@ -90,23 +90,21 @@ fn is_dropped_response_header(name: &HeaderName) -> bool {
     )
 }
 
-/// Names listed in the `Connection` header are hop-by-hop too.
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+/// Names listed in the `Connection` header are hop-by-hop too (compared
+/// without building a list: almost every message says only `keep-alive`).
+fn connection_lists(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
+        .any(|s| s.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 /// The client's headers that may travel upstream.
 pub fn forwardable_request_headers(headers: &HeaderMap) -> Vec<(HeaderName, header::HeaderValue)> {
-    let listed = connection_listed(headers);
     headers
         .iter()
-        .filter(|(n, _)| !is_dropped_request_header(n) && !listed.iter().any(|l| l == n.as_str()))
+        .filter(|(n, _)| !is_dropped_request_header(n) && !connection_lists(headers, n))
         .filter(|(n, _)| *n != header::CONTENT_TYPE)
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect()
@@ -114,10 +112,9 @@ pub fn forwardable_request_headers(headers: &HeaderMap) -> Vec<(HeaderName, head
 
 /// The upstream's headers that may travel back to the client.
 pub fn forwardable_response_headers(headers: &HeaderMap) -> Vec<(HeaderName, header::HeaderValue)> {
-    let listed = connection_listed(headers);
     headers
         .iter()
-        .filter(|(n, _)| !is_dropped_response_header(n) && !listed.iter().any(|l| l == n.as_str()))
+        .filter(|(n, _)| !is_dropped_response_header(n) && !connection_lists(headers, n))
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect()
 }

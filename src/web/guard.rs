@@ -115,16 +115,14 @@ pub fn check(r: &Request<'_>, p: &Policy<'_>) -> Result<(), ApiError> {
         matches!(*r.method, Method::POST | Method::PUT | Method::PATCH) && (admin || proxy);
     if sends_json {
         let simple = r.content_type.is_some_and(|ct| {
-            let ct = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            matches!(
-                ct.as_str(),
-                "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data"
-            )
+            let ct = ct.split(';').next().unwrap_or("").trim();
+            [
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data",
+            ]
+            .iter()
+            .any(|s| ct.eq_ignore_ascii_case(s))
         });
         if simple {
             return Err(refuse(
