@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for sidecar's benchmarks, side by side with LiteLLM:
 #
-#   benches/run.sh [overhead|memory|goodput|cluster|all]
+#   benches/run.sh [overhead|allocations|memory|goodput|cluster|all]
 #
 # Installs or checks its tools (wrk and nginx from Debian, LiteLLM from PyPI
 # in a venv under target/bench), builds the release binary and the load
@@ -56,7 +56,9 @@ fi
 # LiteLLM refuses to start without a master key; every client sends it (sidecar
 # and nginx ignore it). LiteLLM wants the `sk-` prefix; the rest says what it is.
 export LITELLM_MASTER_KEY=sk-FAKE-local-bench-only
-log "building release binary and load generator"
+log "building the allocation-counting binary (--features alloc-stats), then the release binary and load generator"
+cargo build --release --quiet --features alloc-stats --bin sidecar
+cp target/release/sidecar "$OUT/sidecar-alloc-stats"
 cargo build --release --quiet --bin sidecar --example loadgen
 SIDECAR=$ROOT/target/release/sidecar
 LOADGEN=$ROOT/target/release/examples/loadgen
@@ -250,14 +252,48 @@ print(f"| **added by sidecar** | {s['ttft']['p50_ms']-d['ttft']['p50_ms']:+.3f} 
 EOF
 }
 
+# ---- allocations ---------------------------------------------------------------
+allocations() {
+  log "allocations: heap allocations and bytes per non-streaming request (dhat-counting build)"
+  curl -fsS -o /dev/null http://127.0.0.1:18080/v1/models 2>/dev/null || start_nginx
+  post_lua
+  one_backend_config 19190 > "$OUT/allocs.toml"
+  rm -rf "$OUT/sidecar-data"; mkdir -p "$OUT/sidecar-data"
+  # dhat also writes the allocation sites to $OUT/dhat-heap.json at exit.
+  (cd "$OUT" && SIDECAR_ENCRYPTION_KEY=$("$OUT/sidecar-alloc-stats" keygen) LOG_FORMAT=json \
+    exec "$OUT/sidecar-alloc-stats" serve --config "$OUT/allocs.toml") > "$OUT/sidecar-allocs.log" 2>&1 &
+  local pid=$!; PIDS+=("$pid")
+  wait_http http://127.0.0.1:19190/health
+  wrk -t1 -c4 -d2s -s "$OUT/post.lua" http://127.0.0.1:19190/v1/chat/completions > /dev/null
+  local m0 m1 n
+  m0=$(curl -fsS http://127.0.0.1:19191/metrics | awk '/^sidecar_alloc_(blocks|bytes)_total/ {printf "%s ", $2}')
+  n=$(wrk -t1 -c4 -d5s -s "$OUT/post.lua" http://127.0.0.1:19190/v1/chat/completions | awk '/requests in/ {print $1}')
+  m1=$(curl -fsS http://127.0.0.1:19191/metrics | awk '/^sidecar_alloc_(blocks|bytes)_total/ {printf "%s ", $2}')
+  stop_pid "$pid"
+  emit ""
+  emit "### Allocations per request (non-streaming chat completion, one backend)"
+  emit ""
+  python3 - "$n" $m0 $m1 <<'EOF' | tee -a "$RESULTS"
+import sys
+n, b0, y0, b1, y1 = (float(x) for x in sys.argv[1:6])
+print("| requests counted | allocations per request | bytes allocated per request |")
+print("|---|---|---|")
+print(f"| {n:.0f} | {(b1 - b0) / n:.1f} | {(y1 - y0) / n:.0f} |")
+EOF
+}
+
 # ---- memory ------------------------------------------------------------------
 memory() {
-  log "memory: peak RSS idle with 11 backends, then with 1000 open streams"
+  local N=${MEM_STREAMS:-8000}
+  # Each stream holds two sockets in the gateway (and one in the mock and
+  # one in the load generator): raise the soft limit to the hard one.
+  ulimit -n "$(ulimit -Hn)" || true
+  log "memory: peak RSS idle with 11 backends, then with $N open streams (fd limit $(ulimit -n))"
   "$SIDECAR" mock-upstream --port 18091 --keys "$(seq -s, -f 'fake-%02g:0' 1 11)" --chunks 40 --chunk-ms 250 --models native-m > "$OUT/mock-mem.log" 2>&1 &
   local mock=$!; PIDS+=("$mock")
   wait_http http://127.0.0.1:18091/_mock/stats
   {
-    echo "port = 19192"; echo "metrics_port = 19193"
+    echo "port = 19192"; echo "metrics_port = 19193"; echo "queue_max = 100000"
     echo "db_path = \"$OUT/sidecar-data/sidecar.db\""; echo "backup_dir = \"$OUT/sidecar-data/backups\""
     for i in $(seq -f '%02g' 1 11); do
       printf '[[backends]]\nname = "key-%s"\nbase_url = "http://127.0.0.1:18091/v1"\napi_key = "fake-%s"\nrpm_limit = 100000\nmodels = { "m" = "native-m" }\n' "$i" "$i"
@@ -266,7 +302,7 @@ memory() {
   start_sidecar "$OUT/memory.toml" 19192
   sleep 3
   local idle; idle=$(peak_rss_kb "$SIDECAR_PID")
-  "$LOADGEN" streams --url http://127.0.0.1:19192 --n 1000 > "$OUT/streams-1000.json"
+  "$LOADGEN" streams --url http://127.0.0.1:19192 --n "$N" > "$OUT/streams-$N.json"
   local busy; busy=$(peak_rss_kb "$SIDECAR_PID")
   stop_pid "$SIDECAR_PID"; stop_pid "$mock"
   # LiteLLM idle, same 11 keys, for comparison.
@@ -285,13 +321,14 @@ memory() {
   emit ""
   emit "### Memory"
   emit ""
-  python3 - "$OUT/streams-1000.json" "$idle" "$busy" "$lidle" <<'EOF' | tee -a "$RESULTS"
+  python3 - "$OUT/streams-$N.json" "$idle" "$busy" "$lidle" <<'EOF' | tee -a "$RESULTS"
 import json, sys
 s = json.load(open(sys.argv[1])); idle, busy, lidle = (int(x) / 1024 for x in sys.argv[2:5])
+n = s['opened']
 print("| measurement | value |")
 print("|---|---|")
 print(f"| sidecar peak RSS, idle, 11 backends | {idle:.1f} MB |")
-print(f"| sidecar peak RSS, 1000 concurrent streams ({s['completed']}/{s['opened']} completed, 10 s each) | {busy:.1f} MB |")
+print(f"| sidecar peak RSS, {n} concurrent streams ({s['completed']}/{n} completed, 10 s each) | {busy:.1f} MB ({(busy - idle) * 1024 / n:.1f} KB per stream) |")
 print(f"| LiteLLM RSS, idle, 11 deployments (proxy + 2 workers) | {lidle:.1f} MB |")
 EOF
 }
@@ -502,11 +539,12 @@ EOF
 }
 
 case "$MODE" in
-  overhead) overhead ;;
+  overhead) overhead; allocations ;;
+  allocations) allocations ;;
   memory) memory ;;
   goodput) goodput ;;
   cluster) cluster ;;
-  all) overhead; memory; goodput; cluster ;;
-  *) echo "usage: benches/run.sh [overhead|memory|goodput|cluster|all]" >&2; exit 2 ;;
+  all) overhead; allocations; memory; goodput; cluster ;;
+  *) echo "usage: benches/run.sh [overhead|allocations|memory|goodput|cluster|all]" >&2; exit 2 ;;
 esac
 log "results in $RESULTS"

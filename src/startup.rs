@@ -181,13 +181,17 @@ impl Application {
         let tuning = runtime.apply(&settings.limits.tuning);
 
         let db = DbExecutor::start(settings.storage.db_path.clone(), log.clone());
+        let tally = sidecar_actors::stats::Tally::default();
         let stats = {
             let (db, log) = (db.clone(), log.clone());
             let (every, keep) = (
                 settings.storage.stats_flush_interval,
                 settings.storage.usage_retention_days,
             );
-            actix::Supervisor::start(move |_| StatsActor::new(db, every, keep, log))
+            let tally = tally.clone();
+            actix::Supervisor::start(move |_| {
+                StatsActor::new(db, every, keep, tally.clone(), log.clone())
+            })
         };
         let backup = {
             let (db, log, dir) = (db.clone(), log.clone(), settings.storage.backup_dir.clone());
@@ -236,7 +240,7 @@ impl Application {
         let events = EventSink {
             log: log.clone(),
             lines: crate::ops::request_line::RequestLines::for_logger(&log),
-            stats: Some(stats.clone()),
+            tally: Some(tally.clone()),
             metrics: Some(metrics.clone()),
             recent: Some(recent.clone()),
         };

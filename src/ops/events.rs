@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
-use sidecar_actors::stats::{RecordUsage, StatsActor};
+use sidecar_actors::stats::{Counted, Tally};
 use sidecar_actors::{BackendId, Pool};
 
 use crate::ops::metrics::{status_class, Metrics};
@@ -40,10 +39,11 @@ pub struct RequestFinished {
 /// `do_send`: the request path never waits on it).
 #[derive(Clone)]
 pub struct EventSink {
+    /// The stats actor's tally (it writes SQLite on its timer).
+    pub tally: Option<Tally>,
     pub log: Logger,
     /// Where the request line goes (see `request_line`).
     pub lines: crate::ops::request_line::RequestLines,
-    pub stats: Option<Addr<StatsActor>>,
     pub metrics: Option<Arc<Metrics>>,
     /// The dashboard's recent requests and history.
     pub recent: Option<crate::ops::recent::Recorder>,
@@ -58,22 +58,24 @@ impl RequestFinished {
         if let Some(r) = &sink.recent {
             r.record(self);
         }
-        if let (Some(stats), Some(backend_id), Some(model)) =
-            (&sink.stats, self.backend_id, &self.model)
+        if let (Some(tally), Some(backend_id), Some(model)) =
+            (&sink.tally, self.backend_id, &self.model)
         {
             let usage = self.usage.unwrap_or_default();
-            stats.do_send(RecordUsage {
-                backend_id,
-                model: model.to_string(),
-                at_ms: sidecar_actors::db::now_ms(),
-                success: self.status < 400,
-                prompt_tokens: usage.prompt_tokens.unwrap_or(0),
-                completion_tokens: usage.completion_tokens.unwrap_or(0),
-                cost: self.cost,
-                latency: self.latency,
-                ttft: self.ttft,
-                attempts: self.attempts,
-            });
+            tally.record(
+                model,
+                &Counted {
+                    backend_id,
+                    at_ms: sidecar_actors::db::now_ms(),
+                    success: self.status < 400,
+                    prompt_tokens: usage.prompt_tokens.unwrap_or(0),
+                    completion_tokens: usage.completion_tokens.unwrap_or(0),
+                    cost: self.cost,
+                    latency: self.latency,
+                    ttft: self.ttft,
+                    attempts: self.attempts,
+                },
+            );
         }
     }
 

@@ -32,20 +32,18 @@ pub struct RecordUsage {
 impl Handler<RecordUsage> for StatsActor {
     type Result = ();
     fn handle(&mut self, r: RecordUsage, _ctx: &mut Self::Context) {
-        self.add(UsageDelta {
+        let c = super::Counted {
             backend_id: r.backend_id,
-            model: r.model,
-            hour: hour_of(r.at_ms),
-            requests: 1,
-            errors: i64::from(!r.success),
-            prompt_tokens: r.prompt_tokens as i64,
-            completion_tokens: r.completion_tokens as i64,
+            at_ms: r.at_ms,
+            success: r.success,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
             cost: r.cost,
-            latency_ms_sum: r.latency.as_secs_f64() * 1000.0,
-            ttft_ms_sum: r.ttft.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
-            ttft_count: i64::from(r.ttft.is_some()),
-            attempts: r.attempts as i64,
-        });
+            latency: r.latency,
+            ttft: r.ttft,
+            attempts: r.attempts,
+        };
+        self.add(super::tally::delta(&c, r.model, hour_of(r.at_ms)));
     }
 }
 
@@ -88,6 +86,9 @@ impl StatsActor {
                 });
             }
             return;
+        }
+        for d in self.tally.take() {
+            self.add(d);
         }
         if self.pending.is_empty() {
             if let Some(done) = done {

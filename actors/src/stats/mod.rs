@@ -4,8 +4,10 @@
 
 mod actor;
 mod handlers;
+mod tally;
 
 pub use handlers::{Flush, GetFlushStatus, RecordUsage};
+pub use tally::{Counted, Tally};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,6 +25,8 @@ pub struct StatsActor {
     interval: Duration,
     retention_days: u32,
     pending: HashMap<(BackendId, String, i64), UsageDelta>,
+    /// What the request path counted since the last flush.
+    tally: Tally,
     flushing: bool,
     log: Logger,
     pub(crate) status: FlushStatus,
@@ -40,12 +44,20 @@ pub struct FlushStatus {
 }
 
 impl StatsActor {
-    pub fn new(db: Addr<DbExecutor>, interval: Duration, retention_days: u32, log: Logger) -> Self {
+    /// `tally` outlives the actor (a restarted one drains the same).
+    pub fn new(
+        db: Addr<DbExecutor>,
+        interval: Duration,
+        retention_days: u32,
+        tally: Tally,
+        log: Logger,
+    ) -> Self {
         Self {
             db,
             interval,
             retention_days,
             pending: HashMap::new(),
+            tally,
             flushing: false,
             log,
             status: FlushStatus::default(),
