@@ -59,9 +59,10 @@ export LITELLM_MASTER_KEY=sk-FAKE-local-bench-only
 log "building the allocation-counting binary (--features alloc-stats), then the release binary and load generator"
 cargo build --release --quiet --features alloc-stats --bin sidecar
 cp target/release/sidecar "$OUT/sidecar-alloc-stats"
-cargo build --release --quiet --bin sidecar --example loadgen
+cargo build --release --quiet --bin sidecar --example loadgen --example floor
 SIDECAR=$ROOT/target/release/sidecar
 LOADGEN=$ROOT/target/release/examples/loadgen
+FLOOR=$ROOT/target/release/examples/floor
 
 wait_http() { # url
   for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.2; done
@@ -197,12 +198,15 @@ litellm_settings: { drop_params: true, telemetry: false }
 general_settings: { disable_spend_logs: true }
 EOF
   start_sidecar "$OUT/overhead.toml" 19190
+  # The HTTP stack's floor: actix-web + awc forwarding and nothing else.
+  "$FLOOR" --port 19290 --upstream http://127.0.0.1:18080/v1/chat/completions > "$OUT/floor.log" 2>&1 &
+  local floor=$!; PIDS+=("$floor")
   start_portkey 18787
   [ -n "${SKIP_LITELLM:-}" ] || start_litellm "$OUT/litellm-overhead.yaml" 14000
-  local targets="direct proxy sidecar portkey"
+  local targets="direct proxy floor sidecar portkey"
   [ -n "${SKIP_LITELLM:-}" ] || targets="$targets litellm"
   declare -A R
-  declare -A URL=([direct]=http://127.0.0.1:18080 [proxy]=http://127.0.0.1:18081 [sidecar]=http://127.0.0.1:19190 [portkey]=http://127.0.0.1:18787 [litellm]=http://127.0.0.1:14000)
+  declare -A URL=([direct]=http://127.0.0.1:18080 [proxy]=http://127.0.0.1:18081 [floor]=http://127.0.0.1:19290 [sidecar]=http://127.0.0.1:19190 [portkey]=http://127.0.0.1:18787 [litellm]=http://127.0.0.1:14000)
   # Interleaved: each round runs every target once, so drift in the machine
   # lands on all of them alike; the table shows the median round.
   local rounds=${ROUNDS:-3}
@@ -212,7 +216,7 @@ EOF
     done
   done
   [ -n "${SKIP_LITELLM:-}" ] || stop_pid "$LITELLM_PID"
-  stop_pid "$PORTKEY_PID"
+  stop_pid "$PORTKEY_PID"; stop_pid "$floor"
   emit ""
   emit "### Overhead (non-streaming, one backend; $rounds interleaved rounds of ${WRK_SECS:-15} s per cell, wrk; median round by req/s)"
   emit ""
@@ -418,7 +422,9 @@ start_front() { # name port upstream-ports... : nginx round-robin in front of re
     echo "  upstream replicas {"
     for p in "$@"; do echo "    server 127.0.0.1:$p;"; done
     echo "    keepalive 64; }"
-    echo "  server { listen 127.0.0.1:$port; location / { proxy_pass http://replicas; proxy_http_version 1.1;"
+    # The client's Host travels on: the gateway refuses a non-loopback Host
+    # when nothing else protects it (DNS rebinding), and "replicas" is one.
+    echo "  server { listen 127.0.0.1:$port; location / { proxy_pass http://replicas; proxy_http_version 1.1; proxy_set_header Host \$host;"
     echo "    proxy_set_header Connection \"\"; proxy_read_timeout 120s; proxy_buffering off; } } }"
   } > "$OUT/$name/nginx.conf"
   nginx -c "$OUT/$name/nginx.conf" -p "$OUT/$name" -g 'daemon off;' &
