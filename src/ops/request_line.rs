@@ -4,11 +4,11 @@
 //! sent to slog-async's thread and formatted there: at c=1 the wake-up of
 //! that thread alone cost a third of the gateway's latency, and under load
 //! its formatting competed with the workers for the same cores. Served by
-//! `sidecar serve`, the line is formatted in place into a per-thread buffer
-//! and appended to the buffered stderr that a flusher writes out every
-//! 100 ms — the same stream, in the same format (JSON or text), as every
-//! other line. Anywhere else (tests, embedding) it goes through the slog
-//! logger the gateway was given, as before.
+//! `sidecar serve` with JSON logs, the line is formatted in place into a
+//! per-thread buffer and appended whole to the log buffer a flusher writes
+//! out (see `telemetry`) — the same stream, in the same shape, as slog's own
+//! JSON lines. Text logs (a terminal) and anywhere else (tests, embedding)
+//! go through the slog logger the gateway was given, as before.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -22,15 +22,15 @@ use super::telemetry;
 /// How request lines are written where the process's logging was set up.
 #[derive(Debug, Clone, Copy)]
 struct Direct {
-    json: bool,
     level: slog::Level,
 }
 
 static DIRECT: OnceLock<Direct> = OnceLock::new();
 
-/// Request lines go straight to the buffered stderr from now on.
-pub fn write_directly(json: bool, level: slog::Level) {
-    let _ = DIRECT.set(Direct { json, level });
+/// JSON request lines go straight to the buffered stderr from now on (the
+/// text format stays with slog-term, its colours and its clock).
+pub fn write_directly(level: slog::Level) {
+    let _ = DIRECT.set(Direct { level });
 }
 
 #[derive(Clone)]
@@ -73,12 +73,12 @@ impl RequestLines {
                         return;
                     };
                     line.clear();
-                    if d.json {
-                        json_line(&mut line, r, warning);
-                    } else {
-                        text_line(&mut line, r, warning);
-                    }
+                    json_line(&mut line, r, warning);
                     telemetry::write_line(line.as_bytes());
+                    // One huge line must not keep a huge buffer per worker.
+                    if line.capacity() > 64 * 1024 {
+                        *line = String::with_capacity(512);
+                    }
                 });
             }
         }
@@ -89,10 +89,11 @@ fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
-/// A JSON string, escaped as JSON requires, written in place.
+/// A JSON string, escaped as JSON requires, written in place; a client's
+/// text (a model name) is cut at 256 characters.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
+    for c in s.chars().take(256) {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
@@ -157,63 +158,6 @@ fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
         None => out.push_str("null"),
     }
     out.push_str("}\n");
-}
-
-fn text_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
-    match v {
-        Some(v) => {
-            let _ = write!(out, "{v}");
-        }
-        None => out.push_str("None"),
-    }
-}
-
-/// A value as the text line shows it: control characters escaped, so a
-/// client's model name cannot start a forged line.
-fn text_val(out: &mut String, s: &str) {
-    for c in s.chars() {
-        if c.is_control() {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        } else {
-            out.push(c);
-        }
-    }
-}
-
-/// As slog-term's full format prints it.
-fn text_line(out: &mut String, r: &RequestFinished, warning: bool) {
-    let usage = r.usage.unwrap_or_default();
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let _ = write!(
-        out,
-        "{} {} request, request_id: ",
-        now.trim_end_matches('Z').replace('T', " "),
-        if warning { "WARN" } else { "INFO" },
-    );
-    text_val(out, &r.request_id);
-    let _ = write!(out, ", endpoint: {}, model: ", r.endpoint);
-    text_val(out, r.model.as_deref().unwrap_or("-"));
-    out.push_str(", backend: ");
-    text_val(out, r.backend.as_deref().unwrap_or("-"));
-    let _ = write!(
-        out,
-        ", status: {}, latency_ms: {}, queued_ms: {}, ttft_ms: ",
-        r.status,
-        ms(r.latency),
-        ms(r.queued)
-    );
-    text_opt(out, r.ttft.map(ms));
-    let _ = write!(
-        out,
-        ", attempts: {}, stream: {}, prompt_tokens: ",
-        r.attempts, r.stream
-    );
-    text_opt(out, usage.prompt_tokens);
-    out.push_str(", completion_tokens: ");
-    text_opt(out, usage.completion_tokens);
-    let _ = write!(out, ", cost_usd: {}, error: ", r.cost);
-    text_opt(out, r.error_code);
-    out.push_str(", service: sidecar\n");
 }
 
 fn through_slog(log: &Logger, r: &RequestFinished) {
@@ -286,23 +230,5 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
-    }
-
-    #[test]
-    fn the_text_line_reads_like_slog_terms() {
-        let mut line = String::new();
-        let mut r = finished();
-        r.status = 502;
-        r.error_code = Some("upstream_error");
-        text_line(&mut line, &r, true);
-        assert!(
-            line.contains(" WARN request, request_id: req-1, endpoint: /chat/completions"),
-            "{line}"
-        );
-        assert!(
-            line.contains("status: 502") && line.contains("error: upstream_error"),
-            "{line}"
-        );
-        assert_eq!(line.matches('\n').count(), 1);
     }
 }

@@ -45,7 +45,8 @@ struct Fields<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    /// `Some` even for `null`: an explicit member must not get a twin.
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_completion_tokens: Option<&'a RawValue>,
@@ -61,6 +62,10 @@ struct Fields<'a> {
 struct UsageOption {
     #[serde(default)]
     include_usage: Option<serde_json::Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 fn read<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
@@ -204,6 +209,9 @@ mod tests {
         assert_eq!(asked.stream_usage, StreamUsage::Asked);
         let other = peek(br#"{"model":"m","stream_options":{"include_usage":false}}"#).expect("ok");
         assert_eq!(other.stream_usage, StreamUsage::Other);
+        // An explicit null is the client's member: rebuilt, never doubled.
+        let null = peek(br#"{"model":"m","stream_options":null}"#).expect("ok");
+        assert_eq!(null.stream_usage, StreamUsage::Other);
     }
 
     fn value() -> impl Strategy<Value = Value> {

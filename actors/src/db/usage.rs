@@ -30,16 +30,17 @@ pub struct UsageDelta {
 }
 
 impl UsageDelta {
+    /// Saturating: token counts come from upstreams and can be anything.
     pub fn merge(&mut self, o: &UsageDelta) {
-        self.requests += o.requests;
-        self.errors += o.errors;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
         self.cost += o.cost;
         self.latency_ms_sum += o.latency_ms_sum;
         self.ttft_ms_sum += o.ttft_ms_sum;
-        self.ttft_count += o.ttft_count;
-        self.attempts += o.attempts;
+        self.ttft_count = self.ttft_count.saturating_add(o.ttft_count);
+        self.attempts = self.attempts.saturating_add(o.attempts);
     }
 }
 
