@@ -315,6 +315,12 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    #[test]
+    fn a_huge_limit_reserves_nothing_up_front() {
+        let lim = RollingLimiter::new(u32::MAX, 10, ms(60_000), Instant::now());
+        assert!(lim.grants.capacity() <= 1024, "{}", lim.grants.capacity());
+    }
+
     /// Drives the limiter greedily at `step` intervals and returns grant times.
     fn greedy(
         lim: &mut RollingLimiter,

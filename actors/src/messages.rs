@@ -10,7 +10,7 @@ pub use crate::backup::{BackupNow, GetBackupStatus};
 pub use crate::lease::*;
 pub use crate::rate_state::cluster::{ClusterChanged, ClusterEvent};
 pub use crate::rate_state::embedded::{FlushGrants, SaveGrants};
-pub use crate::stats::{Flush, GetFlushStatus, RecordUsage};
+pub use crate::stats::{Flush, GetFlushStatus};
 pub use crate::store::{Job, RecordCooldown, SaveState};
 pub use crate::supervisor::messages::*;
 pub use crate::view::*;

@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
-use slog::{info, warn, Logger};
+use slog::Logger;
 
 use super::events::RequestFinished;
 use super::telemetry;
@@ -167,19 +167,22 @@ fn through_slog(log: &Logger, r: &RequestFinished) {
         r.backend.as_deref().unwrap_or("-"),
     );
     let id: &str = &r.request_id;
-    // slog prints pairs last-first; listed in reverse so the line reads id first.
+    // slog's level is part of its macro (a static record): one list of
+    // pairs, written at either level. slog prints pairs last-first; listed
+    // in reverse so the line reads id first.
+    macro_rules! write_at {
+        ($level:ident) => {
+            slog::$level!(log, "request"; "error" => r.error_code, "cost_usd" => r.cost,
+                "completion_tokens" => usage.completion_tokens, "prompt_tokens" => usage.prompt_tokens,
+                "stream" => r.stream, "attempts" => r.attempts, "ttft_ms" => r.ttft.map(ms),
+                "queued_ms" => ms(r.queued), "latency_ms" => ms(r.latency), "status" => r.status,
+                "backend" => backend, "model" => model, "endpoint" => r.endpoint, "request_id" => id)
+        };
+    }
     if r.status >= 500 {
-        warn!(log, "request"; "error" => r.error_code, "cost_usd" => r.cost,
-            "completion_tokens" => usage.completion_tokens, "prompt_tokens" => usage.prompt_tokens,
-            "stream" => r.stream, "attempts" => r.attempts, "ttft_ms" => r.ttft.map(ms),
-            "queued_ms" => ms(r.queued), "latency_ms" => ms(r.latency), "status" => r.status,
-            "backend" => backend, "model" => model, "endpoint" => r.endpoint, "request_id" => id);
+        write_at!(warn);
     } else {
-        info!(log, "request"; "error" => r.error_code, "cost_usd" => r.cost,
-            "completion_tokens" => usage.completion_tokens, "prompt_tokens" => usage.prompt_tokens,
-            "stream" => r.stream, "attempts" => r.attempts, "ttft_ms" => r.ttft.map(ms),
-            "queued_ms" => ms(r.queued), "latency_ms" => ms(r.latency), "status" => r.status,
-            "backend" => backend, "model" => model, "endpoint" => r.endpoint, "request_id" => id);
+        write_at!(info);
     }
 }
 

@@ -8,14 +8,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use sidecar_actors::affinity::Owner;
 
 use sidecar_actors::Priority;
 
-use super::prepare::priority_of;
+use super::prepare::{authenticate, client_priority};
 use super::{proxy, Endpoint, Input, ProxyState};
 use crate::web::error::ApiError;
 
@@ -174,11 +173,7 @@ pub async fn list_chat_completions(
     state: web::Data<ProxyState>,
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let client_key = state.client_keys.authenticate(authorization)?;
+    let client_key = authenticate(&req, &state)?;
     if let Some(c) = &client_key {
         c.take()?;
     }
@@ -204,16 +199,14 @@ pub async fn list_chat_completions(
             accounts.push(o.account.clone());
         }
     }
-    let priority = client_key
-        .as_ref()
-        .map_or(Priority::Normal, |c| c.key.priority);
+    let priority = client_priority(&req, client_key.as_ref())?;
     let list = List {
         req: &req,
         state: &state,
         client: &client,
         query: &q,
         who: who.clone(),
-        priority: priority_of(&req, priority)?,
+        priority,
         created: &created,
     };
     let pages = accounts.iter().map(|account| {

@@ -11,7 +11,7 @@ use actix_web::{web, HttpRequest};
 use sidecar_actors::Priority;
 
 use super::affinity::owner_for;
-use super::prepare::{priority_of, read_body, Keep, Outgoing, Prepared};
+use super::prepare::{arrive, client_priority, Keep, Outgoing, Prepared};
 use super::{listing, proxy, upstream, Endpoint, Input, ProxyState, Trace};
 use crate::web::error::ApiError;
 
@@ -75,24 +75,8 @@ pub(crate) async fn prepare(
     state: &ProxyState,
     trace: &mut Trace,
 ) -> Result<Prepared, ApiError> {
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let client_key = state.client_keys.authenticate(authorization)?;
-    let limits = &state.limits;
-    let body = read_body(
-        req,
-        payload,
-        limits.max_body_bytes,
-        limits.body_idle_timeout,
-        limits.body_timeout,
-    )
-    .await?;
-    let default_priority = client_key
-        .as_ref()
-        .map_or(Priority::Normal, |c| c.key.priority);
-    let priority = priority_of(req, default_priority)?;
+    let (client_key, body) = arrive(req, payload, state).await?;
+    let priority = client_priority(req, client_key.as_ref())?;
     let client = client_key.as_ref().map(|c| c.key.name.clone());
     if let Some(c) = &client_key {
         trace.record.client = Some(c.key.name.clone());

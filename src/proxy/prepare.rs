@@ -14,6 +14,7 @@ use sidecar_actors::Priority;
 use tokio::time::Instant;
 
 use super::body::{self, StreamUsage};
+use super::client_keys::ClientEntry;
 use super::ProxyState;
 use super::{affinity, upstream, Endpoint, Trace};
 use crate::web::error::ApiError;
@@ -77,19 +78,7 @@ pub(crate) async fn prepare(
     state: &ProxyState,
     trace: &mut Trace,
 ) -> Result<Prepared, ApiError> {
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let client_key = state.client_keys.authenticate(authorization)?;
-    let body = read_body(
-        req,
-        payload,
-        state.limits.max_body_bytes,
-        state.limits.body_idle_timeout,
-        state.limits.body_timeout,
-    )
-    .await?;
+    let (client_key, body) = arrive(req, payload, state).await?;
     let peeked = body::peek(&body)?;
     let model = peeked.model.clone();
     let client = client_key.as_ref().map(|c| c.key.name.clone());
@@ -106,10 +95,7 @@ pub(crate) async fn prepare(
         None => (None, None),
     };
     trace.record.model = Some(model.clone());
-    let default_priority = client_key
-        .as_ref()
-        .map_or(Priority::Normal, |c| c.key.priority);
-    let priority = priority_of(req, default_priority)?;
+    let priority = client_priority(req, client_key.as_ref())?;
     if let Some(c) = &client_key {
         trace.record.client = Some(c.key.name.clone());
         c.check_model(&model)?;
@@ -168,6 +154,46 @@ pub(crate) async fn prepare(
         keep,
         client,
     })
+}
+
+/// What every route reads first: the client, by its key (checked), and
+/// the body (bounded).
+pub(crate) async fn arrive(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &ProxyState,
+) -> Result<(Option<Arc<ClientEntry>>, Bytes), ApiError> {
+    let client_key = authenticate(req, state)?;
+    let limits = &state.limits;
+    let body = read_body(
+        req,
+        payload,
+        limits.max_body_bytes,
+        limits.body_idle_timeout,
+        limits.body_timeout,
+    )
+    .await?;
+    Ok((client_key, body))
+}
+
+/// The client key the request brings, checked.
+pub(crate) fn authenticate(
+    req: &HttpRequest,
+    state: &ProxyState,
+) -> Result<Option<Arc<ClientEntry>>, ApiError> {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    state.client_keys.authenticate(authorization)
+}
+
+/// The request's priority: `X-Priority`, else its client key's default.
+pub(crate) fn client_priority(
+    req: &HttpRequest,
+    client_key: Option<&Arc<ClientEntry>>,
+) -> Result<Priority, ApiError> {
+    priority_of(req, client_key.map_or(Priority::Normal, |c| c.key.priority))
 }
 
 /// Reads the request body: at most `max` bytes, no gap between chunks

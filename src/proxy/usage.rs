@@ -20,12 +20,6 @@ impl Usage {
     }
 }
 
-#[derive(Deserialize)]
-struct WithUsage {
-    #[serde(default)]
-    usage: Option<Usage>,
-}
-
 /// What the gateway reads in a whole JSON answer.
 #[derive(Deserialize, Default)]
 pub struct Read {
@@ -47,14 +41,6 @@ impl Read {
 /// is not JSON at all (parsed once: the parse is the check).
 pub fn from_json_body(body: &[u8]) -> Result<Read, serde_json::Error> {
     serde_json::from_slice::<Read>(body)
-}
-
-/// Usage from a whole (non-streaming) response body, if it has one.
-pub fn from_body(body: &[u8]) -> Option<Usage> {
-    if !contains(body, b"\"usage\"") {
-        return None;
-    }
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
 pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {

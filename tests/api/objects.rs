@@ -446,3 +446,79 @@ async fn affinity_survives_a_restart() {
     }
     app.stop().await;
 }
+
+/// A backend whose key changes is another account: objects the old key
+/// holds are not sent to the new one (503, not the new account's 404), and
+/// a 5xx from the key that holds an object is the client's answer, never a
+/// strike against the only key that can serve it.
+#[actix_web::test]
+async fn a_changed_key_is_another_account_and_a_holders_5xx_is_no_strike() {
+    let mut mock = mock();
+    mock.keys.extend(
+        ["k-c", "k-d"]
+            .iter()
+            .map(|k| sidecar::sim::MockKey::new(k, None)),
+    );
+    let app = spawn_app(mock, &config()).await;
+    let added = json!({"name": "api", "base_url": app.mock.base_url(), "api_key": "k-c",
+                       "rpm_limit": 1000, "weight": 100.0, "models": {"m": "native-m"}});
+    let r = app
+        .admin("POST", "/backends?skip_test=true", Some(added), None)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let backend_id = r.body["id"].as_u64().expect("backend id");
+    let make = || {
+        call(
+            &app,
+            "POST",
+            "/v1/responses",
+            Some(json!({"model": "m", "input": "x"})),
+            APP,
+        )
+    };
+    let first = make().await;
+    assert_eq!(
+        first.backend.as_deref(),
+        Some("api"),
+        "the heaviest key serves it"
+    );
+    let old = first.body["id"].as_str().expect("id").to_string();
+    let r = app
+        .admin(
+            "PATCH",
+            &format!("/backends/{backend_id}"),
+            Some(json!({"api_key": "k-d"})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got = call(&app, "GET", &format!("/v1/responses/{old}"), None, APP).await;
+    assert_eq!(got.status, 503, "{}", got.text);
+    assert_eq!(got.body["error"]["code"], "object_backend_unavailable");
+
+    let second = make().await;
+    assert_eq!(second.backend.as_deref(), Some("api"));
+    let new = second.body["id"].as_str().expect("id").to_string();
+    app.mock
+        .state
+        .set_fault("k-d", sidecar::sim::Fault::Status(500));
+    for _ in 0..3 {
+        let got = call(&app, "GET", &format!("/v1/responses/{new}"), None, APP).await;
+        assert_eq!(got.status, 500, "the holder's own answer: {}", got.text);
+    }
+    assert_eq!(app.view("api").await.consecutive_failures, 0, "no strikes");
+
+    // A continuation naming an absurd id is refused briefly, not echoed.
+    let long = "r".repeat(100_000);
+    let r = call(
+        &app,
+        "POST",
+        "/v1/responses",
+        Some(json!({"model": "m", "input": "x", "previous_response_id": long})),
+        APP,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(r.text.len() < 1_000, "{} bytes", r.text.len());
+    app.stop().await;
+}

@@ -69,3 +69,36 @@ async fn the_retention_and_the_cap_hold() {
     assert_eq!(b.lookup_ok("r2").await, Some(owner("b", now + 10)));
     assert_eq!(b.lookup_ok("r3").await, None);
 }
+
+#[actix_rt::test]
+async fn unsaved_changes_stay_bounded_while_the_database_fails() {
+    let b = book(3_600_000, 10);
+    let now = now_ms();
+    let failed: Vec<Change> = (0..5_000)
+        .map(|i| Change::Put(format!("r{i}").into(), owner("a", now)))
+        .collect();
+    b.restore_pending(failed);
+    let kept = b.take_pending();
+    assert_eq!(kept.len(), 10 + 1024);
+    // The newest are kept.
+    assert!(matches!(kept.last(), Some(Change::Put(id, _)) if &**id == "r4999"));
+}
+
+#[actix_rt::test]
+async fn an_unreachable_redis_is_an_error_not_an_unknown_object() {
+    let cluster = crate::rate_state::Cluster::new(
+        "redis://127.0.0.1:1/",
+        "t",
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        None,
+    )
+    .expect("a lazy client");
+    let b = Book::new(
+        Duration::from_secs(3600),
+        10,
+        Some(cluster),
+        Logger::root(slog::Discard, slog::o!()),
+    );
+    assert!(b.lookup("resp_elsewhere").await.is_err());
+}

@@ -126,3 +126,24 @@ fn cooldown_history_records_start_and_end() {
     assert_eq!(h.len(), 1);
     assert_eq!((h[0].backend.as_str(), h[0].ended_at), ("a", Some(20_000)));
 }
+
+#[test]
+fn merging_saturates_on_absurd_token_counts() {
+    let big = UsageDelta {
+        backend_id: 1,
+        model: "m".into(),
+        hour: 0,
+        requests: 1,
+        errors: 0,
+        prompt_tokens: i64::MAX,
+        completion_tokens: i64::MAX,
+        cost: 0.0,
+        latency_ms_sum: 0.0,
+        ttft_ms_sum: 0.0,
+        ttft_count: 0,
+        attempts: 1,
+    };
+    let mut sum = big.clone();
+    sum.merge(&big);
+    assert_eq!((sum.prompt_tokens, sum.requests), (i64::MAX, 2));
+}

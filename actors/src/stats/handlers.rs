@@ -6,46 +6,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::StatsActor;
-use crate::db::usage::{flush, hour_of, UsageDelta};
+use crate::db::usage::{flush, UsageDelta};
 use crate::db::DbError;
-use crate::spec::BackendId;
 use crate::store;
-
-/// One finished request that reached a backend.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct RecordUsage {
-    pub backend_id: BackendId,
-    /// Canonical model name (always a configured one: unknown models never
-    /// reach a backend, so the key space stays bounded).
-    pub model: String,
-    pub at_ms: i64,
-    pub success: bool,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost: f64,
-    pub latency: Duration,
-    pub ttft: Option<Duration>,
-    pub attempts: u32,
-}
-
-impl Handler<RecordUsage> for StatsActor {
-    type Result = ();
-    fn handle(&mut self, r: RecordUsage, _ctx: &mut Self::Context) {
-        let c = super::Counted {
-            backend_id: r.backend_id,
-            at_ms: r.at_ms,
-            success: r.success,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            cost: r.cost,
-            latency: r.latency,
-            ttft: r.ttft,
-            attempts: r.attempts,
-        };
-        self.add(super::tally::delta(&c, r.model, hour_of(r.at_ms)));
-    }
-}
 
 /// Writes everything pending now (also used at shutdown); answers with the
 /// number of rows written.

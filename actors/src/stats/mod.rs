@@ -6,7 +6,7 @@ mod actor;
 mod handlers;
 mod tally;
 
-pub use handlers::{Flush, GetFlushStatus, RecordUsage};
+pub use handlers::{Flush, GetFlushStatus};
 pub use tally::{Counted, Tally};
 
 use std::collections::HashMap;
