@@ -79,8 +79,28 @@ pub struct Lease {
     pub(crate) confirm: Option<oneshot::Receiver<bool>>,
     pub(crate) finish_to: Recipient<Finish>,
     pub(crate) verdict_to: Recipient<Verdict>,
+    /// A spare lease: held by a worker for a request still to come.
+    pub(crate) hold: Option<Hold>,
     pub(crate) used: bool,
     pub(crate) reported: bool,
+}
+
+/// What a spare lease may be used for, and until when.
+#[derive(Debug, Clone)]
+pub(crate) struct Hold {
+    /// The model it was granted for (the client's name).
+    pub(crate) model: Arc<str>,
+    /// Sent by then at the latest: the window counts it up to then.
+    pub(crate) until: Instant,
+    /// The backend's gate epoch at the grant: sent only in that epoch.
+    pub(crate) epoch: u64,
+}
+
+impl Hold {
+    /// Before its deadline, and no change of its backend's state since.
+    pub(crate) fn usable(&self, gate: &Gate, now: Instant) -> bool {
+        now < self.until && gate.epoch() == self.epoch
+    }
 }
 
 impl fmt::Debug for Lease {
@@ -107,7 +127,35 @@ impl Lease {
                 _ => return false,
             }
         }
-        self.gate.admits(self.emergency, Instant::now())
+        let now = Instant::now();
+        self.sendable(self.emergency, now)
+    }
+
+    /// The gate admits it now, and a spare lease is still in the state it
+    /// was granted on.
+    fn sendable(&self, emergency: bool, now: Instant) -> bool {
+        let Some(h) = &self.hold else {
+            return self.gate.admits(emergency, now);
+        };
+        // The epoch again after the gate: a gate that closed and opened
+        // again between the first look and the second shows in the epoch.
+        h.usable(&self.gate, now) && self.gate.admits(emergency, now) && h.usable(&self.gate, now)
+    }
+
+    /// A spare lease is usable before its deadline and while the state it
+    /// was granted on holds; any other lease is.
+    pub(crate) fn usable(&self, now: Instant) -> bool {
+        self.hold.as_ref().is_none_or(|h| h.usable(&self.gate, now))
+    }
+
+    /// A spare lease's deadline.
+    pub fn held_until(&self) -> Option<Instant> {
+        self.hold.as_ref().map(|h| h.until)
+    }
+
+    /// A spare lease for `model` that may still be sent now.
+    pub(crate) fn serves(&self, model: &str, now: Instant) -> bool {
+        self.hold.as_ref().is_some_and(|h| *h.model == *model) && self.sendable(false, now)
     }
 
     /// Marks that the request is about to go upstream: from here on, dropping
@@ -230,8 +278,12 @@ impl AcquireError {
 }
 
 /// What `Acquire` answers: a lease now, or a place in the queue.
+// Unboxed: a ticket is moved once, and the common answer is `Ready`; a box
+// would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Ticket {
-    Ready(Lease),
+    /// The lease, and spare ones for the worker's next requests.
+    Ready(Lease, Vec<Lease>),
     Queued(oneshot::Receiver<Result<Lease, AcquireError>>),
 }
 
@@ -250,4 +302,37 @@ pub struct Finish {
 pub struct Verdict {
     pub lease_id: u64,
     pub counts: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold(gate: &Gate, until: Instant) -> Hold {
+        Hold {
+            model: Arc::from("m"),
+            until,
+            epoch: gate.epoch(),
+        }
+    }
+
+    #[test]
+    fn a_spare_is_void_once_its_backend_changed_even_if_open_again() {
+        let gate = Gate::default();
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        let h = hold(&gate, later);
+        assert!(h.usable(&gate, now));
+        assert!(!h.usable(&gate, later), "past its deadline");
+        // A cooldown that is already over: the gate admits, the spare not.
+        gate.close_until(Some(now), None);
+        assert!(gate.admits(false, now));
+        assert!(!h.usable(&gate, now));
+        let h = hold(&gate, later);
+        gate.recall();
+        assert!(!h.usable(&gate, now), "recalled");
+        let h = hold(&gate, later);
+        gate.close_until(Some(now), None);
+        assert!(h.usable(&gate, now), "no change: the same state again");
+    }
 }

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod provider;
 pub mod rate_state;
 pub mod retreat;
+pub mod spares;
 pub mod spec;
 pub mod stats;
 pub mod store;

@@ -105,9 +105,21 @@ impl RollingLimiter {
     /// Records a grant. The caller checked `remaining` first; recording past the
     /// limit is still accounted so the window stays truthful.
     pub fn record(&mut self, now: Instant) {
+        self.record_at(now, now);
+    }
+
+    /// Records a grant granted now that stays in the window as if sent at
+    /// `at` (later than now: a spare lease a worker may send until then).
+    /// It counts from now on, so the window holds it from its grant until
+    /// a window after the latest moment it can reach the upstream.
+    pub fn record_at(&mut self, at: Instant, now: Instant) {
         self.refill(now);
         self.bucket = (self.bucket - 1.0).max(0.0);
-        self.grants.push_back(now);
+        // The log stays sorted (`next_free` and expiry read it in order);
+        // a grant stamped later than `now` is rare, so the search from the
+        // back is short.
+        let pos = self.grants.partition_point(|&t| t <= at);
+        self.grants.insert(pos, at);
         self.version += 1;
     }
 
@@ -414,6 +426,61 @@ mod tests {
         assert_eq!(lim.next_free(t0 + ms(300)), t0 + ms(1000));
         assert_eq!(lim.window_left(t0 + ms(1150)), 3);
         assert_eq!(lim.window_left(t0 + ms(1300)), 10);
+    }
+
+    /// Spare grants, counted at the latest moment they may be sent and sent
+    /// any time before it, never put more than the limit into any window
+    /// of real sends, and a spare given back frees exactly its slot.
+    #[test]
+    fn spares_counted_at_their_deadline_keep_every_window() {
+        let window = ms(1000);
+        let ttl = ms(300);
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let t0 = Instant::now();
+            let mut lim = RollingLimiter::new(20, 20, window, t0);
+            let mut sends = Vec::new();
+            let mut now = t0;
+            while now < t0 + ms(6000) {
+                while lim.remaining(now) > 0 {
+                    if rng.bool() {
+                        let until = now + ttl;
+                        lim.record_at(until, now);
+                        if rng.u8(..4) == 0 {
+                            // Given back unsent.
+                            lim.unrecord(until, now);
+                        } else {
+                            sends.push(now + ms(rng.u64(..=300)));
+                        }
+                    } else {
+                        lim.record(now);
+                        sends.push(now);
+                    }
+                }
+                now += ms(rng.u64(1..40));
+            }
+            sends.sort_unstable();
+            assert!(
+                max_in_any_window(&sends, window) <= 20,
+                "seed {seed}: {} in one window",
+                max_in_any_window(&sends, window)
+            );
+        }
+    }
+
+    #[test]
+    fn a_spare_counts_from_its_grant_until_a_window_after_its_deadline() {
+        let t0 = Instant::now();
+        let mut lim = RollingLimiter::new(2, 2, ms(1000), t0);
+        lim.record_at(t0 + ms(300), t0);
+        lim.record(t0 + ms(10));
+        assert_eq!(lim.window_left(t0 + ms(10)), 0);
+        // The one sent at t0+10 leaves first, the spare a window after its
+        // deadline.
+        assert_eq!(lim.next_free(t0 + ms(20)), t0 + ms(1010));
+        assert_eq!(lim.window_left(t0 + ms(1010)), 1);
+        assert_eq!(lim.window_left(t0 + ms(1299)), 1);
+        assert_eq!(lim.window_left(t0 + ms(1300)), 2);
     }
 
     #[test]

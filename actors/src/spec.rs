@@ -185,6 +185,10 @@ pub struct Tuning {
     pub retry_after_max: Duration,
     pub queue_max: usize,
     pub queue_timeout: Duration,
+    /// How long a worker may hold a spare lease for its next request (zero:
+    /// no spares). Short against the window: the window counts each spare
+    /// this much longer.
+    pub spare_ttl: Duration,
 }
 
 impl Tuning {
@@ -211,6 +215,7 @@ impl Default for Tuning {
             retry_after_max: Duration::from_secs(3600),
             queue_max: 500,
             queue_timeout: Duration::from_secs(30),
+            spare_ttl: crate::spares::SPARE_TTL,
         }
     }
 }

@@ -44,6 +44,7 @@ struct KeyPlan {
     revoked: Option<(u64, u64)>,
     max_concurrency: Option<u32>,
     fallback: bool,
+    burst: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +58,15 @@ struct Scenario {
     poison: f64,
     cancel: f64,
     tpm: Option<u64>,
+    /// Workers holding spare leases (0: every lease comes from the
+    /// supervisor, as for a first attempt that finds no spare).
+    workers: usize,
 }
+
+/// How long a worker may hold a spare here: longer than the window's
+/// margin, so a spare counted at its grant rather than its deadline would
+/// show as an excess in a window.
+const SPARE_TTL: Duration = Duration::from_millis(400);
 
 const WINDOW: Duration = Duration::from_secs(2);
 
@@ -77,6 +86,7 @@ fn tuning(queue_timeout: Duration) -> Tuning {
         retry_after_max: Duration::from_secs(30),
         queue_max: 10_000,
         queue_timeout,
+        spare_ttl: SPARE_TTL,
     }
 }
 
@@ -101,7 +111,9 @@ fn spec(id: u32, plan: &KeyPlan, tpm: Option<u64>) -> BackendSpec {
             Pool::Primary
         },
         rpm_limit: plan.configured,
-        burst: BackendSpec::default_burst(plan.configured),
+        burst: plan
+            .burst
+            .unwrap_or_else(|| BackendSpec::default_burst(plan.configured)),
         tpm_limit: tpm,
         max_concurrency: plan.max_concurrency,
         weight: 1.0,
@@ -240,9 +252,18 @@ struct Key {
 
 struct Lease {
     key: usize,
-    req: usize,
+    /// `None` while a worker holds it as a spare.
+    req: Option<usize>,
     granted_at: Instant,
     emergency: bool,
+}
+
+/// A spare lease in a worker's hand.
+struct Held {
+    lease: u64,
+    key: usize,
+    until: Instant,
+    epoch: u64,
 }
 
 #[derive(Debug, PartialEq)]
@@ -257,6 +278,7 @@ struct Req {
     actual: u64,
     poison: bool,
     priority: usize,
+    worker: usize,
     exclude: Vec<u32>,
     failures: u32,
     tries: u32,
@@ -280,6 +302,8 @@ enum Ev {
         outcome: ProbeOutcome,
     },
     Wake,
+    /// A worker returns the spares it can no longer send.
+    Expire(usize),
 }
 
 struct Sim {
@@ -298,6 +322,10 @@ struct Sim {
     /// Keys whose view is on its way to the supervisor.
     inbox: VecDeque<usize>,
     emergency_grants: u64,
+    /// Each worker's spare leases.
+    held: Vec<Vec<Held>>,
+    spares_granted: u64,
+    spares_sent: u64,
 }
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -348,7 +376,11 @@ impl Sim {
             seq: 0,
             inbox: VecDeque::new(),
             emergency_grants: 0,
+            held: Vec::new(),
+            spares_granted: 0,
+            spares_sent: 0,
         };
+        sim.held = (0..sim.sc.workers).map(|_| Vec::new()).collect();
         sim.plan_arrivals();
         let mut t = 0;
         while t < sim.sc.duration_ms + 30_000 {
@@ -388,6 +420,7 @@ impl Sim {
                 actual,
                 poison: self.rng.f64() < self.sc.poison,
                 priority: self.rng.usize(0..4),
+                worker: self.rng.usize(0..self.sc.workers.max(1)),
                 exclude: Vec::new(),
                 failures: 0,
                 tries: 0,
@@ -465,6 +498,16 @@ impl Sim {
     // ---- what the supervisor does -------------------------------------------
 
     fn grant(&mut self, index: usize, emergency: bool, req: usize) -> u64 {
+        self.grant_held(index, emergency, req, None)
+    }
+
+    fn grant_held(
+        &mut self,
+        index: usize,
+        emergency: bool,
+        req: usize,
+        hold_until: Option<Instant>,
+    ) -> u64 {
         let now = self.now;
         let need = self.need(req);
         self.next_lease += 1;
@@ -477,7 +520,7 @@ impl Sim {
             self.emergency_grants += 1;
         }
         let refresh = emergency || k.slot.capacity(need.est_tokens, now).is_err();
-        k.m.take_lease(id, now, emergency, need.est_tokens, now);
+        k.m.take_lease(id, now, hold_until, emergency, need.est_tokens, now);
         if refresh || k.m.exhausted(now) {
             self.push(index);
         }
@@ -485,7 +528,7 @@ impl Sim {
             id,
             Lease {
                 key: index,
-                req,
+                req: hold_until.is_none().then_some(req),
                 granted_at: now,
                 emergency,
             },
@@ -503,11 +546,19 @@ impl Sim {
 
     fn acquire(&mut self, req: usize) {
         let now = self.now;
+        if let Some(lease) = self.take_spare(req) {
+            self.spares_sent += 1;
+            self.send(lease);
+            return;
+        }
         self.drain();
         let need = self.need(req);
         match decide(&self.slots(), &need, now) {
             Decision::Grant { index, emergency } => {
                 let lease = self.grant(index, emergency, req);
+                if !emergency {
+                    self.give_spares(index, req);
+                }
                 self.send(lease);
             }
             Decision::Wait { open, all_cooling } => {
@@ -518,10 +569,82 @@ impl Sim {
                     let p = self.reqs[req].priority;
                     self.queue[p].push_back((req, deadline));
                     self.arm(open.timer(deadline, now));
+                    // The supervisor recalls every spare for the waiter.
+                    for k in &self.keys {
+                        k.m.gate().recall();
+                    }
                 }
             }
             Decision::Fail(e) => self.reject(req, e),
         }
+    }
+
+    /// A first attempt takes a spare its worker holds, if one may be sent;
+    /// the ones that may not are returned unused.
+    fn take_spare(&mut self, req: usize) -> Option<u64> {
+        let now = self.now;
+        let w = self.reqs[req].worker;
+        if self.sc.workers == 0 || !self.reqs[req].exclude.is_empty() {
+            return None;
+        }
+        self.expire(w);
+        let keys = &self.keys;
+        let pos = self.held[w]
+            .iter()
+            .position(|h| keys[h.key].m.gate().admits(false, now))?;
+        let h = self.held[w].swap_remove(pos);
+        if let Some(l) = self.leases.get_mut(&h.lease) {
+            l.req = Some(req);
+        }
+        Some(h.lease)
+    }
+
+    /// What the supervisor adds to a grant for a worker: spares when the
+    /// chooser finds room for them and nobody waits.
+    fn give_spares(&mut self, index: usize, req: usize) {
+        let now = self.now;
+        let w = self.reqs[req].worker;
+        let queued = self.queue.iter().any(|q| !q.is_empty());
+        if self.sc.workers == 0 || queued || !self.reqs[req].exclude.is_empty() {
+            return;
+        }
+        let gate = self.keys[index].m.gate();
+        let epoch = gate.epoch();
+        if !gate.admits(false, now) {
+            return;
+        }
+        let want = self.rng.u32(0..=8);
+        let n = self.keys[index].slot.spares(want);
+        let until = now + SPARE_TTL;
+        for _ in 0..n {
+            let lease = self.grant_held(index, false, req, Some(until));
+            self.spares_granted += 1;
+            self.held[w].push(Held {
+                lease,
+                key: index,
+                until,
+                epoch,
+            });
+        }
+        if n > 0 {
+            self.at(until, Ev::Expire(w));
+        }
+    }
+
+    /// A worker returns (unused) the spares past their deadline or from
+    /// an epoch gone by.
+    fn expire(&mut self, w: usize) {
+        let now = self.now;
+        let held = std::mem::take(&mut self.held[w]);
+        let mut kept = Vec::new();
+        for h in held {
+            if now < h.until && self.keys[h.key].m.gate().epoch() == h.epoch {
+                kept.push(h);
+            } else {
+                self.end_lease(h.lease, Outcome::Unused, Strike::Now, None);
+            }
+        }
+        self.held[w] = kept;
     }
 
     fn slots(&self) -> Vec<Slot> {
@@ -578,7 +701,8 @@ impl Sim {
         let Some(lease) = self.leases.get(&lease_id) else {
             return;
         };
-        let (key, req, emergency) = (lease.key, lease.req, lease.emergency);
+        let (key, emergency) = (lease.key, lease.emergency);
+        let req = lease.req.expect("a lease is sent for a request");
         if self.reqs[req].state == ReqState::Done(499) {
             self.end_lease(lease_id, Outcome::Unused, Strike::Now, None);
             return;
@@ -670,7 +794,7 @@ impl Sim {
         let Some(l) = self.leases.get(&lease_id) else {
             return; // the client went away; its lease was reported then
         };
-        let (key, req) = (l.key, l.req);
+        let (key, req) = (l.key, l.req.expect("a sent lease has its request"));
         if let Some((told, _)) = self.keys[key].provider.told {
             if told == lease_id {
                 self.keys[key].provider.known_at = Some(self.now);
@@ -817,6 +941,10 @@ impl Sim {
                 }
                 self.drain();
             }
+            Ev::Expire(w) => {
+                self.expire(w);
+                self.deliver();
+            }
         }
         self.deliver();
         // Checked once everything due at this instant has run.
@@ -911,6 +1039,8 @@ impl Sim {
                 .map(|k| k.m.health_label() == "healthy")
                 .collect(),
             emergency: self.emergency_grants,
+            spares_granted: self.spares_granted,
+            spares_sent: self.spares_sent,
         }
     }
 }
@@ -924,6 +1054,8 @@ struct Report {
     rate_limited: Vec<u64>,
     healthy_at_end: Vec<bool>,
     emergency: u64,
+    spares_granted: u64,
+    spares_sent: u64,
 }
 
 fn key_plan(exact: bool) -> impl Strategy<Value = KeyPlan> {
@@ -949,6 +1081,7 @@ fn key_plan(exact: bool) -> impl Strategy<Value = KeyPlan> {
                 revoked: None,
                 max_concurrency: conc,
                 fallback,
+                burst: None,
             },
         )
 }
@@ -967,7 +1100,7 @@ proptest! {
         cancel in 0.0f64..0.3,
         tpm in prop_oneof![Just(None), (400u64..3000).prop_map(Some)],
     ) {
-        let sc = Scenario { seed, keys, load, duration_ms: 12_000, queue_timeout_ms, poison: 0.0, cancel, tpm };
+        let sc = Scenario { seed, keys, load, duration_ms: 12_000, queue_timeout_ms, poison: 0.0, cancel, tpm, workers: 0 };
         let r = Sim::new(sc).run();
         prop_assert!(r.rate_limited.iter().all(|&n| n == 0), "{r:?}");
         prop_assert!(r.healthy_at_end.iter().all(|&h| h), "{r:?}");
@@ -993,12 +1126,42 @@ proptest! {
         if revoke {
             keys[0].revoked = Some((2_000, 6_000));
         }
-        let sc = Scenario { seed, keys, load, duration_ms: 12_000, queue_timeout_ms, poison, cancel, tpm: None };
+        let sc = Scenario { seed, keys, load, duration_ms: 12_000, queue_timeout_ms, poison, cancel, tpm: None, workers: 0 };
         let r = Sim::new(sc).run();
         let limited: u64 = r.rate_limited.iter().sum();
         prop_assert!(limited <= 20 + r.sent / 4, "429s unbounded: {r:?}");
         prop_assert!(r.healthy_at_end.iter().all(|&h| h), "a key stayed out: {r:?}");
         prop_assert!(r.ok + r.rejected <= r.requests);
         let _ = r.emergency;
+    }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// Keys large enough for spare leases, held by workers and sent up to
+    /// their deadline or returned: the limit still holds in every window
+    /// of real sends, no request reaches a key in a state other than the
+    /// one its lease was granted in, and every spare comes back.
+    #[test]
+    fn spare_leases_keep_every_window(
+        seed in any::<u64>(),
+        mut keys in prop::collection::vec(key_plan(true), 1..3),
+        big in prop::collection::vec(500u32..900, 3),
+        load in 0.3f64..1.6,
+        workers in 1usize..4,
+        cancel in 0.0f64..0.2,
+    ) {
+        for (k, n) in keys.iter_mut().zip(big) {
+            k.configured = n;
+            k.real = n;
+            k.burst = Some(n);
+            k.max_concurrency = k.max_concurrency.map(|c| 300 + c * 200);
+        }
+        let sc = Scenario { seed, keys, load, duration_ms: 5_000, queue_timeout_ms: 2_000, poison: 0.0, cancel, tpm: None, workers };
+        let r = Sim::new(sc).run();
+        prop_assert!(r.rate_limited.iter().all(|&n| n == 0), "{r:?}");
+        prop_assert!(r.spares_sent > 0 && r.spares_granted >= r.spares_sent, "no spare was used: {r:?}");
     }
 }

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub queue_wait: Histogram,
     pub emergency: prometheus::IntCounter,
+    /// Leases a worker served from its spares, without asking the supervisor.
+    pub spare_leases: prometheus::IntCounter,
     /// The supervisor's running count, to turn into counter increments.
     emergency_seen: std::sync::atomic::AtomicU64,
     /// Requests by the model the client asked for (bounded to known models).
@@ -185,6 +187,14 @@ impl Metrics {
                 prometheus::IntCounter::new(
                     "emergency_grants_total",
                     "Emergency-channel leases granted (every key of a model cooling).",
+                )
+                .expect("valid metric"),
+            ),
+            spare_leases: reg(
+                &r,
+                prometheus::IntCounter::new(
+                    "spare_leases_total",
+                    "Leases served from a worker's spares (granted ahead by the supervisor).",
                 )
                 .expect("valid metric"),
             ),

@@ -34,6 +34,7 @@ use crate::startup::RequestId;
 use crate::web::error::ApiError;
 use attempt::{attempt, Step};
 use prepare::prepare;
+use sidecar_actors::spares::Spares;
 pub use state::{ProxyState, QueueTimeout, RequestLimits};
 use tries::{acquire, Tries};
 
@@ -131,15 +132,18 @@ pub fn pooled_route(endpoint: Endpoint) -> actix_web::Route {
         move |req: HttpRequest,
               body: web::Payload,
               state: web::Data<ProxyState>,
-              client: web::Data<awc::Client>| {
-            proxy(endpoint, req, Input::Pooled(body), state, client)
+              client: web::Data<awc::Client>,
+              spares: web::Data<Spares>| async move {
+            let input = Input::Pooled(body, spares);
+            proxy(endpoint, req, input, state, client).await
         },
     )
 }
 
 /// What a request brings: a pooled body, or the stored object it names.
 pub(crate) enum Input {
-    Pooled(web::Payload),
+    /// With the worker's spare leases (only a pooled request uses them).
+    Pooled(web::Payload, web::Data<Spares>),
     Object {
         id: String,
         body: web::Payload,
@@ -248,8 +252,12 @@ async fn handle(
     client: &awc::Client,
     trace: &mut Trace,
 ) -> Result<Reply, ApiError> {
+    let mut spares = None;
     let mut p = match input {
-        Input::Pooled(payload) => prepare(endpoint, req, payload, state, trace).await?,
+        Input::Pooled(payload, held) => {
+            spares = Some(held);
+            prepare(endpoint, req, payload, state, trace).await?
+        }
         Input::Object { id, body } => {
             objects::prepare(endpoint, id, req, body, state, trace).await?
         }
@@ -271,7 +279,7 @@ async fn handle(
     let deadline = Instant::now() + state.queue_timeout.get();
     loop {
         let queue_start = Instant::now();
-        let acquired = acquire(state, &p, &tries.exclude, deadline).await;
+        let acquired = acquire(state, spares.as_ref(), &p, &tries.exclude, deadline).await;
         trace.record.queued += queue_start.elapsed();
         let lease = tries.leased(acquired, &p)?;
         trace.record.attempts += 1;

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::web;
+use sidecar_actors::spares::Spares;
 use sidecar_actors::{Acquire, AcquireError, BackendId, Lease, Outcome, PendingStrike, Ticket};
 use tokio::time::Instant;
 
@@ -206,12 +208,23 @@ impl Tries {
     }
 }
 
+/// A lease for the request's next attempt: one of the worker's spares when
+/// it holds one for this model (a first attempt, not pinned), else the
+/// supervisor's, with spares for the worker's next requests when it is busy.
 pub(crate) async fn acquire(
     state: &ProxyState,
+    spares: Option<&web::Data<Spares>>,
     p: &Prepared,
     exclude: &[BackendId],
     deadline: Instant,
 ) -> Result<Lease, AcquireError> {
+    let spares = spares.filter(|_| exclude.is_empty() && p.pin.is_none());
+    if let Some(held) = spares {
+        if let Some(lease) = held.take(&p.model, Instant::now()) {
+            state.metrics.spare_leases.inc();
+            return Ok(lease);
+        }
+    }
     let ticket = state
         .supervisor
         .send(Acquire {
@@ -221,11 +234,24 @@ pub(crate) async fn acquire(
             est_tokens: p.est_tokens,
             deadline: Some(deadline),
             pin: p.pin.clone(),
+            spares: spares.map_or(0, |s| s.wanted()),
         })
         .await
         .map_err(|_| AcquireError::SupervisorGone)??;
     match ticket {
-        Ticket::Ready(lease) => Ok(lease),
+        Ticket::Ready(lease, more) => {
+            let last = more.iter().filter_map(Lease::held_until).max();
+            if let (Some(held), Some(until)) = (spares, last) {
+                held.keep(more);
+                // A worker gone quiet gives back what it holds.
+                let held = held.clone();
+                actix_web::rt::spawn(async move {
+                    tokio::time::sleep_until(until).await;
+                    held.expire(Instant::now());
+                });
+            }
+            Ok(lease)
+        }
         Ticket::Queued(rx) => {
             // The supervisor answers every waiter by its deadline; the slack
             // only guards against a supervisor that stopped answering.

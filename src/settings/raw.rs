@@ -33,6 +33,10 @@ pub struct RawSettings {
     /// Safety margin added to the window when counting our own grants, in
     /// milliseconds; default max(1 % of the window, 100 ms).
     pub window_margin_ms: Option<u64>,
+    /// How long a busy worker may hold a spare lease for its next request,
+    /// in milliseconds; 0 turns spare leases off. Default 50 ms, at most a
+    /// tenth of the window.
+    pub spare_lease_ms: Option<u64>,
     /// Calm seconds before adaptive retreat climbs a step; default 2 windows.
     pub retreat_recovery_secs: Option<f64>,
     pub emergency_fraction: f64,
@@ -112,6 +116,7 @@ impl Default for RawSettings {
             queue_timeout: 30.0,
             window_secs: 60.0,
             window_margin_ms: None,
+            spare_lease_ms: None,
             retreat_recovery_secs: None,
             emergency_fraction: 0.1,
             failure_threshold: 3,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sidecar_actors::messages::Priority;
+use sidecar_actors::spares::SPARE_TTL;
 use sidecar_actors::{ApiKey, BackendSpec, ModelRoute, Pool, Tuning};
 
 use super::backend::check_url;
@@ -94,6 +95,23 @@ impl RawSettings {
             retry_after_max: positive_secs(src, "retry_after_max", self.retry_after_max)?,
             queue_max: self.queue_max,
             queue_timeout: secs(src, "queue_timeout", self.queue_timeout)?,
+            // The window counts a spare until a window after its deadline:
+            // a deadline as long as the window would halve the key's rate.
+            spare_ttl: match self.spare_lease_ms.map(Duration::from_millis) {
+                None => SPARE_TTL.min(window / 10),
+                Some(t) if t <= window / 10 => t,
+                Some(t) => {
+                    return Err(ConfigError::new(
+                        src,
+                        "spare_lease_ms",
+                        format!(
+                            "{} ms is more than a tenth of the window ({} ms)",
+                            t.as_millis(),
+                            (window / 10).as_millis()
+                        ),
+                    ))
+                }
+            },
         };
         if tuning.key_retest_max < tuning.key_retest_initial {
             return Err(ConfigError::new(
@@ -376,6 +394,10 @@ mod tests {
             ("window_secs", Box::new(|r| r.window_secs = 0.0)),
             ("window_secs", Box::new(|r| r.window_secs = f64::NAN)),
             ("queue_timeout", Box::new(|r| r.queue_timeout = -1.0)),
+            (
+                "spare_lease_ms",
+                Box::new(|r| r.spare_lease_ms = Some(6001)),
+            ),
             ("queue_timeout", Box::new(|r| r.queue_timeout = 1e300)),
             (
                 "emergency_fraction",

@@ -19,4 +19,5 @@ mod rate_limits;
 mod replicas;
 mod routes;
 mod sdk;
+mod spares;
 mod streaming;

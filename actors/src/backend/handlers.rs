@@ -14,8 +14,14 @@ impl Handler<LeaseTaken> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: LeaseTaken, ctx: &mut Self::Context) {
         let now = Instant::now();
-        self.machine
-            .take_lease(msg.lease_id, msg.at, msg.emergency, msg.est_tokens, now);
+        self.machine.take_lease(
+            msg.lease_id,
+            msg.at,
+            msg.hold_until,
+            msg.emergency,
+            msg.est_tokens,
+            now,
+        );
         self.confirm(msg.lease_id, msg.emergency, msg.confirm, ctx);
         // The supervisor counts its own grants, so a view after every lease
         // adds nothing; one is needed when its view ran dry.

@@ -48,6 +48,8 @@ pub struct Crash;
 pub struct LeaseTaken {
     pub lease_id: u64,
     pub at: Instant,
+    /// A spare lease: a worker may send it until then.
+    pub hold_until: Option<Instant>,
     pub emergency: bool,
     pub est_tokens: u64,
     /// The supervisor's view of this backend ran dry with this grant: push

@@ -24,6 +24,11 @@ pub struct Need {
     pub pin: Option<Arc<str>>,
 }
 
+/// Spare leases are handed out only where this many requests are left
+/// beyond them, so a key near its limit never has its last requests sitting
+/// unsent in a worker's hand.
+pub const SPARE_ROOM: u64 = 256;
+
 /// One backend as the chooser knows it.
 #[derive(Debug, Clone)]
 pub struct Slot {
@@ -169,6 +174,26 @@ impl Slot {
         }
         let limit = v.effective_rpm.max(1) as f64;
         Ok(available as f64 / limit * self.spec.weight)
+    }
+
+    /// How many spare leases (at most `want`) may go with a grant just made
+    /// here. A spare is counted in the window and in flight while a worker
+    /// holds it, so it is handed out only where that can make nobody wait:
+    /// a healthy backend without a token limit, with [`SPARE_ROOM`]
+    /// requests left beyond the spares in its window, burst and concurrency.
+    pub fn spares(&self, want: u32) -> u32 {
+        let v = &self.view;
+        if want == 0 || v.status != Status::Healthy || v.tokens.is_some() {
+            return 0;
+        }
+        let pending = self.pending();
+        let mut room = (v.remaining as u64).saturating_sub(pending);
+        if let Some(max) = v.max_concurrency {
+            let busy = (v.in_flight as u64).saturating_add(pending);
+            room = room.min((max as u64).saturating_sub(busy));
+        }
+        let n = room.saturating_sub(SPARE_ROOM).min(u64::from(want));
+        u32::try_from(n).unwrap_or(0)
     }
 
     /// When an emergency probe could go to this cooling backend: not before

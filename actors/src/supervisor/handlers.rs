@@ -34,7 +34,12 @@ impl Handler<Acquire> for PoolSupervisor {
         };
         match self.decide(&need, now) {
             Decision::Grant { index, emergency } => {
-                Ok(Ticket::Ready(self.grant(index, emergency, &need, now)))
+                let lease = self.grant(index, emergency, &need, now);
+                let spares = match emergency {
+                    true => Vec::new(),
+                    false => self.spares(index, &need, msg.spares, now),
+                };
+                Ok(Ticket::Ready(lease, spares))
             }
             // Stopping: what can be served now is; nothing waits.
             Decision::Wait { .. } if self.draining => Err(AcquireError::ShuttingDown),
@@ -50,6 +55,8 @@ impl Handler<Acquire> for PoolSupervisor {
                 }
                 let (tx, rx) = oneshot::channel();
                 self.queue.push(msg.priority, Waiter { need, deadline, tx });
+                // What workers hold for requests to come is this one's.
+                self.recall_spares();
                 let wake = open.timer(deadline, now);
                 self.wake_at(wake, ctx);
                 Ok(Ticket::Queued(rx))
@@ -135,6 +142,7 @@ impl Handler<UpsertBackend> for PoolSupervisor {
                 self.entries[i].key_id = account;
                 self.entries[i].slot.spec = spec.clone();
                 self.entries[i].addr.do_send(Reconfigure(spec));
+                self.entries[i].gate.recall();
                 info!(self.log, "backend updated"; "backend" => self.entries[i].slot.spec.name.to_string());
             }
             None => {
@@ -152,6 +160,7 @@ impl Handler<RemoveBackend> for PoolSupervisor {
         match self.entry_index(msg.0) {
             Some(i) => {
                 let e = self.entries.remove(i);
+                e.gate.recall();
                 e.addr.do_send(Shutdown);
                 info!(self.log, "backend removed"; "backend" => e.slot.spec.name.to_string());
                 true
@@ -288,6 +297,7 @@ impl Handler<Drain> for PoolSupervisor {
             "stopping: waiting requests are answered 503 with Retry-After 1"
         );
         self.draining = true;
+        self.recall_spares();
         self.drain(ctx);
     }
 }

@@ -23,6 +23,9 @@ pub struct Acquire {
     pub deadline: Option<Instant>,
     /// Only the backend of this upstream account may serve it.
     pub pin: Option<Arc<str>>,
+    /// Spare leases the worker would hold for its next requests to the same
+    /// model (granted only where plenty of room is left).
+    pub spares: u32,
 }
 
 /// Supervisor: every backend's grant log, for saving at shutdown.

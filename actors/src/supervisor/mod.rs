@@ -19,9 +19,11 @@ use tokio::time::Instant;
 
 use crate::backend::BackendActor;
 use crate::gate::Gate;
+use crate::lease::Hold;
 use crate::messages::{BackendView, Finish, Lease, LeaseTaken, Verdict};
 use crate::probe::Prober;
 use crate::rate_state::RateState;
+use crate::spares::MAX_SPARES;
 use crate::spec::{BackendId, BackendSpec, Tuning};
 use crate::store::DbExecutor;
 
@@ -132,6 +134,60 @@ impl PoolSupervisor {
         need: &Need,
         now: Instant,
     ) -> Lease {
+        self.grant_held(index, emergency, need, now, None)
+    }
+
+    /// Spare leases to go with a grant just made on `index`, for the
+    /// worker's next requests: none while anyone waits, with shared state
+    /// (each lease waits for the shared window's word), or for a request
+    /// that is pinned or excluded backends (it is no common case).
+    pub(crate) fn spares(
+        &mut self,
+        index: usize,
+        need: &Need,
+        want: u32,
+        now: Instant,
+    ) -> Vec<Lease> {
+        let plain = need.exclude.is_empty() && need.pin.is_none();
+        let shared = self.rate.as_ref().and_then(RateState::cluster).is_some();
+        let ttl = self.tuning.spare_ttl;
+        let idle = ttl.is_zero() || self.draining || !self.queue.is_empty();
+        if want == 0 || !plain || shared || idle {
+            return Vec::new();
+        }
+        let gate = &self.entries[index].gate;
+        // The epoch first: a change after this read makes the spares void.
+        let epoch = gate.epoch();
+        if !gate.admits(false, now) {
+            return Vec::new();
+        }
+        let n = self.entries[index].slot.spares(want.min(MAX_SPARES));
+        let hold = Hold {
+            model: need.model.clone(),
+            until: now + ttl,
+            epoch,
+        };
+        (0..n)
+            .map(|_| self.grant_held(index, false, need, now, Some(hold.clone())))
+            .collect()
+    }
+
+    /// Voids every spare lease out there: a waiter must not wait while
+    /// workers hold capacity for requests not yet come.
+    pub(crate) fn recall_spares(&self) {
+        for e in &self.entries {
+            e.gate.recall();
+        }
+    }
+
+    fn grant_held(
+        &mut self,
+        index: usize,
+        emergency: bool,
+        need: &Need,
+        now: Instant,
+        hold: Option<Hold>,
+    ) -> Lease {
         self.next_lease += 1;
         let id = self.next_lease;
         let e = &mut self.entries[index];
@@ -155,6 +211,7 @@ impl PoolSupervisor {
         e.addr.do_send(LeaseTaken {
             lease_id: id,
             at: now,
+            hold_until: hold.as_ref().map(|h| h.until),
             emergency,
             est_tokens: need.est_tokens,
             refresh,
@@ -182,6 +239,7 @@ impl PoolSupervisor {
             confirm,
             finish_to: e.finish_to.clone(),
             verdict_to: e.verdict_to.clone(),
+            hold,
             used: false,
             reported: false,
         }
@@ -264,6 +322,7 @@ impl PoolSupervisor {
     }
 
     pub(crate) fn retune(&mut self, tuning: Tuning) {
+        self.recall_spares();
         self.queue.set_max(tuning.queue_max);
         self.tuning = Arc::new(tuning);
         for e in &self.entries {

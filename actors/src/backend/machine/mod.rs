@@ -28,6 +28,9 @@ use crate::spec::{BackendSpec, Tuning};
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseRecord {
     pub at: Instant,
+    /// Where the rolling window holds it: `at`, or for a spare lease the
+    /// latest moment it may be sent.
+    pub counted_at: Instant,
     pub emergency: bool,
     pub est_tokens: u64,
     /// What the token window reserved: the estimate, at most the limit.
@@ -364,6 +367,10 @@ impl KeyMachine {
     fn apply_effective(&mut self, now: Instant) {
         let effective = self.local_rpm().max(1);
         let burst = self.spec.burst.min(effective).max(1);
+        if effective < self.limiter.limit() {
+            // Spares granted under the higher limit are not to be sent.
+            self.gate.recall();
+        }
         self.limiter.set_limit(effective, burst, now);
         self.emergency
             .set_limit(Self::emergency_limit(&self.tuning, effective), 1, now);

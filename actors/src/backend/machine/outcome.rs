@@ -4,17 +4,21 @@
 use super::*;
 
 impl KeyMachine {
-    /// The supervisor handed out a lease at `at`.
+    /// The supervisor handed out a lease at `at`; a spare one may be sent
+    /// until `hold_until`, so the window counts it from now until a window
+    /// after that.
     pub fn take_lease(
         &mut self,
         lease_id: u64,
         at: Instant,
+        hold_until: Option<Instant>,
         emergency: bool,
         est_tokens: u64,
         now: Instant,
     ) {
         let at = at.min(now);
-        self.limiter.record(at);
+        let counted_at = hold_until.map_or(at, |h| h.max(at));
+        self.limiter.record_at(counted_at, at);
         if emergency {
             self.emergency.record(at);
             self.seen_emergency += 1;
@@ -34,6 +38,7 @@ impl KeyMachine {
             lease_id,
             LeaseRecord {
                 at,
+                counted_at,
                 emergency,
                 est_tokens,
                 reserved,
@@ -67,7 +72,7 @@ impl KeyMachine {
         match outcome {
             Outcome::Unused => {
                 self.shared.log.retain(|&(_, id)| id != lease_id);
-                self.limiter.unrecord(rec.at, now);
+                self.limiter.unrecord(rec.counted_at, now);
                 if rec.emergency {
                     self.emergency.unrecord(rec.at, now);
                 }

@@ -52,7 +52,7 @@ fn an_unknown_replica_count_serves_nothing_while_degraded() {
 fn degraded_shares_round_down_after_a_spent_window() {
     let t0 = Instant::now();
     let mut m = machine(10, t0);
-    m.take_lease(1, t0, false, 0, t0);
+    m.take_lease(1, t0, None, false, 0, t0);
     let fill_at = t0 + Duration::from_secs(4);
     m.set_degraded(Some(3), fill_at, t0);
     // The window counts as spent until it has passed the fill time.
@@ -66,7 +66,7 @@ fn degraded_shares_round_down_after_a_spent_window() {
 fn coming_back_removes_the_fill_and_keeps_the_real_grants() {
     let t0 = Instant::now();
     let mut m = machine(10, t0);
-    m.take_lease(1, t0, false, 0, t0);
+    m.take_lease(1, t0, None, false, 0, t0);
     m.set_degraded(Some(3), t0 + Duration::from_secs(4), t0);
     let t1 = t0 + Duration::from_secs(2);
     assert_eq!(m.view(t1).window_left, 0, "filled");
@@ -75,4 +75,39 @@ fn coming_back_removes_the_fill_and_keeps_the_real_grants() {
     assert_eq!(v.window_left, 9, "only the real grant counts");
     assert_eq!(v.degraded_share, None);
     assert_eq!(m.shared_log(t1), vec![(t0, 1)], "what a sync puts back");
+}
+
+#[test]
+fn a_spare_lease_holds_the_window_until_a_window_after_its_deadline() {
+    let t0 = Instant::now();
+    let mut m = machine(2, t0);
+    let hold = t0 + Duration::from_secs(3);
+    m.take_lease(1, t0, Some(hold), false, 0, t0);
+    m.take_lease(2, t0, None, false, 0, t0);
+    // The spare may be sent at `hold`: the provider would count it until a
+    // window after that, so its grant cannot come back with the window.
+    let t12 = t0 + Duration::from_secs(12);
+    assert_eq!(m.view(t12).window_left, 1, "the plain lease has aged out");
+    assert_eq!(m.view(t0 + Duration::from_secs(13)).window_left, 2);
+}
+
+#[test]
+fn a_spare_lease_handed_back_unsent_frees_its_place_at_once() {
+    let t0 = Instant::now();
+    let mut m = machine(2, t0);
+    let t1 = t0 + Duration::from_secs(1);
+    m.take_lease(1, t1, Some(t1 + Duration::from_secs(3)), false, 0, t1);
+    let t2 = t0 + Duration::from_secs(2);
+    assert_eq!(m.view(t2).window_left, 1);
+    m.finish(
+        1,
+        &Outcome::Unused,
+        Duration::ZERO,
+        None,
+        None,
+        None,
+        Strike::Now,
+        t2,
+    );
+    assert_eq!(m.view(t2).window_left, 2);
 }
