@@ -64,9 +64,10 @@ impl Gate {
         );
     }
 
-    /// Only the backend's actor writes, so load-then-store cannot race
-    /// another writer; the epoch moves before the new state shows, so a
-    /// reader that sees the new state also sees the new epoch.
+    /// Only the backend's actor writes the state, so load-then-store cannot
+    /// race another writer (the supervisor only moves the epoch, atomically);
+    /// the epoch moves before the new state shows, so a reader that sees
+    /// the new state also sees the new epoch.
     fn set(&self, closed_until: u64, probes_from: u64) {
         let same = self.closed_until.load(Ordering::Acquire) == closed_until
             && self.probes_from.load(Ordering::Acquire) == probes_from;

@@ -81,6 +81,8 @@ pub struct Lease {
     pub(crate) verdict_to: Recipient<Verdict>,
     /// A spare lease: held by a worker for a request still to come.
     pub(crate) hold: Option<Hold>,
+    /// When a spare lease went upstream.
+    pub(crate) sent: Option<Instant>,
     pub(crate) used: bool,
     pub(crate) reported: bool,
 }
@@ -162,10 +164,14 @@ impl Lease {
     /// the lease counts as a cancelled request, not an unused slot.
     pub fn mark_used(&mut self) {
         self.used = true;
+        if self.hold.is_some() {
+            self.sent = Some(Instant::now());
+        }
     }
 
-    fn message(&mut self, report: Report) -> Finish {
+    fn message(&mut self, mut report: Report) -> Finish {
         self.reported = true;
+        report.sent = self.sent;
         Finish {
             lease_id: self.id,
             report,

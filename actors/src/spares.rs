@@ -36,7 +36,24 @@ const DEMAND_SLOT: Duration = Duration::from_millis(10);
 #[derive(Default)]
 pub struct Spares {
     held: RefCell<Vec<Lease>>,
+    /// Spares asked for by requests still waiting on the supervisor: with
+    /// those held, never more than [`MAX_SPARES`].
+    asked: Cell<u32>,
     demand: Cell<Demand>,
+}
+
+/// Spares one request asks for, reserved against the worker's limit until
+/// the supervisor answers (or the request gives up).
+pub struct Ask<'a> {
+    spares: &'a Spares,
+    pub n: u32,
+}
+
+impl Drop for Ask<'_> {
+    fn drop(&mut self) {
+        let s = self.spares;
+        s.asked.set(s.asked.get().saturating_sub(self.n));
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,17 +75,20 @@ impl Spares {
         Some(held.swap_remove(pos))
     }
 
-    /// How many spares to ask for with the next lease: none for a worker
-    /// that saw a single request in the last slot, up to [`MAX_SPARES`] for
-    /// a busy one, less what it already holds.
-    pub fn wanted(&self) -> u32 {
+    /// Spares to ask for with the next lease: none for a worker that saw a
+    /// single request in the last slot, up to [`MAX_SPARES`] for a busy one,
+    /// less what it holds and what other requests are asking for.
+    pub fn ask(&self) -> Ask<'_> {
         let d = self.demand.get();
         let held = u32::try_from(self.held.borrow().len()).unwrap_or(u32::MAX);
-        d.last_slot
+        let n = d
+            .last_slot
             .max(d.this_slot)
             .saturating_sub(1)
             .min(MAX_SPARES)
-            .saturating_sub(held)
+            .saturating_sub(held.saturating_add(self.asked.get()));
+        self.asked.set(self.asked.get().saturating_add(n));
+        Ask { spares: self, n }
     }
 
     /// Keeps spares the supervisor granted.
@@ -109,5 +129,33 @@ impl Spares {
         }
         d.this_slot = d.this_slot.saturating_add(1);
         self.demand.set(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_worker_asks_for_none_and_a_busy_one_for_at_most_the_limit() {
+        let s = Spares::default();
+        let t0 = Instant::now();
+        assert!(s.take("m", t0).is_none());
+        assert_eq!(s.ask().n, 0, "one request in the slot: no spares");
+        for _ in 0..20 {
+            s.take("m", t0);
+        }
+        let a = s.ask();
+        assert_eq!(a.n, MAX_SPARES);
+        // Requests asking at the same time share the limit.
+        let b = s.ask();
+        assert_eq!(b.n, 0);
+        drop(a);
+        drop(b);
+        assert_eq!(s.ask().n, MAX_SPARES, "an answered ask frees its share");
+        // Demand is measured per slot: two quiet slots later it is gone.
+        let later = t0 + DEMAND_SLOT * 3;
+        s.take("m", later);
+        assert_eq!(s.ask().n, 0);
     }
 }

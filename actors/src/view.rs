@@ -134,6 +134,13 @@ pub struct BackendView {
     pub configured_rpm: u32,
     /// The provider's own request limit, when its headers said it is lower.
     pub provider_rpm: Option<u32>,
+    /// The provider's headers told how many requests are left: each answer
+    /// re-bases what may be sent, which spare leases held elsewhere would
+    /// not follow.
+    pub provider_budget: bool,
+    /// The backend's gate epoch this view was made in: spare leases are
+    /// lent only from a view as new as the gate.
+    pub epoch: u64,
     pub tokens: Option<TokenView>,
     pub in_flight: u32,
     pub max_concurrency: Option<u32>,
@@ -253,6 +260,9 @@ pub struct Report {
     /// What the provider's headers said about its limits.
     pub limits: Option<ProviderLimits>,
     pub strike: Strike,
+    /// When a spare lease was sent (set by the lease): its outcome is
+    /// judged from then, not from its grant.
+    pub sent: Option<Instant>,
 }
 
 impl Report {
@@ -264,6 +274,7 @@ impl Report {
             detail: None,
             limits: None,
             strike: Strike::Now,
+            sent: None,
         }
     }
 

@@ -614,7 +614,7 @@ impl Sim {
             return;
         }
         let want = self.rng.u32(0..=8);
-        let n = self.keys[index].slot.spares(want);
+        let n = self.keys[index].slot.spares(want, epoch);
         let until = now + SPARE_TTL;
         for _ in 0..n {
             let lease = self.grant_held(index, false, req, Some(until));

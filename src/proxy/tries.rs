@@ -225,6 +225,7 @@ pub(crate) async fn acquire(
             return Ok(lease);
         }
     }
+    let ask = spares.map(|s| s.ask());
     let ticket = state
         .supervisor
         .send(Acquire {
@@ -234,7 +235,7 @@ pub(crate) async fn acquire(
             est_tokens: p.est_tokens,
             deadline: Some(deadline),
             pin: p.pin.clone(),
-            spares: spares.map_or(0, |s| s.wanted()),
+            spares: ask.as_ref().map_or(0, |a| a.n),
         })
         .await
         .map_err(|_| AcquireError::SupervisorGone)??;
@@ -253,6 +254,8 @@ pub(crate) async fn acquire(
             Ok(lease)
         }
         Ticket::Queued(rx) => {
+            // A queued answer brings no spares.
+            drop(ask);
             // The supervisor answers every waiter by its deadline; the slack
             // only guards against a supervisor that stopped answering.
             let guard = deadline + Duration::from_secs(5);

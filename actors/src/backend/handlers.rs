@@ -35,6 +35,9 @@ impl Handler<Finish> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Finish, ctx: &mut Self::Context) {
         let r = msg.report;
+        if let Some(at) = r.sent {
+            self.machine.sent_at(msg.lease_id, at);
+        }
         self.release(msg.lease_id, &r.outcome, ctx);
         let probe = self.machine.shared_grant(msg.lease_id);
         let ch = self.machine.finish(

@@ -179,11 +179,17 @@ impl Slot {
     /// How many spare leases (at most `want`) may go with a grant just made
     /// here. A spare is counted in the window and in flight while a worker
     /// holds it, so it is handed out only where that can make nobody wait:
-    /// a healthy backend without a token limit, with [`SPARE_ROOM`]
-    /// requests left beyond the spares in its window, burst and concurrency.
-    pub fn spares(&self, want: u32) -> u32 {
+    /// a healthy backend without a token limit or a provider-told budget,
+    /// whose view is as new as its gate's `epoch` (a lower limit is known
+    /// to the gate before the view), with [`SPARE_ROOM`] requests left
+    /// beyond the spares in its window, burst and concurrency.
+    pub fn spares(&self, want: u32, epoch: u64) -> u32 {
         let v = &self.view;
-        if want == 0 || v.status != Status::Healthy || v.tokens.is_some() {
+        let told = v.provider_budget || v.provider_rpm.is_some();
+        if want == 0 || v.status != Status::Healthy || v.tokens.is_some() || told {
+            return 0;
+        }
+        if v.epoch != epoch {
             return 0;
         }
         let pending = self.pending();

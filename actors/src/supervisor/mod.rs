@@ -161,7 +161,7 @@ impl PoolSupervisor {
         if !gate.admits(false, now) {
             return Vec::new();
         }
-        let n = self.entries[index].slot.spares(want.min(MAX_SPARES));
+        let n = self.entries[index].slot.spares(want.min(MAX_SPARES), epoch);
         let hold = Hold {
             model: need.model.clone(),
             until: now + ttl,
@@ -240,6 +240,7 @@ impl PoolSupervisor {
             finish_to: e.finish_to.clone(),
             verdict_to: e.verdict_to.clone(),
             hold,
+            sent: None,
             used: false,
             reported: false,
         }

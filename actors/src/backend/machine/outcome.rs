@@ -47,6 +47,15 @@ impl KeyMachine {
         );
     }
 
+    /// A spare lease went upstream at `at`, after its grant: its outcome
+    /// is judged from then (a health streak that began between the two
+    /// says nothing about it). Its window place stays where it was counted.
+    pub fn sent_at(&mut self, lease_id: u64, at: Instant) {
+        if let Some(rec) = self.leases.get_mut(&lease_id) {
+            rec.at = rec.at.max(at);
+        }
+    }
+
     /// The outcome of one attempt.
     #[allow(clippy::too_many_arguments)]
     pub fn finish(
@@ -177,6 +186,12 @@ impl KeyMachine {
             );
             let before = self.effective_rpm();
             let horizon = self.tuning.retry_after_max;
+            if limits.remaining_requests.is_some() {
+                // The budget counts what was granted after this answer's
+                // lease; a spare granted before it and still held would be
+                // counted nowhere.
+                self.gate.recall();
+            }
             if self
                 .provider
                 .observe(limits, lease_id, unseen, self.spec.rpm_limit, horizon, now)

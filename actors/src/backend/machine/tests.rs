@@ -1,5 +1,6 @@
 use super::*;
 use crate::spec::{ApiKey, InitialState, ModelRoute, Pool};
+use crate::supervisor::chooser::Slot;
 
 fn machine(rpm: u32, now: Instant) -> KeyMachine {
     let mut models = HashMap::new();
@@ -110,4 +111,108 @@ fn a_spare_lease_handed_back_unsent_frees_its_place_at_once() {
         t2,
     );
     assert_eq!(m.view(t2).window_left, 2);
+}
+
+fn fail(m: &mut KeyMachine, id: u64, now: Instant) -> Changes {
+    let outcome = Outcome::ServerError { status: 500 };
+    m.finish(
+        id,
+        &outcome,
+        Duration::ZERO,
+        None,
+        None,
+        None,
+        Strike::Now,
+        now,
+    )
+}
+
+#[test]
+fn a_spare_sent_late_is_judged_from_its_send() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut m = machine(1000, t0);
+    m.take_lease(1, t0, Some(at(50)), false, 0, t0);
+    for id in 2..=4 {
+        m.take_lease(id, at(1), None, false, 0, at(1));
+    }
+    // Two failures, then the spare goes out and succeeds: the failures
+    // were not consecutive, so a third does not take the key down.
+    assert!(fail(&mut m, 2, at(2)).health_flipped.is_none());
+    assert!(fail(&mut m, 3, at(3)).health_flipped.is_none());
+    m.sent_at(1, at(4));
+    let ok = Outcome::Success {
+        prompt_tokens: None,
+        completion_tokens: None,
+    };
+    m.finish(1, &ok, Duration::ZERO, None, None, None, Strike::Now, at(5));
+    assert_eq!(fail(&mut m, 4, at(6)).health_flipped, None, "still up");
+    assert_eq!(m.view(at(6)).consecutive_failures, 1);
+}
+
+fn slot(m: &mut KeyMachine, now: Instant) -> Slot {
+    let view = m.view(now);
+    Slot {
+        spec: m.spec().clone(),
+        account: Arc::from("a"),
+        granted: view.seen_leases,
+        view,
+        granted_emergency: 0,
+        granted_tokens: 0,
+    }
+}
+
+#[test]
+fn spares_are_lent_only_from_a_view_as_new_as_the_gate() {
+    let t0 = Instant::now();
+    let mut m = machine(1000, t0);
+    let s = slot(&mut m, t0);
+    assert_eq!(s.spares(8, m.gate().epoch()), 8);
+    // A lower limit reaches the gate before the supervisor's view.
+    m.gate().recall();
+    assert_eq!(
+        s.spares(8, m.gate().epoch()),
+        0,
+        "a view older than the gate"
+    );
+    assert_eq!(slot(&mut m, t0).spares(8, m.gate().epoch()), 8);
+    // Only beyond the room kept for requests to come.
+    let mut tight = machine(260, t0);
+    assert_eq!(slot(&mut tight, t0).spares(8, tight.gate().epoch()), 4);
+    tight.take_lease(1, t0, None, false, 0, t0);
+    assert_eq!(slot(&mut tight, t0).spares(8, tight.gate().epoch()), 3);
+}
+
+#[test]
+fn a_provider_budget_voids_spares_and_stops_lending() {
+    let t0 = Instant::now();
+    let mut m = machine(1000, t0);
+    m.take_lease(1, t0, None, false, 0, t0);
+    let epoch = m.gate().epoch();
+    let limits = ProviderLimits {
+        remaining_requests: Some(900),
+        reset_requests: Some(Duration::from_secs(5)),
+        ..ProviderLimits::default()
+    };
+    let ok = Outcome::Success {
+        prompt_tokens: None,
+        completion_tokens: None,
+    };
+    m.finish(
+        1,
+        &ok,
+        Duration::ZERO,
+        None,
+        None,
+        Some(&limits),
+        Strike::Now,
+        t0,
+    );
+    assert_ne!(m.gate().epoch(), epoch, "held spares are void");
+    let s = slot(&mut m, t0);
+    assert_eq!(
+        s.spares(8, m.gate().epoch()),
+        0,
+        "no spares on a told budget"
+    );
 }

@@ -49,6 +49,8 @@ impl KeyMachine {
             effective_rpm: self.effective_rpm(),
             configured_rpm: self.spec.rpm_limit,
             provider_rpm: self.provider.request_cap,
+            provider_budget: budget.is_some(),
+            epoch: self.gate.epoch(),
             tokens,
             in_flight: self.leases.len() as u32,
             max_concurrency: self.spec.max_concurrency,
