@@ -296,8 +296,8 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(crate::web::guard::browser))
                 .app_data(access.clone())
                 .app_data(web::Data::new(upstream::build_client()))
-                // Per worker, like the client: its spare leases.
-                .app_data(web::Data::new(sidecar_actors::spares::Spares::default()))
+                // Per worker, like the client: its spare leases and reports.
+                .app_data(web::Data::new(sidecar_actors::worker::Worker::default()))
                 .wrap_fn(|req, srv| {
                     let id = request_id_from(&req);
                     req.extensions_mut().insert(RequestId(id.clone()));

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::gate::Gate;
 use crate::messages::*;
+use crate::outbox::Outbox;
 use crate::spec::{ApiKey, BackendId, Pool};
 
 /// Queue priority from `X-Priority`; lower value is served first.
@@ -181,6 +182,22 @@ impl Lease {
     pub fn finish(mut self, report: Report) {
         let msg = self.message(report);
         self.finish_to.do_send(msg);
+    }
+
+    /// Like [`Lease::finish`], but a spare lease's plain answer (a success
+    /// or the client's own error) waits in `outbox` to go with others.
+    /// True when the outbox holds it as its first: flush it soon.
+    pub fn finish_into(mut self, report: Report, outbox: &Outbox) -> bool {
+        let plain = matches!(
+            report.outcome,
+            Outcome::Success { .. } | Outcome::ClientError { .. }
+        );
+        if !plain || self.hold.is_none() {
+            self.finish(report);
+            return false;
+        }
+        let msg = self.message(report);
+        outbox.hold(self.finish_to.clone(), msg)
     }
 
     /// Like [`Lease::finish`], but waits until the backend has applied the

@@ -12,6 +12,7 @@ pub mod health;
 pub mod lease;
 pub mod limiter;
 pub mod messages;
+pub mod outbox;
 pub mod probe;
 pub mod provider;
 pub mod rate_state;
@@ -25,6 +26,7 @@ pub mod supervisor;
 #[doc(hidden)]
 pub mod testing;
 pub mod view;
+pub mod worker;
 
 pub use backend::BackendActor;
 pub use messages::*;

@@ -5,10 +5,12 @@
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::{HttpMessage, HttpResponse};
+use actix_web::{web, HttpMessage, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::Value;
+use sidecar_actors::outbox::FLUSH_AFTER;
+use sidecar_actors::worker::Worker;
 use sidecar_actors::{Lease, Outcome, Report};
 use tokio::time::Instant;
 
@@ -72,6 +74,7 @@ pub(crate) async fn attempt(
     client: &awc::Client,
     state: &ProxyState,
     trace: &mut Trace,
+    worker: Option<&web::Data<Worker>>,
 ) -> Step {
     if !lease.admitted().await {
         return Step::Retry(Box::new(Failed {
@@ -303,8 +306,27 @@ pub(crate) async fn attempt(
         state.affinity.forget(id).await;
     }
     let body = masker.mask_bytes(bytes);
-    lease.finish(Report::new(outcome, latency).limits(provider));
+    report(
+        lease,
+        Report::new(outcome, latency).limits(provider),
+        worker,
+    );
     Step::Answered(builder.body(body))
+}
+
+/// Reports an answered attempt: a spare lease's plain answer through the
+/// worker's outbox, sent with the others of the next millisecond.
+fn report(lease: Lease, report: Report, worker: Option<&web::Data<Worker>>) {
+    let Some(w) = worker else {
+        return lease.finish(report);
+    };
+    if lease.finish_into(report, &w.outbox) {
+        let w = w.clone();
+        actix_web::rt::spawn(async move {
+            tokio::time::sleep(FLUSH_AFTER).await;
+            w.outbox.flush();
+        });
+    }
 }
 
 /// The client's response head: the upstream's status and forwardable

@@ -34,7 +34,7 @@ use crate::startup::RequestId;
 use crate::web::error::ApiError;
 use attempt::{attempt, Step};
 use prepare::prepare;
-use sidecar_actors::spares::Spares;
+use sidecar_actors::worker::Worker;
 pub use state::{ProxyState, QueueTimeout, RequestLimits};
 use tries::{acquire, Tries};
 
@@ -133,8 +133,8 @@ pub fn pooled_route(endpoint: Endpoint) -> actix_web::Route {
               body: web::Payload,
               state: web::Data<ProxyState>,
               client: web::Data<awc::Client>,
-              spares: web::Data<Spares>| async move {
-            let input = Input::Pooled(body, spares);
+              worker: web::Data<Worker>| async move {
+            let input = Input::Pooled(body, worker);
             proxy(endpoint, req, input, state, client).await
         },
     )
@@ -142,8 +142,9 @@ pub fn pooled_route(endpoint: Endpoint) -> actix_web::Route {
 
 /// What a request brings: a pooled body, or the stored object it names.
 pub(crate) enum Input {
-    /// With the worker's spare leases (only a pooled request uses them).
-    Pooled(web::Payload, web::Data<Spares>),
+    /// With the worker's own spare leases and outbox (only a pooled
+    /// request uses them).
+    Pooled(web::Payload, web::Data<Worker>),
     Object {
         id: String,
         body: web::Payload,
@@ -252,10 +253,10 @@ async fn handle(
     client: &awc::Client,
     trace: &mut Trace,
 ) -> Result<Reply, ApiError> {
-    let mut spares = None;
+    let mut worker = None;
     let mut p = match input {
-        Input::Pooled(payload, held) => {
-            spares = Some(held);
+        Input::Pooled(payload, own) => {
+            worker = Some(own);
             prepare(endpoint, req, payload, state, trace).await?
         }
         Input::Object { id, body } => {
@@ -279,14 +280,24 @@ async fn handle(
     let deadline = Instant::now() + state.queue_timeout.get();
     loop {
         let queue_start = Instant::now();
-        let acquired = acquire(state, spares.as_ref(), &p, &tries.exclude, deadline).await;
+        let acquired = acquire(state, worker.as_ref(), &p, &tries.exclude, deadline).await;
         trace.record.queued += queue_start.elapsed();
         let lease = tries.leased(acquired, &p)?;
         trace.record.attempts += 1;
         trace.record.backend = Some(lease.name.clone());
         trace.record.backend_id = Some(lease.backend);
         trace.record.pool = Some(lease.pool);
-        match attempt(endpoint, &mut p, lease, client, state, trace).await {
+        match attempt(
+            endpoint,
+            &mut p,
+            lease,
+            client,
+            state,
+            trace,
+            worker.as_ref(),
+        )
+        .await
+        {
             Step::Answered(res) => return Ok(Reply::Done(res)),
             Step::Streaming(res) => return Ok(Reply::Streaming(res)),
             Step::Retry(failed) => tries.failed(*failed).await?,

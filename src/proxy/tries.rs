@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use sidecar_actors::spares::Spares;
+use sidecar_actors::worker::Worker;
 use sidecar_actors::{Acquire, AcquireError, BackendId, Lease, Outcome, PendingStrike, Ticket};
 use tokio::time::Instant;
 
@@ -213,19 +213,19 @@ impl Tries {
 /// supervisor's, with spares for the worker's next requests when it is busy.
 pub(crate) async fn acquire(
     state: &ProxyState,
-    spares: Option<&web::Data<Spares>>,
+    worker: Option<&web::Data<Worker>>,
     p: &Prepared,
     exclude: &[BackendId],
     deadline: Instant,
 ) -> Result<Lease, AcquireError> {
-    let spares = spares.filter(|_| exclude.is_empty() && p.pin.is_none());
-    if let Some(held) = spares {
-        if let Some(lease) = held.take(&p.model, Instant::now()) {
+    let worker = worker.filter(|_| exclude.is_empty() && p.pin.is_none());
+    if let Some(w) = worker {
+        if let Some(lease) = w.spares.take(&p.model, Instant::now()) {
             state.metrics.spare_leases.inc();
             return Ok(lease);
         }
     }
-    let ask = spares.map(|s| s.ask());
+    let ask = worker.map(|w| w.spares.ask());
     let ticket = state
         .supervisor
         .send(Acquire {
@@ -242,13 +242,13 @@ pub(crate) async fn acquire(
     match ticket {
         Ticket::Ready(lease, more) => {
             let last = more.iter().filter_map(Lease::held_until).max();
-            if let (Some(held), Some(until)) = (spares, last) {
-                held.keep(more);
+            if let (Some(w), Some(until)) = (worker, last) {
+                w.spares.keep(more);
                 // A worker gone quiet gives back what it holds.
-                let held = held.clone();
+                let w = w.clone();
                 actix_web::rt::spawn(async move {
                     tokio::time::sleep_until(until).await;
-                    held.expire(Instant::now());
+                    w.spares.expire(Instant::now());
                 });
             }
             Ok(lease)
