@@ -82,6 +82,8 @@ rss_tree_kb() { # pid: RSS of a process and all its descendant processes (not th
 CANNED='{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"native-m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
 
 start_nginx() {
+  # `all` runs overhead and cluster in one go: the first nginx serves both.
+  if [ -n "${NGINX_PID:-}" ] && kill -0 "$NGINX_PID" 2>/dev/null; then return 0; fi
   mkdir -p "$OUT/nginx/logs"
   cat > "$OUT/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -107,7 +109,8 @@ http {
 }
 EOF
   nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx" -g 'daemon off;' &
-  PIDS+=($!)
+  NGINX_PID=$!
+  PIDS+=("$NGINX_PID")
   wait_http http://127.0.0.1:18080/v1/models
 }
 
