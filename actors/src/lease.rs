@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::gate::Gate;
 use crate::messages::*;
 use crate::outbox::Outbox;
+use crate::provider::ProviderLimits;
 use crate::spec::{ApiKey, BackendId, Pool};
 
 /// Queue priority from `X-Priority`; lower value is served first.
@@ -185,14 +186,18 @@ impl Lease {
     }
 
     /// Like [`Lease::finish`], but a spare lease's plain answer (a success
-    /// or the client's own error) waits in `outbox` to go with others.
-    /// True when the outbox holds it as its first: flush it soon.
+    /// or the client's own error, no word on the provider's limits, its
+    /// key's state unchanged since the grant) waits in `outbox` to go with
+    /// others. Anything else goes at once, after what the outbox holds, so
+    /// the backend sees this worker's reports in order. True when the
+    /// outbox holds it as its first: flush it soon.
     pub fn finish_into(mut self, report: Report, outbox: &Outbox) -> bool {
         let plain = matches!(
             report.outcome,
             Outcome::Success { .. } | Outcome::ClientError { .. }
-        );
-        if !plain || self.hold.is_none() {
+        ) && report.limits.as_ref().is_none_or(ProviderLimits::is_empty);
+        if !plain || self.hold.is_none() || !self.usable(Instant::now()) {
+            outbox.flush();
             self.finish(report);
             return false;
         }

@@ -300,7 +300,14 @@ async fn handle(
         {
             Step::Answered(res) => return Ok(Reply::Done(res)),
             Step::Streaming(res) => return Ok(Reply::Streaming(res)),
-            Step::Retry(failed) => tries.failed(*failed).await?,
+            Step::Retry(failed) => {
+                // The failure reaches its backend after this worker's
+                // earlier reports, not before them.
+                if let Some(w) = &worker {
+                    w.outbox.flush();
+                }
+                tries.failed(*failed).await?
+            }
             Step::GiveUp(err) => return Err(err),
         }
     }
