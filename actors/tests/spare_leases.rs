@@ -1,0 +1,131 @@
+//! Spare leases through the real actors: the supervisor lends them with a
+//! grant, the backend counts them, and one held across a change of its key's
+//! state is never sent, even after the key is open again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
+use sidecar_actors::messages::{GetSnapshot, Priority};
+use sidecar_actors::{
+    Acquire, ApiKey, BackendSpec, InitialState, Lease, ModelRoute, Outcome, Pool, PoolSupervisor,
+    ProbeOutcome, Prober, Report, Ticket, Tuning,
+};
+
+struct Answers;
+impl Prober for Answers {
+    fn probe(&self, _: &BackendSpec) -> LocalBoxFuture<'static, ProbeOutcome> {
+        Box::pin(async { ProbeOutcome::Ok })
+    }
+}
+
+fn spec(rpm: u32) -> BackendSpec {
+    let mut models = HashMap::new();
+    models.insert(
+        Arc::from("m"),
+        ModelRoute {
+            native: Arc::from("m"),
+            price_in: 0.0,
+            price_out: 0.0,
+        },
+    );
+    BackendSpec {
+        id: 1,
+        name: Arc::from("k1"),
+        base_url: Arc::from("http://sim/v1"),
+        api_key: ApiKey::new("fake-spare-key-1"),
+        pool: Pool::Primary,
+        rpm_limit: rpm,
+        burst: rpm,
+        tpm_limit: None,
+        max_concurrency: None,
+        weight: 1.0,
+        timeout: Duration::from_secs(10),
+        models,
+        enabled: true,
+        initial: InitialState::default(),
+    }
+}
+
+fn start() -> Addr<PoolSupervisor> {
+    let tuning = Tuning {
+        cooldown_base: Duration::from_millis(200),
+        cooldown_max: Duration::from_millis(200),
+        // Held longer than the cooldown lasts.
+        spare_ttl: Duration::from_secs(2),
+        ..Tuning::default()
+    };
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    PoolSupervisor::new(
+        vec![spec(10_000)],
+        tuning,
+        Arc::new(Answers),
+        None,
+        None,
+        log,
+    )
+    .start()
+}
+
+async fn acquire(sup: &Addr<PoolSupervisor>, spares: u32) -> (Lease, Vec<Lease>) {
+    let ticket = sup
+        .send(Acquire {
+            model: Arc::from("m"),
+            priority: Priority::Normal,
+            exclude: Vec::new(),
+            est_tokens: 0,
+            deadline: None,
+            pin: None,
+            spares,
+        })
+        .await
+        .expect("the supervisor answers")
+        .expect("a lease");
+    match ticket {
+        Ticket::Ready(lease, more) => (lease, more),
+        Ticket::Queued(_) => panic!("a roomy key queued"),
+    }
+}
+
+async fn used_in_window(sup: &Addr<PoolSupervisor>) -> u32 {
+    // The backend's counts reach the supervisor's snapshot with its push.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let snap = sup.send(GetSnapshot).await.expect("snapshot");
+    snap.backends.first().map_or(0, |b| b.used_in_window)
+}
+
+#[actix_rt::test]
+async fn a_spare_held_across_a_cooldown_is_never_sent() {
+    let sup = start();
+    // The backend's first view reaches the supervisor.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut lease, mut spares) = acquire(&sup, 8).await;
+    assert_eq!(spares.len(), 8, "a roomy key lends what was asked");
+    assert!(lease.admitted().await);
+    for s in &mut spares {
+        assert!(s.admitted().await, "usable before anything changed");
+    }
+    assert_eq!(used_in_window(&sup).await, 9, "the spares count while held");
+    // The sent lease draws a 429: the key cools for 200 ms, then opens.
+    lease.mark_used();
+    let limited = Outcome::RateLimited { retry_after: None };
+    lease.settle(Report::new(limited, Duration::ZERO)).await;
+    for s in &mut spares {
+        assert!(!s.admitted().await, "void while the key cools");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut fresh, _) = acquire(&sup, 0).await;
+    assert!(fresh.admitted().await, "the key is open again");
+    for s in &mut spares {
+        assert!(
+            !s.admitted().await,
+            "granted before the change: void for good"
+        );
+    }
+    // Dropped unsent, the spares give their place in the window back.
+    drop(spares);
+    drop(fresh);
+    assert_eq!(used_in_window(&sup).await, 1, "only what was sent");
+}
