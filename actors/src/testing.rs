@@ -1,10 +1,45 @@
-//! Test support: a real `redis-server` on a free loopback port, persistence
-//! off, stopped when dropped. Tests that need it skip loudly when Debian's
-//! `redis-server` is missing, except in CI (`CI` set), where it is required.
+//! Test support: a plain backend spec, and a real `redis-server` on a free
+//! loopback port, persistence off, stopped when dropped. Tests that need it
+//! skip loudly when Debian's `redis-server` is missing, except in CI (`CI`
+//! set), where it is required.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::spec::{ApiKey, BackendId, BackendSpec, InitialState, ModelRoute, Pool};
+
+/// A primary backend `k{id}` serving model `m` (as `m`) at `rpm`, burst
+/// as large, with an obviously fake key.
+pub fn spec(id: BackendId, rpm: u32) -> BackendSpec {
+    let mut models = HashMap::new();
+    models.insert(
+        Arc::from("m"),
+        ModelRoute {
+            native: Arc::from("m"),
+            price_in: 0.0,
+            price_out: 0.0,
+        },
+    );
+    BackendSpec {
+        id,
+        name: Arc::from(format!("k{id}")),
+        base_url: Arc::from("http://sim/v1"),
+        api_key: ApiKey::new(format!("fake-test-key-{id:04}")),
+        pool: Pool::Primary,
+        rpm_limit: rpm,
+        burst: rpm,
+        tpm_limit: None,
+        max_concurrency: None,
+        weight: 1.0,
+        timeout: Duration::from_secs(10),
+        models,
+        enabled: true,
+        initial: InitialState::default(),
+    }
+}
 
 pub struct RedisServer {
     child: Option<Child>,

@@ -2,50 +2,22 @@
 //! grant, the backend counts them, and one held across a change of its key's
 //! state is never sent, even after the key is open again.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::future::LocalBoxFuture;
 use sidecar_actors::messages::{GetSnapshot, Priority};
+use sidecar_actors::testing::spec;
 use sidecar_actors::{
-    Acquire, ApiKey, BackendSpec, InitialState, Lease, ModelRoute, Outcome, Pool, PoolSupervisor,
-    ProbeOutcome, Prober, Report, Ticket, Tuning,
+    Acquire, BackendSpec, Lease, Outcome, PoolSupervisor, ProbeOutcome, Prober, Report, Ticket,
+    Tuning,
 };
 
 struct Answers;
 impl Prober for Answers {
     fn probe(&self, _: &BackendSpec) -> LocalBoxFuture<'static, ProbeOutcome> {
         Box::pin(async { ProbeOutcome::Ok })
-    }
-}
-
-fn spec(rpm: u32) -> BackendSpec {
-    let mut models = HashMap::new();
-    models.insert(
-        Arc::from("m"),
-        ModelRoute {
-            native: Arc::from("m"),
-            price_in: 0.0,
-            price_out: 0.0,
-        },
-    );
-    BackendSpec {
-        id: 1,
-        name: Arc::from("k1"),
-        base_url: Arc::from("http://sim/v1"),
-        api_key: ApiKey::new("fake-spare-key-1"),
-        pool: Pool::Primary,
-        rpm_limit: rpm,
-        burst: rpm,
-        tpm_limit: None,
-        max_concurrency: None,
-        weight: 1.0,
-        timeout: Duration::from_secs(10),
-        models,
-        enabled: true,
-        initial: InitialState::default(),
     }
 }
 
@@ -59,7 +31,7 @@ fn start() -> Addr<PoolSupervisor> {
     };
     let log = slog::Logger::root(slog::Discard, slog::o!());
     PoolSupervisor::new(
-        vec![spec(10_000)],
+        vec![spec(1, 10_000)],
         tuning,
         Arc::new(Answers),
         None,

@@ -23,8 +23,7 @@ use proptest::prelude::*;
 use sidecar_actors::backend::{Changes, CooldownEnd, KeyMachine, ProbeKind};
 use sidecar_actors::supervisor::chooser::{decide, too_late, Decision, Need, Slot};
 use sidecar_actors::{
-    AcquireError, ApiKey, BackendSpec, InitialState, ModelRoute, Outcome, Pool, ProbeOutcome,
-    ProviderLimits, Strike, Tuning,
+    AcquireError, BackendSpec, Outcome, Pool, ProbeOutcome, ProviderLimits, Strike, Tuning,
 };
 use tokio::time::Instant;
 
@@ -91,36 +90,18 @@ fn tuning(queue_timeout: Duration) -> Tuning {
 }
 
 fn spec(id: u32, plan: &KeyPlan, tpm: Option<u64>) -> BackendSpec {
-    let mut models = HashMap::new();
-    models.insert(
-        Arc::from("m"),
-        ModelRoute {
-            native: Arc::from("m"),
-            price_in: 0.0,
-            price_out: 0.0,
-        },
-    );
     BackendSpec {
-        id,
-        name: Arc::from(format!("k{id}")),
-        base_url: Arc::from("http://sim/v1"),
-        api_key: ApiKey::new(format!("sim-key-{id}")),
         pool: if plan.fallback {
             Pool::Fallback
         } else {
             Pool::Primary
         },
-        rpm_limit: plan.configured,
         burst: plan
             .burst
             .unwrap_or_else(|| BackendSpec::default_burst(plan.configured)),
         tpm_limit: tpm,
         max_concurrency: plan.max_concurrency,
-        weight: 1.0,
-        timeout: Duration::from_secs(10),
-        models,
-        enabled: true,
-        initial: InitialState::default(),
+        ..sidecar_actors::testing::spec(id, plan.configured)
     }
 }
 

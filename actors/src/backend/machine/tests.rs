@@ -1,33 +1,8 @@
 use super::*;
-use crate::spec::{ApiKey, InitialState, ModelRoute, Pool};
 use crate::supervisor::chooser::Slot;
 
 fn machine(rpm: u32, now: Instant) -> KeyMachine {
-    let mut models = HashMap::new();
-    models.insert(
-        Arc::from("m"),
-        ModelRoute {
-            native: Arc::from("m"),
-            price_in: 0.0,
-            price_out: 0.0,
-        },
-    );
-    let spec = BackendSpec {
-        id: 1,
-        name: Arc::from("k"),
-        base_url: Arc::from("http://x/v1"),
-        api_key: ApiKey::new("fake-test-key-0001"),
-        pool: Pool::Primary,
-        rpm_limit: rpm,
-        burst: rpm,
-        tpm_limit: None,
-        max_concurrency: None,
-        weight: 1.0,
-        timeout: Duration::from_secs(10),
-        models,
-        enabled: true,
-        initial: InitialState::default(),
-    };
+    let spec = crate::testing::spec(1, rpm);
     let t = Tuning {
         window: Duration::from_secs(10),
         window_margin: Duration::ZERO,
