@@ -161,9 +161,9 @@ impl RollingLimiter {
     }
 
     /// The grant log, oldest first (only grants still in the window).
-    pub fn grants(&mut self, now: Instant) -> Vec<Instant> {
+    pub fn grants(&mut self, now: Instant) -> impl Iterator<Item = Instant> + '_ {
         self.refill(now);
-        self.grants.iter().copied().collect()
+        self.grants.iter().copied()
     }
 
     pub fn version(&self) -> u64 {

@@ -146,11 +146,11 @@ impl Handler<GetGrants> for BackendActor {
     type Result = MessageResult<GetGrants>;
     fn handle(&mut self, _msg: GetGrants, _ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
+        let wall = crate::db::now_ms();
         let grants = self
             .machine
             .grants(now)
-            .into_iter()
-            .map(|t| super::shared::wall_ms_of(t, now))
+            .map(|t| super::shared::wall_ms_from(t, now, wall))
             .collect();
         MessageResult((self.machine.spec().id, grants))
     }

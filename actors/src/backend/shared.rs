@@ -17,9 +17,9 @@ use crate::messages::Outcome;
 use crate::rate_state::embedded::SaveGrants;
 use crate::rate_state::{Cluster, ClusterEvent, RateState, Reservation, Shared};
 
-/// Wall-clock milliseconds of an instant (past or future).
-pub(crate) fn wall_ms_of(at: Instant, now: Instant) -> i64 {
-    let wall = now_ms();
+/// Wall-clock milliseconds of `at` (past or future), given `now` and its wall time (read the
+/// clock once for a whole grant log, not once per grant).
+pub(crate) fn wall_ms_from(at: Instant, now: Instant, wall: i64) -> i64 {
     if at >= now {
         wall.saturating_add(i64::try_from((at - now).as_millis()).unwrap_or(i64::MAX))
     } else {
@@ -262,11 +262,11 @@ impl BackendActor {
                 let v = self.machine.grant_version();
                 if self.saved_version != Some(v) {
                     self.saved_version = Some(v);
+                    let wall = now_ms();
                     let grants_ms = self
                         .machine
                         .grants(now)
-                        .into_iter()
-                        .map(|t| wall_ms_of(t, now))
+                        .map(|t| wall_ms_from(t, now, wall))
                         .collect();
                     logger.do_send(SaveGrants {
                         backend: self.machine.spec().id,

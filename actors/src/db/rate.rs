@@ -15,6 +15,47 @@ use crate::spec::BackendId;
 const SAVED_AT: &str = "rate_state_saved_at";
 const CLEAN: &str = "rate_state_clean";
 
+/// How a log is stored: grants of the same millisecond as one
+/// `[ms, count]` (a busy key grants dozens per millisecond), a lone grant
+/// as its `ms` — which is also how logs were stored before, so they load.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Run {
+    One(i64),
+    Many(i64, u32),
+}
+
+/// A sorted log as runs.
+fn encode(times: &[i64]) -> Vec<Run> {
+    times
+        .chunk_by(|a, b| a == b)
+        .filter_map(|same| match same {
+            [one] => Some(Run::One(*one)),
+            [first, ..] => Some(Run::Many(
+                *first,
+                u32::try_from(same.len()).unwrap_or(u32::MAX),
+            )),
+            [] => None,
+        })
+        .collect()
+}
+
+fn decode(runs: Vec<Run>) -> Vec<i64> {
+    let mut times = Vec::new();
+    for r in runs {
+        match r {
+            Run::One(ms) => times.push(ms),
+            // Bounded by what a window can hold: a corrupt count must not
+            // allocate without end.
+            Run::Many(ms, n) => times.extend(std::iter::repeat_n(ms, n.min(MAX_RUN) as usize)),
+        }
+    }
+    times
+}
+
+/// The most grants one stored millisecond stands for.
+const MAX_RUN: u32 = 1_000_000;
+
 /// What the previous process left.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SavedLogs {
@@ -48,7 +89,7 @@ pub fn load_and_arm(conn: &mut SqliteConnection) -> Result<SavedLogs, DbError> {
         .load(conn)?;
     let mut grants = HashMap::new();
     for (id, text) in rows {
-        let mut times: Vec<i64> = serde_json::from_str(&text).unwrap_or_default();
+        let mut times = decode(serde_json::from_str(&text).unwrap_or_default());
         times.sort_unstable();
         if let Ok(id) = BackendId::try_from(id) {
             grants.insert(id, times);
@@ -82,7 +123,8 @@ pub fn save(
             if exists == 0 {
                 continue;
             }
-            let text = serde_json::to_string(times).map_err(|e| DbError::Invalid(e.to_string()))?;
+            let text = serde_json::to_string(&encode(times))
+                .map_err(|e| DbError::Invalid(e.to_string()))?;
             diesel::replace_into(rate_state::table)
                 .values((
                     rate_state::backend_id.eq(id),
@@ -144,5 +186,30 @@ mod tests {
             Some(9000),
             "spent until the restart"
         );
+    }
+
+    #[test]
+    fn a_busy_log_is_stored_by_the_millisecond_and_an_old_one_still_loads() {
+        let (_dir, mut conn) = db();
+        // 50 grants in each of 1,000 milliseconds, as a busy key makes them.
+        let busy: Vec<i64> = (0..1000).flat_map(|ms| [ms; 50]).collect();
+        save(&mut conn, &[(1, busy.clone())], 1000, true).unwrap();
+        let text: String = rate_state::table
+            .select(rate_state::grants)
+            .first(&mut conn)
+            .unwrap();
+        assert!(
+            text.len() < 16_000,
+            "{} bytes for 50,000 grants",
+            text.len()
+        );
+        assert_eq!(load_and_arm(&mut conn).unwrap().grants.get(&1), Some(&busy));
+        // What an earlier version stored: one number per grant.
+        diesel::update(rate_state::table)
+            .set(rate_state::grants.eq("[5,7,7,9]"))
+            .execute(&mut conn)
+            .unwrap();
+        let old = load_and_arm(&mut conn).unwrap();
+        assert_eq!(old.grants.get(&1), Some(&vec![5, 7, 7, 9]));
     }
 }

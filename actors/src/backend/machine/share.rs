@@ -199,7 +199,7 @@ impl KeyMachine {
     }
 
     /// The grant log, for saving (embedded); changes with `grant_version`.
-    pub fn grants(&mut self, now: Instant) -> Vec<Instant> {
+    pub fn grants(&mut self, now: Instant) -> impl Iterator<Item = Instant> + '_ {
         self.limiter.grants(now)
     }
 
