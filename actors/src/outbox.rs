@@ -63,7 +63,7 @@ impl Drop for Outbox {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use actix::prelude::*;
     use tokio::time::Instant;
@@ -76,21 +76,30 @@ mod tests {
     use crate::spec::{ApiKey, Pool};
 
     /// A backend that notes which leases it heard of, in order.
-    struct Heard(Arc<Mutex<Vec<u64>>>);
+    struct Heard(Vec<u64>);
     impl Actor for Heard {
         type Context = Context<Self>;
     }
     impl Handler<Finish> for Heard {
         type Result = ();
         fn handle(&mut self, msg: Finish, _: &mut Context<Self>) {
-            if let Ok(mut h) = self.0.lock() {
-                h.push(msg.lease_id);
-            }
+            self.0.push(msg.lease_id);
         }
     }
     impl Handler<Verdict> for Heard {
         type Result = ();
         fn handle(&mut self, _: Verdict, _: &mut Context<Self>) {}
+    }
+    /// What it heard, asked through its mailbox: after every report sent
+    /// before the question.
+    #[derive(Message)]
+    #[rtype(result = "Vec<u64>")]
+    struct Read;
+    impl Handler<Read> for Heard {
+        type Result = Vec<u64>;
+        fn handle(&mut self, _: Read, _: &mut Context<Self>) -> Vec<u64> {
+            self.0.clone()
+        }
     }
 
     fn lease(id: u64, to: &Addr<Heard>, gate: &Arc<Gate>, spare: bool) -> Lease {
@@ -132,16 +141,13 @@ mod tests {
         Report::new(outcome, Duration::ZERO)
     }
 
-    async fn heard(log: &Arc<Mutex<Vec<u64>>>) -> Vec<u64> {
-        // Messages to an actor on this thread arrive once it runs.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        log.lock().map(|h| h.clone()).unwrap_or_default()
+    async fn heard(to: &Addr<Heard>) -> Vec<u64> {
+        to.send(Read).await.unwrap_or_default()
     }
 
     #[actix_rt::test]
     async fn only_a_spares_plain_answer_waits_and_nothing_overtakes_it() {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let to = Heard(log.clone()).start();
+        let to = Heard(Vec::new()).start();
         let gate = Arc::new(Gate::default());
         let out = Outbox::default();
         assert!(
@@ -150,15 +156,15 @@ mod tests {
         );
         assert!(!lease(2, &to, &gate, true).finish_into(ok(), &out));
         assert_eq!(out.len(), 2);
-        assert!(heard(&log).await.is_empty(), "held until a flush");
+        assert!(heard(&to).await.is_empty(), "held until a flush");
         // Anything reported at once goes after what was held, not before it:
         // a lease that is no spare, a failure.
         assert!(!lease(3, &to, &gate, false).finish_into(ok(), &out));
-        assert_eq!(heard(&log).await, vec![1, 2, 3]);
+        assert_eq!(heard(&to).await, vec![1, 2, 3]);
         assert!(lease(4, &to, &gate, true).finish_into(ok(), &out));
         let failed = Report::new(Outcome::ServerError { status: 500 }, Duration::ZERO);
         assert!(!lease(5, &to, &gate, true).finish_into(failed, &out));
-        assert_eq!(heard(&log).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(heard(&to).await, vec![1, 2, 3, 4, 5]);
         // Word on the provider's limits, or a key changed since the grant,
         // reports at once.
         let limits = ProviderLimits {
@@ -170,9 +176,9 @@ mod tests {
         let stale = lease(7, &to, &gate, true);
         gate.recall();
         assert!(!stale.finish_into(ok(), &out));
-        assert_eq!(heard(&log).await, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(heard(&to).await, vec![1, 2, 3, 4, 5, 6, 7]);
         assert!(lease(8, &to, &gate, true).finish_into(ok(), &out));
         drop(out);
-        assert_eq!(heard(&log).await.last(), Some(&8), "flushed when dropped");
+        assert_eq!(heard(&to).await.last(), Some(&8), "flushed when dropped");
     }
 }

@@ -7,8 +7,9 @@
 //! rolling window until a window after its deadline, so the limit holds in
 //! every window whenever it is sent — with two more conditions: it is sent
 //! before its deadline ([`SPARE_TTL`] by default), and only while the
-//! backend's gate is in the epoch it was granted in (a 429, a cooldown, a rejected key, a lower
-//! limit, a reconfiguration or a request queueing all move the epoch on).
+//! backend's gate is in the epoch it was granted in (a 429, a cooldown, a
+//! rejected key, a lower limit, a provider budget, a reconfiguration or a
+//! request queueing all move the epoch on).
 //! A spare that can no longer be sent is dropped, which returns it unused:
 //! it never reached the upstream, so giving its slot back is exact.
 
@@ -100,15 +101,6 @@ impl Spares {
     /// last ones' deadline passes, so a worker gone quiet holds nothing).
     pub fn expire(&self, now: Instant) {
         self.held.borrow_mut().retain(|l| l.usable(now));
-    }
-
-    /// Leases held now.
-    pub fn len(&self) -> usize {
-        self.held.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn count(&self, now: Instant) {
