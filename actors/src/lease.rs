@@ -80,6 +80,8 @@ pub struct Lease {
     /// With shared state: whether the shared window took this lease.
     pub(crate) confirm: Option<oneshot::Receiver<bool>>,
     pub(crate) finish_to: Recipient<Finish>,
+    /// The same backend, for reports sent together.
+    pub(crate) batch_to: Recipient<Finishes>,
     pub(crate) verdict_to: Recipient<Verdict>,
     /// A spare lease: held by a worker for a request still to come.
     pub(crate) hold: Option<Hold>,
@@ -157,6 +159,11 @@ impl Lease {
         self.hold.as_ref().map(|h| h.until)
     }
 
+    /// The model a spare lease was granted for.
+    pub(crate) fn spare_model(&self) -> Option<Arc<str>> {
+        self.hold.as_ref().map(|h| h.model.clone())
+    }
+
     /// A spare lease for `model` that may still be sent now.
     pub(crate) fn serves(&self, model: &str, now: Instant) -> bool {
         self.hold.as_ref().is_some_and(|h| *h.model == *model) && self.sendable(false, now)
@@ -202,7 +209,7 @@ impl Lease {
             return false;
         }
         let msg = self.message(report);
-        outbox.hold(self.finish_to.clone(), msg)
+        outbox.hold(&self.batch_to, msg)
     }
 
     /// Like [`Lease::finish`], but waits until the backend has applied the
@@ -323,6 +330,13 @@ pub struct Finish {
     pub report: Report,
 }
 
+/// Worker → backend: reports a worker held and sends together (see
+/// [`crate::outbox`]); the backend applies them in order and publishes its
+/// view once.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Finishes(pub Vec<Finish>);
+
 /// Handler → backend (through [`PendingStrike`]): whether a deferred
 /// failure counts against the key.
 #[derive(Message, Debug, Clone, Copy)]
@@ -330,6 +344,102 @@ pub struct Finish {
 pub struct Verdict {
     pub lease_id: u64,
     pub counts: bool,
+}
+
+/// A backend for tests that notes which leases it heard of, and leases on it.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use actix::prelude::*;
+    use tokio::time::Instant;
+
+    use super::{Finish, Finishes, Hold, Lease, Verdict};
+    use crate::gate::Gate;
+    use crate::spec::{ApiKey, Pool};
+
+    /// A backend that notes which leases it heard of, in order, and which
+    /// came together in one message.
+    #[derive(Default)]
+    pub(crate) struct Heard {
+        ids: Vec<u64>,
+        batches: Vec<Vec<u64>>,
+    }
+    impl Actor for Heard {
+        type Context = Context<Self>;
+    }
+    impl Handler<Finish> for Heard {
+        type Result = ();
+        fn handle(&mut self, msg: Finish, _: &mut Context<Self>) {
+            self.ids.push(msg.lease_id);
+        }
+    }
+    impl Handler<Finishes> for Heard {
+        type Result = ();
+        fn handle(&mut self, msg: Finishes, _: &mut Context<Self>) {
+            let ids: Vec<u64> = msg.0.iter().map(|f| f.lease_id).collect();
+            self.ids.extend(&ids);
+            self.batches.push(ids);
+        }
+    }
+    impl Handler<Verdict> for Heard {
+        type Result = ();
+        fn handle(&mut self, _: Verdict, _: &mut Context<Self>) {}
+    }
+    #[derive(Message)]
+    #[rtype(result = "(Vec<u64>, Vec<Vec<u64>>)")]
+    struct Read;
+    impl Handler<Read> for Heard {
+        type Result = MessageResult<Read>;
+        fn handle(&mut self, _: Read, _: &mut Context<Self>) -> Self::Result {
+            MessageResult((self.ids.clone(), self.batches.clone()))
+        }
+    }
+
+    /// Lease `id` on `to`, a spare for model `m` (held five seconds) or not.
+    pub(crate) fn lease(id: u64, to: &Addr<Heard>, gate: &Arc<Gate>, spare: bool) -> Lease {
+        let now = Instant::now();
+        Lease {
+            id,
+            backend: 1,
+            account: Arc::from("a"),
+            name: Arc::from("k"),
+            pool: Pool::Primary,
+            base_url: Arc::from("http://x/v1"),
+            api_key: ApiKey::new("fake-test-key-0001"),
+            native_model: Arc::from("m"),
+            price_in: 0.0,
+            price_out: 0.0,
+            timeout: Duration::from_secs(1),
+            emergency: false,
+            granted_at: now,
+            gate: gate.clone(),
+            confirm: None,
+            finish_to: to.clone().recipient(),
+            batch_to: to.clone().recipient(),
+            verdict_to: to.clone().recipient(),
+            hold: spare.then(|| Hold {
+                model: Arc::from("m"),
+                until: now + Duration::from_secs(5),
+                epoch: gate.epoch(),
+            }),
+            sent: None,
+            used: true,
+            reported: false,
+        }
+    }
+
+    /// What `to` heard, asked through its mailbox: after every report
+    /// sent before the question.
+    pub(crate) async fn heard(to: &Addr<Heard>) -> Vec<u64> {
+        to.send(Read).await.map(|r| r.0).unwrap_or_default()
+    }
+
+    /// The reports `to` heard together, message by message.
+    pub(crate) async fn batches(to: &Addr<Heard>) -> Vec<Vec<u64>> {
+        to.send(Read).await.map(|r| r.1).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

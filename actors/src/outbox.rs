@@ -16,41 +16,43 @@ use std::time::Duration;
 
 use actix::Recipient;
 
-use crate::lease::Finish;
+use crate::lease::{Finish, Finishes};
 
 /// How long a worker holds the first report of a batch (the timer rounds
 /// up: one to two milliseconds).
 pub const FLUSH_AFTER: Duration = Duration::from_millis(1);
 
-/// One worker's held reports (not shared between threads).
+/// One worker's held reports, by backend (not shared between threads).
 #[derive(Default)]
 pub struct Outbox {
-    held: RefCell<Vec<(Recipient<Finish>, Finish)>>,
+    held: RefCell<Vec<(Recipient<Finishes>, Vec<Finish>)>>,
 }
 
 impl Outbox {
     /// Holds a report; true when it is the first held, so the caller
     /// arms a flush after [`FLUSH_AFTER`].
-    pub(crate) fn hold(&self, to: Recipient<Finish>, report: Finish) -> bool {
+    pub(crate) fn hold(&self, to: &Recipient<Finishes>, report: Finish) -> bool {
         let mut held = self.held.borrow_mut();
-        held.push((to, report));
-        held.len() == 1
+        let first = held.is_empty();
+        match held.iter_mut().find(|(r, _)| r == to) {
+            Some((_, reports)) => reports.push(report),
+            None => held.push((to.clone(), vec![report])),
+        }
+        first
     }
 
-    /// Sends what is held.
+    /// Sends what is held: one message per backend.
     pub fn flush(&self) {
         let held = std::mem::take(&mut *self.held.borrow_mut());
-        for (to, report) in held {
-            to.do_send(report);
+        for (to, reports) in held {
+            to.do_send(Finishes(reports));
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.held.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Reports held.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.held.borrow().iter().map(|(_, r)| r.len()).sum()
     }
 }
 
@@ -66,72 +68,12 @@ mod tests {
     use std::sync::Arc;
 
     use actix::prelude::*;
-    use tokio::time::Instant;
 
     use super::*;
     use crate::gate::Gate;
-    use crate::lease::{Hold, Lease, Verdict};
+    use crate::lease::fake::{batches, heard, lease, Heard};
     use crate::messages::{Outcome, Report};
     use crate::provider::ProviderLimits;
-    use crate::spec::{ApiKey, Pool};
-
-    /// A backend that notes which leases it heard of, in order.
-    struct Heard(Vec<u64>);
-    impl Actor for Heard {
-        type Context = Context<Self>;
-    }
-    impl Handler<Finish> for Heard {
-        type Result = ();
-        fn handle(&mut self, msg: Finish, _: &mut Context<Self>) {
-            self.0.push(msg.lease_id);
-        }
-    }
-    impl Handler<Verdict> for Heard {
-        type Result = ();
-        fn handle(&mut self, _: Verdict, _: &mut Context<Self>) {}
-    }
-    /// What it heard, asked through its mailbox: after every report sent
-    /// before the question.
-    #[derive(Message)]
-    #[rtype(result = "Vec<u64>")]
-    struct Read;
-    impl Handler<Read> for Heard {
-        type Result = Vec<u64>;
-        fn handle(&mut self, _: Read, _: &mut Context<Self>) -> Vec<u64> {
-            self.0.clone()
-        }
-    }
-
-    fn lease(id: u64, to: &Addr<Heard>, gate: &Arc<Gate>, spare: bool) -> Lease {
-        let now = Instant::now();
-        Lease {
-            id,
-            backend: 1,
-            account: Arc::from("a"),
-            name: Arc::from("k"),
-            pool: Pool::Primary,
-            base_url: Arc::from("http://x/v1"),
-            api_key: ApiKey::new("fake-test-key-0001"),
-            native_model: Arc::from("m"),
-            price_in: 0.0,
-            price_out: 0.0,
-            timeout: Duration::from_secs(1),
-            emergency: false,
-            granted_at: now,
-            gate: gate.clone(),
-            confirm: None,
-            finish_to: to.clone().recipient(),
-            verdict_to: to.clone().recipient(),
-            hold: spare.then(|| Hold {
-                model: Arc::from("m"),
-                until: now + Duration::from_secs(5),
-                epoch: gate.epoch(),
-            }),
-            sent: None,
-            used: true,
-            reported: false,
-        }
-    }
 
     fn ok() -> Report {
         let outcome = Outcome::Success {
@@ -141,13 +83,9 @@ mod tests {
         Report::new(outcome, Duration::ZERO)
     }
 
-    async fn heard(to: &Addr<Heard>) -> Vec<u64> {
-        to.send(Read).await.unwrap_or_default()
-    }
-
     #[actix_rt::test]
     async fn only_a_spares_plain_answer_waits_and_nothing_overtakes_it() {
-        let to = Heard(Vec::new()).start();
+        let to = Heard::default().start();
         let gate = Arc::new(Gate::default());
         let out = Outbox::default();
         assert!(
@@ -155,12 +93,13 @@ mod tests {
             "first held"
         );
         assert!(!lease(2, &to, &gate, true).finish_into(ok(), &out));
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.held(), 2);
         assert!(heard(&to).await.is_empty(), "held until a flush");
         // Anything reported at once goes after what was held, not before it:
         // a lease that is no spare, a failure.
         assert!(!lease(3, &to, &gate, false).finish_into(ok(), &out));
         assert_eq!(heard(&to).await, vec![1, 2, 3]);
+        assert_eq!(batches(&to).await, vec![vec![1, 2]], "held ones go as one");
         assert!(lease(4, &to, &gate, true).finish_into(ok(), &out));
         let failed = Report::new(Outcome::ServerError { status: 500 }, Duration::ZERO);
         assert!(!lease(5, &to, &gate, true).finish_into(failed, &out));

@@ -14,8 +14,11 @@
 //! it never reached the upstream, so giving its slot back is exact.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::lease::Lease;
@@ -26,7 +29,7 @@ use crate::lease::Lease;
 pub const SPARE_TTL: Duration = Duration::from_millis(50);
 
 /// Spare leases one ask may bring back.
-pub const MAX_SPARES: u32 = 8;
+pub const MAX_SPARES: u32 = 32;
 
 /// How often a worker's demand is measured: what it asked in the last such
 /// slot is what it asks spares for, so a quiet worker holds none.
@@ -40,13 +43,27 @@ pub struct Spares {
     /// Spares asked for by requests still waiting on the supervisor: with
     /// those held, never more than [`MAX_SPARES`].
     asked: Cell<u32>,
+    /// The asks in flight that bring spares: for which model, how many.
+    asking: RefCell<Vec<(Arc<str>, u32)>>,
+    /// Requests waiting for the spares of an ask in flight, first come
+    /// first served. Requests that arrive together (one poll of the
+    /// worker's sockets) would otherwise each make their own round trip
+    /// while the first one's spares are on their way.
+    waiting: RefCell<VecDeque<Waiter>>,
     demand: Cell<Demand>,
 }
 
+struct Waiter {
+    model: Arc<str>,
+    to: oneshot::Sender<Lease>,
+}
+
 /// Spares one request asks for, reserved against the worker's limit until
-/// the supervisor answers (or the request gives up).
+/// the supervisor answers (or the request gives up). Dropped, it lets go of
+/// the requests waiting for spares it can no longer bring.
 pub struct Ask<'a> {
     spares: &'a Spares,
+    model: Arc<str>,
     pub n: u32,
 }
 
@@ -54,6 +71,29 @@ impl Drop for Ask<'_> {
     fn drop(&mut self) {
         let s = self.spares;
         s.asked.set(s.asked.get().saturating_sub(self.n));
+        if self.n == 0 {
+            return;
+        }
+        {
+            let mut asking = s.asking.borrow_mut();
+            if let Some(i) = asking
+                .iter()
+                .position(|(m, n)| *n == self.n && *m == self.model)
+            {
+                asking.swap_remove(i);
+            }
+        }
+        // Those still waiting beyond what the asks in flight may bring are
+        // let go (their receivers see a closed channel) and ask themselves.
+        let mut room = s.coming(&self.model);
+        s.waiting.borrow_mut().retain(|w| {
+            if w.model != self.model {
+                return true;
+            }
+            let keep = room > 0 && !w.to.is_closed();
+            room = room.saturating_sub(u32::from(keep));
+            keep
+        });
     }
 }
 
@@ -69,6 +109,15 @@ impl Spares {
     /// drops (returns unused) every held lease that can no longer be sent.
     pub fn take(&self, model: &str, now: Instant) -> Option<Lease> {
         self.count(now);
+        self.take_held(model, now)
+    }
+
+    /// Like [`Spares::take`], for a request already counted.
+    pub fn take_again(&self, model: &str, now: Instant) -> Option<Lease> {
+        self.take_held(model, now)
+    }
+
+    fn take_held(&self, model: &str, now: Instant) -> Option<Lease> {
         let mut held = self.held.borrow_mut();
         // Dropped, a lease is returned to its backend unused.
         held.retain(|l| l.usable(now));
@@ -76,10 +125,39 @@ impl Spares {
         Some(held.swap_remove(pos))
     }
 
+    /// A place in line for a spare of an ask in flight for `model`, when
+    /// those asks may bring one more than the requests already waiting.
+    /// The receiver gets a spare, or sees its channel closed when the asks
+    /// came back without enough (then ask the supervisor).
+    pub fn wait(&self, model: &Arc<str>) -> Option<oneshot::Receiver<Lease>> {
+        let coming = self.coming(model);
+        let mut waiting = self.waiting.borrow_mut();
+        waiting.retain(|w| !w.to.is_closed());
+        let ahead = waiting.iter().filter(|w| w.model == *model).count();
+        if u32::try_from(ahead).unwrap_or(u32::MAX) >= coming {
+            return None;
+        }
+        let (to, rx) = oneshot::channel();
+        waiting.push_back(Waiter {
+            model: model.clone(),
+            to,
+        });
+        Some(rx)
+    }
+
+    /// Spares the asks in flight for `model` may bring.
+    fn coming(&self, model: &str) -> u32 {
+        self.asking
+            .borrow()
+            .iter()
+            .filter(|(m, _)| **m == *model)
+            .fold(0u32, |sum, (_, n)| sum.saturating_add(*n))
+    }
+
     /// Spares to ask for with the next lease: none for a worker that saw a
     /// single request in the last slot, up to [`MAX_SPARES`] for a busy one,
     /// less what it holds and what other requests are asking for.
-    pub fn ask(&self) -> Ask<'_> {
+    pub fn ask(&self, model: &Arc<str>) -> Ask<'_> {
         let d = self.demand.get();
         let held = u32::try_from(self.held.borrow().len()).unwrap_or(u32::MAX);
         let n = d
@@ -89,12 +167,37 @@ impl Spares {
             .min(MAX_SPARES)
             .saturating_sub(held.saturating_add(self.asked.get()));
         self.asked.set(self.asked.get().saturating_add(n));
-        Ask { spares: self, n }
+        if n > 0 {
+            self.asking.borrow_mut().push((model.clone(), n));
+        }
+        Ask {
+            spares: self,
+            model: model.clone(),
+            n,
+        }
     }
 
-    /// Keeps spares the supervisor granted.
+    /// Keeps spares the supervisor granted: each goes to the first request
+    /// waiting for its model, the rest are held.
     pub fn keep(&self, leases: Vec<Lease>) {
-        self.held.borrow_mut().extend(leases);
+        for lease in leases {
+            let mut lease = Some(lease);
+            while let Some(l) = lease.take() {
+                let Some(model) = l.spare_model() else {
+                    break;
+                };
+                let next = {
+                    let mut waiting = self.waiting.borrow_mut();
+                    let i = waiting.iter().position(|w| w.model == model);
+                    i.and_then(|i| waiting.remove(i))
+                };
+                match next {
+                    // A waiter that gave up hands it back: try the next.
+                    Some(w) => lease = w.to.send(l).err(),
+                    None => self.held.borrow_mut().push(l),
+                }
+            }
+        }
     }
 
     /// Returns every held lease that can no longer be sent (run when the
@@ -131,23 +234,89 @@ mod tests {
     #[test]
     fn a_quiet_worker_asks_for_none_and_a_busy_one_for_at_most_the_limit() {
         let s = Spares::default();
+        let m: Arc<str> = Arc::from("m");
         let t0 = Instant::now();
         assert!(s.take("m", t0).is_none());
-        assert_eq!(s.ask().n, 0, "one request in the slot: no spares");
-        for _ in 0..20 {
+        assert_eq!(s.ask(&m).n, 0, "one request in the slot: no spares");
+        for _ in 0..MAX_SPARES * 2 {
             s.take("m", t0);
         }
-        let a = s.ask();
+        let a = s.ask(&m);
         assert_eq!(a.n, MAX_SPARES);
         // Requests asking at the same time share the limit.
-        let b = s.ask();
+        let b = s.ask(&m);
         assert_eq!(b.n, 0);
         drop(a);
         drop(b);
-        assert_eq!(s.ask().n, MAX_SPARES, "an answered ask frees its share");
+        assert_eq!(s.ask(&m).n, MAX_SPARES, "an answered ask frees its share");
         // Demand is measured per slot: two quiet slots later it is gone.
         let later = t0 + DEMAND_SLOT * 3;
         s.take("m", later);
-        assert_eq!(s.ask().n, 0);
+        assert_eq!(s.ask(&m).n, 0);
+    }
+
+    /// Requests that arrive while an ask for spares is in flight wait for
+    /// its spares instead of each asking the supervisor: as many as it may
+    /// bring, first come first served; the rest are let go when it is back.
+    #[actix_rt::test]
+    async fn requests_arriving_together_share_one_ask() {
+        use std::sync::Arc as A;
+
+        use actix::Actor;
+
+        use crate::gate::Gate;
+        use crate::lease::fake::{lease, Heard};
+
+        let to = Heard::default().start();
+        let gate = A::new(Gate::default());
+        let s = Spares::default();
+        let m: Arc<str> = Arc::from("m");
+        let t0 = Instant::now();
+        assert!(s.wait(&m).is_none(), "nothing in flight: ask yourself");
+        for _ in 0..MAX_SPARES * 2 {
+            s.take("m", t0);
+        }
+        let ask = s.ask(&m);
+        assert_eq!(ask.n, MAX_SPARES);
+        assert!(
+            s.wait(&Arc::from("other")).is_none(),
+            "not for another model"
+        );
+        let mut waiting: Vec<_> = (0..MAX_SPARES).map(|_| s.wait(&m)).collect();
+        assert!(waiting.iter().all(Option::is_some));
+        assert!(s.wait(&m).is_none(), "no more than the ask may bring");
+        // One waiter gives up before the spares come back: its spare goes
+        // to the next in line.
+        waiting.remove(1);
+        let mut rxs: Vec<_> = waiting.into_iter().flatten().collect();
+        s.keep((1..=3).map(|id| lease(id, &to, &gate, true)).collect());
+        let got: Vec<u64> = rxs
+            .iter_mut()
+            .take(3)
+            .filter_map(|rx| rx.try_recv().ok().map(|l| l.id))
+            .collect();
+        assert_eq!(got, vec![1, 2, 3], "first come first served");
+        assert!(s.take_again("m", t0).is_none(), "none left over");
+        assert!(
+            rxs[3].try_recv().is_err(),
+            "still waiting while the ask is out"
+        );
+        drop(ask);
+        for rx in &mut rxs[3..] {
+            assert!(
+                matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+                "let go once the ask is back"
+            );
+        }
+        // Spares beyond those waiting are held.
+        let again = s.ask(&m);
+        let rx = s.wait(&m);
+        s.keep((4..=5).map(|id| lease(id, &to, &gate, true)).collect());
+        drop(again);
+        assert_eq!(
+            rx.and_then(|mut r| r.try_recv().ok()).map(|l| l.id),
+            Some(4)
+        );
+        assert_eq!(s.take_again("m", t0).map(|l| l.id), Some(5));
     }
 }

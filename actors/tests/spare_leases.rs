@@ -101,3 +101,42 @@ async fn a_spare_held_across_a_cooldown_is_never_sent() {
     drop(fresh);
     assert_eq!(used_in_window(&sup).await, 1, "only what was sent");
 }
+
+/// Spares' plain answers held in a worker's outbox reach the backend in one
+/// message, and each counts as if it came alone: none left in flight, every
+/// one a success, the window holding each once.
+#[actix_rt::test]
+async fn held_reports_arrive_together_and_each_counts() {
+    use sidecar_actors::outbox::Outbox;
+
+    let sup = start();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (lease, spares) = acquire(&sup, 8).await;
+    drop(lease);
+    let out = Outbox::default();
+    let ok = || {
+        let outcome = Outcome::Success {
+            prompt_tokens: Some(1),
+            completion_tokens: Some(1),
+        };
+        Report::new(outcome, Duration::from_millis(1))
+    };
+    let mut first = true;
+    for mut s in spares {
+        assert!(s.admitted().await);
+        s.mark_used();
+        assert_eq!(
+            s.finish_into(ok(), &out),
+            first,
+            "held, the first arms the flush"
+        );
+        first = false;
+    }
+    out.flush();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let snap = sup.send(GetSnapshot).await.expect("snapshot");
+    let b = snap.backends.first().expect("one backend");
+    assert_eq!(b.in_flight, 0, "every report applied");
+    assert_eq!(b.totals.successes, 8);
+    assert_eq!(b.used_in_window, 8, "the unsent lease gave its place back");
+}

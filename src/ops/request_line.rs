@@ -118,16 +118,47 @@ fn json_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
     }
 }
 
+/// `t` as RFC 3339 with microseconds, like slog's JSON lines. The part up
+/// to the second is formatted once a second per thread (most of the cost
+/// of a line was the calendar arithmetic and `fmt` machinery of it).
+fn timestamp(out: &mut String, t: std::time::SystemTime) {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (secs, micros) = (since.as_secs(), since.subsec_micros());
+    SECOND.with(|cell| {
+        let Ok(mut cached) = cell.try_borrow_mut() else {
+            let _ = write!(out, "{}", humantime::format_rfc3339_micros(t));
+            return;
+        };
+        if cached.0 != secs {
+            let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            // "2026-12-03T12:17:49Z": keep all but the zone.
+            cached.1 = text.trim_end_matches('Z').to_string();
+            cached.0 = secs;
+        }
+        out.push_str(&cached.1);
+    });
+    out.push('.');
+    let mut digits = [b'0'; 6];
+    let mut n = micros;
+    for d in digits.iter_mut().rev() {
+        // n % 10 < 10: the sum stays an ASCII digit.
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.push_str(std::str::from_utf8(&digits).unwrap_or("000000"));
+    out.push('Z');
+}
+
 fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
     let usage = r.usage.unwrap_or_default();
     out.push_str("{\"msg\":\"request\",\"level\":\"");
     out.push_str(if warning { "WARN" } else { "INFO" });
     out.push_str("\",\"ts\":\"");
-    let _ = write!(
-        out,
-        "{}",
-        humantime::format_rfc3339_micros(std::time::SystemTime::now())
-    );
+    timestamp(out, std::time::SystemTime::now());
     out.push_str("\",\"service\":\"sidecar\",\"request_id\":");
     json_str(out, &r.request_id);
     out.push_str(",\"endpoint\":");
@@ -203,6 +234,26 @@ mod tests {
             latency: Duration::from_micros(1234),
             attempts: 1,
             ..Default::default()
+        }
+    }
+
+    /// The cached second gives what humantime gives, across seconds.
+    #[test]
+    fn timestamps_match_humantime() {
+        let base = std::time::UNIX_EPOCH + Duration::from_secs(1_796_300_000);
+        for us in [
+            0u64,
+            1,
+            999_999,
+            1_000_000,
+            1_000_001,
+            59_123_456,
+            86_400_000_007,
+        ] {
+            let t = base + Duration::from_micros(us);
+            let mut out = String::new();
+            timestamp(&mut out, t);
+            assert_eq!(out, humantime::format_rfc3339_micros(t).to_string(), "{us}");
         }
     }
 

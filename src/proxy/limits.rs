@@ -83,24 +83,36 @@ pub fn parse_reset(text: &str) -> Option<Duration> {
     secs(total)
 }
 
-fn count(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+fn count(value: &header::HeaderValue) -> Option<u64> {
+    value.to_str().ok()?.trim().parse().ok()
 }
 
-fn reset(headers: &HeaderMap, name: &str) -> Option<Duration> {
-    parse_reset(headers.get(name)?.to_str().ok()?)
+fn reset(value: &header::HeaderValue) -> Option<Duration> {
+    parse_reset(value.to_str().ok()?)
 }
 
-/// The provider's own words about its limits, when it sent any.
+/// The provider's own words about its limits, when it sent any. One pass
+/// over the headers (most answers carry none of these: a lookup by name
+/// for each would hash six names for nothing); a name sent twice counts
+/// as its first value.
 pub fn provider_limits(headers: &HeaderMap) -> Option<ProviderLimits> {
-    let l = ProviderLimits {
-        limit_requests: count(headers, "x-ratelimit-limit-requests"),
-        remaining_requests: count(headers, "x-ratelimit-remaining-requests"),
-        reset_requests: reset(headers, "x-ratelimit-reset-requests"),
-        limit_tokens: count(headers, "x-ratelimit-limit-tokens"),
-        remaining_tokens: count(headers, "x-ratelimit-remaining-tokens"),
-        reset_tokens: reset(headers, "x-ratelimit-reset-tokens"),
-    };
+    let mut l = ProviderLimits::default();
+    for (name, value) in headers {
+        let Some(what) = name.as_str().strip_prefix("x-ratelimit-") else {
+            continue;
+        };
+        match what {
+            "limit-requests" => l.limit_requests = l.limit_requests.or_else(|| count(value)),
+            "remaining-requests" => {
+                l.remaining_requests = l.remaining_requests.or_else(|| count(value))
+            }
+            "reset-requests" => l.reset_requests = l.reset_requests.or_else(|| reset(value)),
+            "limit-tokens" => l.limit_tokens = l.limit_tokens.or_else(|| count(value)),
+            "remaining-tokens" => l.remaining_tokens = l.remaining_tokens.or_else(|| count(value)),
+            "reset-tokens" => l.reset_tokens = l.reset_tokens.or_else(|| reset(value)),
+            _ => {}
+        }
+    }
     (!l.is_empty()).then_some(l)
 }
 

@@ -211,6 +211,32 @@ impl Tries {
 /// A lease for the request's next attempt: one of the worker's spares when
 /// it holds one for this model (a first attempt, not pinned), else the
 /// supervisor's, with spares for the worker's next requests when it is busy.
+/// Times a request waits in line for the spares of an ask in flight before
+/// it asks the supervisor itself (each wait ends when that ask comes back).
+const SPARE_WAITS: u32 = 2;
+
+/// A spare lease of this worker's: one it holds, or one an ask in flight
+/// brings back (requests arriving together share one round trip to the
+/// supervisor instead of making one each).
+async fn spare(w: &Worker, p: &Prepared, deadline: Instant) -> Option<Lease> {
+    if let Some(lease) = w.spares.take(&p.model, Instant::now()) {
+        return Some(lease);
+    }
+    for _ in 0..SPARE_WAITS {
+        let rx = w.spares.wait(&p.model)?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(lease)) => return Some(lease),
+            // The ask came back without one for this request.
+            Ok(Err(_)) => {}
+            Err(_) => return None,
+        }
+        if let Some(lease) = w.spares.take_again(&p.model, Instant::now()) {
+            return Some(lease);
+        }
+    }
+    None
+}
+
 pub(crate) async fn acquire(
     state: &ProxyState,
     worker: Option<&web::Data<Worker>>,
@@ -220,12 +246,12 @@ pub(crate) async fn acquire(
 ) -> Result<Lease, AcquireError> {
     let worker = worker.filter(|_| exclude.is_empty() && p.pin.is_none());
     if let Some(w) = worker {
-        if let Some(lease) = w.spares.take(&p.model, Instant::now()) {
+        if let Some(lease) = spare(w, p, deadline).await {
             state.metrics.spare_leases.inc();
             return Ok(lease);
         }
     }
-    let ask = worker.map(|w| w.spares.ask());
+    let ask = worker.map(|w| w.spares.ask(&p.model));
     let ticket = state
         .supervisor
         .send(Acquire {

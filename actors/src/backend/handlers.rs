@@ -5,8 +5,8 @@ use super::BackendActor;
 #[cfg(any(debug_assertions, feature = "test-hooks"))]
 use crate::messages::Crash;
 use crate::messages::{
-    Finish, GetGrants, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown, Retune,
-    Shutdown, Verdict,
+    Finish, Finishes, GetGrants, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown,
+    Retune, Shutdown, Verdict,
 };
 use crate::rate_state::{ClusterChanged, ClusterEvent};
 
@@ -34,6 +34,26 @@ impl Handler<LeaseTaken> for BackendActor {
 impl Handler<Finish> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: Finish, ctx: &mut Self::Context) {
+        self.finished(msg, ctx);
+        self.publish(ctx);
+    }
+}
+
+impl Handler<Finishes> for BackendActor {
+    type Result = ();
+    /// Each report as if it came alone; one view for all of them (each
+    /// view would replace the one before it at the supervisor).
+    fn handle(&mut self, msg: Finishes, ctx: &mut Self::Context) {
+        for one in msg.0 {
+            self.finished(one, ctx);
+        }
+        self.publish(ctx);
+    }
+}
+
+impl BackendActor {
+    /// Applies one lease's outcome, without publishing the view.
+    fn finished(&mut self, msg: Finish, ctx: &mut Context<Self>) {
         let r = msg.report;
         if let Some(at) = r.sent {
             self.machine.sent_at(msg.lease_id, at);
@@ -50,7 +70,8 @@ impl Handler<Finish> for BackendActor {
             r.strike,
             Instant::now(),
         );
-        self.apply_with(ch, probe, ctx);
+        self.report(&ch);
+        self.share(&ch, probe, ctx);
     }
 }
 

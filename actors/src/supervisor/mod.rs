@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::backend::BackendActor;
 use crate::gate::Gate;
 use crate::lease::Hold;
-use crate::messages::{BackendView, Finish, Lease, LeaseTaken, Verdict};
+use crate::messages::{BackendView, Finish, Finishes, Lease, LeaseTaken, Verdict};
 use crate::probe::Prober;
 use crate::rate_state::RateState;
 use crate::spares::MAX_SPARES;
@@ -35,6 +35,7 @@ pub(crate) struct Entry {
     pub(crate) addr: Addr<BackendActor>,
     gate: Arc<Gate>,
     finish_to: Recipient<Finish>,
+    batch_to: Recipient<Finishes>,
     verdict_to: Recipient<Verdict>,
     /// The key's name in the shared state, for events from other replicas.
     pub(crate) key_id: String,
@@ -115,6 +116,7 @@ impl PoolSupervisor {
         self.entries.push(Entry {
             slot: Slot::new(spec, view),
             finish_to: addr.clone().recipient(),
+            batch_to: addr.clone().recipient(),
             verdict_to: addr.clone().recipient(),
             addr,
             gate,
@@ -238,6 +240,7 @@ impl PoolSupervisor {
             gate: e.gate.clone(),
             confirm,
             finish_to: e.finish_to.clone(),
+            batch_to: e.batch_to.clone(),
             verdict_to: e.verdict_to.clone(),
             hold,
             sent: None,
