@@ -89,6 +89,30 @@ fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
+/// `d` in milliseconds to two decimals, as [`ms`] prints through `fmt`
+/// ("1.23", "1.2", "5"), without its float formatting (a third of a line's
+/// cost).
+fn push_ms(out: &mut String, d: std::time::Duration) {
+    // Hundredths of a millisecond, rounded half up; u128 cannot overflow
+    // for any Duration.
+    let h = (d.as_nanos().saturating_add(5_000)) / 10_000;
+    let mut buf = itoa::Buffer::new();
+    out.push_str(buf.format(h / 100));
+    let frac = h % 100;
+    if frac != 0 {
+        out.push('.');
+        // frac < 100: each digit below 10.
+        out.push(char::from(b'0' + (frac / 10) as u8));
+        if frac % 10 != 0 {
+            out.push(char::from(b'0' + (frac % 10) as u8));
+        }
+    }
+}
+
+fn push_int(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
 /// A JSON string, escaped as JSON requires, written in place; a client's
 /// text (a model name) is cut at 256 characters.
 fn json_str(out: &mut String, s: &str) {
@@ -109,11 +133,9 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn json_opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
+fn json_opt(out: &mut String, v: Option<u64>) {
     match v {
-        Some(v) => {
-            let _ = write!(out, "{v}");
-        }
+        Some(v) => push_int(out, v),
         None => out.push_str("null"),
     }
 }
@@ -167,19 +189,24 @@ fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
     json_str(out, r.model.as_deref().unwrap_or("-"));
     out.push_str(",\"backend\":");
     json_str(out, r.backend.as_deref().unwrap_or("-"));
-    let _ = write!(
-        out,
-        ",\"status\":{},\"latency_ms\":{},\"queued_ms\":{},\"ttft_ms\":",
-        r.status,
-        ms(r.latency),
-        ms(r.queued)
-    );
-    json_opt(out, r.ttft.map(ms));
-    let _ = write!(
-        out,
-        ",\"attempts\":{},\"stream\":{},\"prompt_tokens\":",
-        r.attempts, r.stream
-    );
+    out.push_str(",\"status\":");
+    push_int(out, r.status);
+    out.push_str(",\"latency_ms\":");
+    push_ms(out, r.latency);
+    out.push_str(",\"queued_ms\":");
+    push_ms(out, r.queued);
+    out.push_str(",\"ttft_ms\":");
+    match r.ttft {
+        Some(t) => push_ms(out, t),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"attempts\":");
+    push_int(out, r.attempts);
+    out.push_str(if r.stream {
+        ",\"stream\":true,\"prompt_tokens\":"
+    } else {
+        ",\"stream\":false,\"prompt_tokens\":"
+    });
     json_opt(out, usage.prompt_tokens);
     out.push_str(",\"completion_tokens\":");
     json_opt(out, usage.completion_tokens);
@@ -234,6 +261,19 @@ mod tests {
             latency: Duration::from_micros(1234),
             attempts: 1,
             ..Default::default()
+        }
+    }
+
+    proptest::proptest! {
+        /// Milliseconds print as the float they were printed as before (within
+        /// the hundredth where the two roundings may split a half).
+        #[test]
+        fn push_ms_prints_what_ms_printed(nanos in 0u64..10_000_000_000_000) {
+            let d = Duration::from_nanos(nanos);
+            let mut out = String::new();
+            push_ms(&mut out, d);
+            let printed: f64 = out.parse().expect("a number");
+            proptest::prop_assert!((printed - ms(d)).abs() < 0.011, "{out} vs {}", ms(d));
         }
     }
 

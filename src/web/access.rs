@@ -46,6 +46,14 @@ impl Access {
         }
     }
 
+    /// Whether an admin token is set (read on every request: no copy).
+    pub fn has_admin_token(&self) -> bool {
+        match self.admin_token.read() {
+            Ok(t) => t.is_some(),
+            Err(p) => p.into_inner().is_some(),
+        }
+    }
+
     pub fn set_admin_token(&self, token: Option<String>) {
         match self.admin_token.write() {
             Ok(mut t) => *t = token,

@@ -183,7 +183,7 @@ pub async fn browser(
                 &Policy {
                     allowed_origins: &policy.allowed_origins,
                     allowed_hosts: &policy.allowed_hosts,
-                    admin_token: state.admin_token().is_some(),
+                    admin_token: state.has_admin_token(),
                     client_keys: state.client_keys,
                 },
             )
