@@ -103,7 +103,7 @@ fn push_ms(out: &mut String, d: std::time::Duration) {
         out.push('.');
         // frac < 100: each digit below 10.
         out.push(char::from(b'0' + (frac / 10) as u8));
-        if frac % 10 != 0 {
+        if !frac.is_multiple_of(10) {
             out.push(char::from(b'0' + (frac % 10) as u8));
         }
     }
