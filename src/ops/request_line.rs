@@ -149,19 +149,22 @@ fn timestamp(out: &mut String, t: std::time::SystemTime) {
     }
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let (secs, micros) = (since.as_secs(), since.subsec_micros());
-    SECOND.with(|cell| {
-        let Ok(mut cached) = cell.try_borrow_mut() else {
-            let _ = write!(out, "{}", humantime::format_rfc3339_micros(t));
-            return;
-        };
-        if cached.0 != secs {
-            let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-            let text = humantime::format_rfc3339_seconds(whole).to_string();
-            // "2026-12-03T12:17:49Z": keep all but the zone.
-            cached.1 = text.trim_end_matches('Z').to_string();
-            cached.0 = secs;
+    // "2026-12-03T12:17:49Z": all but the zone.
+    let seconds = || {
+        let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let text = humantime::format_rfc3339_seconds(whole).to_string();
+        text.trim_end_matches('Z').to_string()
+    };
+    SECOND.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut cached) => {
+            if cached.0 != secs {
+                *cached = (secs, seconds());
+            }
+            out.push_str(&cached.1);
         }
-        out.push_str(&cached.1);
+        // Not reached (nothing here writes a line while writing one); the
+        // same text, uncached.
+        Err(_) => out.push_str(&seconds()),
     });
     out.push('.');
     let mut digits = [b'0'; 6];

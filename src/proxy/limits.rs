@@ -94,7 +94,7 @@ fn reset(value: &header::HeaderValue) -> Option<Duration> {
 /// The provider's own words about its limits, when it sent any. One pass
 /// over the headers (most answers carry none of these: a lookup by name
 /// for each would hash six names for nothing); a name sent twice counts
-/// as its first value.
+/// as its first value that reads as one.
 pub fn provider_limits(headers: &HeaderMap) -> Option<ProviderLimits> {
     let mut l = ProviderLimits::default();
     for (name, value) in headers {

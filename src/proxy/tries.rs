@@ -208,9 +208,6 @@ impl Tries {
     }
 }
 
-/// A lease for the request's next attempt: one of the worker's spares when
-/// it holds one for this model (a first attempt, not pinned), else the
-/// supervisor's, with spares for the worker's next requests when it is busy.
 /// Times a request waits in line for the spares of an ask in flight before
 /// it asks the supervisor itself (each wait ends when that ask comes back).
 const SPARE_WAITS: u32 = 2;
@@ -237,6 +234,9 @@ async fn spare(w: &Worker, p: &Prepared, deadline: Instant) -> Option<Lease> {
     None
 }
 
+/// A lease for the request's next attempt: one of the worker's spares when
+/// it holds one for this model (a first attempt, not pinned), else the
+/// supervisor's, with spares for the worker's next requests when it is busy.
 pub(crate) async fn acquire(
     state: &ProxyState,
     worker: Option<&web::Data<Worker>>,
