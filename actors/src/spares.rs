@@ -109,15 +109,11 @@ impl Spares {
     /// drops (returns unused) every held lease that can no longer be sent.
     pub fn take(&self, model: &str, now: Instant) -> Option<Lease> {
         self.count(now);
-        self.take_held(model, now)
+        self.take_again(model, now)
     }
 
     /// Like [`Spares::take`], for a request already counted.
     pub fn take_again(&self, model: &str, now: Instant) -> Option<Lease> {
-        self.take_held(model, now)
-    }
-
-    fn take_held(&self, model: &str, now: Instant) -> Option<Lease> {
         let mut held = self.held.borrow_mut();
         // Dropped, a lease is returned to its backend unused.
         held.retain(|l| l.usable(now));
@@ -180,21 +176,24 @@ impl Spares {
     /// Keeps spares the supervisor granted: each goes to the first request
     /// waiting for its model, the rest are held.
     pub fn keep(&self, leases: Vec<Lease>) {
-        for lease in leases {
-            let mut lease = Some(lease);
-            while let Some(l) = lease.take() {
-                let Some(model) = l.spare_model() else {
-                    break;
-                };
+        for mut lease in leases {
+            let Some(model) = lease.spare_model() else {
+                continue;
+            };
+            loop {
                 let next = {
                     let mut waiting = self.waiting.borrow_mut();
                     let i = waiting.iter().position(|w| w.model == model);
                     i.and_then(|i| waiting.remove(i))
                 };
-                match next {
-                    // A waiter that gave up hands it back: try the next.
-                    Some(w) => lease = w.to.send(l).err(),
-                    None => self.held.borrow_mut().push(l),
+                let Some(w) = next else {
+                    self.held.borrow_mut().push(lease);
+                    break;
+                };
+                // A waiter that gave up hands it back: try the next.
+                match w.to.send(lease) {
+                    Ok(()) => break,
+                    Err(back) => lease = back,
                 }
             }
         }

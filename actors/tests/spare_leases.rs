@@ -133,7 +133,7 @@ async fn held_reports_arrive_together_and_each_counts() {
         first = false;
     }
     out.flush();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The snapshot reads the backend through its mailbox: after the reports.
     let snap = sup.send(GetSnapshot).await.expect("snapshot");
     let b = snap.backends.first().expect("one backend");
     assert_eq!(b.in_flight, 0, "every report applied");
