@@ -64,6 +64,10 @@ SIDECAR=$ROOT/target/release/sidecar
 LOADGEN=$ROOT/target/release/examples/loadgen
 FLOOR=$ROOT/target/release/examples/floor
 
+wait_listening() { # url: any HTTP answer (the floor has no route to poll)
+  for _ in $(seq 1 100); do curl -s -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  log "timed out waiting for $1"; return 1
+}
 wait_http() { # url
   for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.2; done
   log "timed out waiting for $1"; return 1
@@ -241,21 +245,27 @@ EOF
   wait_http http://127.0.0.1:18090/_mock/stats
   sed 's|http://127.0.0.1:18080/v1|http://127.0.0.1:18090/v1|' "$OUT/overhead.toml" > "$OUT/stream.toml"
   start_sidecar "$OUT/stream.toml" 19190
+  # The floor passes a stream through as it comes (actix-web + awc only).
+  "$FLOOR" --port 19291 --upstream http://127.0.0.1:18090/v1/chat/completions --key fake-upstream > "$OUT/floor-stream.log" 2>&1 &
+  local sfloor=$!; PIDS+=("$sfloor")
+  wait_listening http://127.0.0.1:19291/
   LOADGEN_KEY=fake-upstream "$LOADGEN" ttft --url http://127.0.0.1:18090 --n 300 --model native-m > "$OUT/ttft-direct.json"
+  "$LOADGEN" ttft --url http://127.0.0.1:19291 --n 300 --model native-m > "$OUT/ttft-floor.json"
   "$LOADGEN" ttft --url http://127.0.0.1:19190 --n 300 > "$OUT/ttft-sidecar.json"
-  stop_pid "$SIDECAR_PID"; stop_pid "$mock"
+  stop_pid "$SIDECAR_PID"; stop_pid "$sfloor"; stop_pid "$mock"
   emit ""
   emit "### Streaming (300 sequential streams, 10 chunks 20 ms apart)"
   emit ""
-  python3 - "$OUT/ttft-direct.json" "$OUT/ttft-sidecar.json" <<'EOF' | tee -a "$RESULTS"
+  python3 - "$OUT/ttft-direct.json" "$OUT/ttft-floor.json" "$OUT/ttft-sidecar.json" <<'EOF' | tee -a "$RESULTS"
 import json, sys
-d, s = (json.load(open(p)) for p in sys.argv[1:3])
+d, f, s = (json.load(open(p)) for p in sys.argv[1:4])
 print("| target | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | failed |")
 print("|---|---|---|---|---|---|")
-for name, r in (("direct", d), ("sidecar", s)):
+for name, r in (("direct", d), ("floor (actix-web + awc)", f), ("sidecar", s)):
     print(f"| {name} | {r['ttft']['p50_ms']:.3f} | {r['ttft']['p99_ms']:.3f} | {r['total']['p50_ms']:.3f} | {r['total']['p99_ms']:.3f} | {r['failed']} |")
-print(f"| **added by sidecar** | {s['ttft']['p50_ms']-d['ttft']['p50_ms']:+.3f} | {s['ttft']['p99_ms']-d['ttft']['p99_ms']:+.3f} | "
-      f"{s['total']['p50_ms']-d['total']['p50_ms']:+.3f} | {s['total']['p99_ms']-d['total']['p99_ms']:+.3f} | |")
+for name, r in (("added by the floor", f), ("**added by sidecar**", s)):
+    print(f"| {name} | {r['ttft']['p50_ms']-d['ttft']['p50_ms']:+.3f} | {r['ttft']['p99_ms']-d['ttft']['p99_ms']:+.3f} | "
+          f"{r['total']['p50_ms']-d['total']['p50_ms']:+.3f} | {r['total']['p99_ms']-d['total']['p99_ms']:+.3f} | |")
 EOF
 }
 
@@ -311,7 +321,16 @@ memory() {
   local idle; idle=$(peak_rss_kb "$SIDECAR_PID")
   "$LOADGEN" streams --url http://127.0.0.1:19192 --n "$N" > "$OUT/streams-$N.json"
   local busy; busy=$(peak_rss_kb "$SIDECAR_PID")
-  stop_pid "$SIDECAR_PID"; stop_pid "$mock"
+  stop_pid "$SIDECAR_PID"
+  # The same streams through the floor (actix-web + awc passing them on):
+  # what the HTTP stack itself holds per open stream.
+  "$FLOOR" --port 19294 --upstream http://127.0.0.1:18091/v1/chat/completions --key fake-01 > "$OUT/floor-mem.log" 2>&1 &
+  local mfloor=$!; PIDS+=("$mfloor")
+  wait_listening http://127.0.0.1:19294/
+  local fidle; fidle=$(peak_rss_kb "$mfloor")
+  "$LOADGEN" streams --url http://127.0.0.1:19294 --n "$N" --model native-m > "$OUT/streams-floor-$N.json"
+  local fbusy; fbusy=$(peak_rss_kb "$mfloor")
+  stop_pid "$mfloor"; stop_pid "$mock"
   # LiteLLM idle, same 11 keys, for comparison.
   {
     echo "model_list:"
@@ -328,14 +347,16 @@ memory() {
   emit ""
   emit "### Memory"
   emit ""
-  python3 - "$OUT/streams-$N.json" "$idle" "$busy" "$lidle" <<'EOF' | tee -a "$RESULTS"
+  python3 - "$OUT/streams-$N.json" "$idle" "$busy" "$lidle" "$OUT/streams-floor-$N.json" "$fidle" "$fbusy" <<'EOF' | tee -a "$RESULTS"
 import json, sys
 s = json.load(open(sys.argv[1])); idle, busy, lidle = (int(x) / 1024 for x in sys.argv[2:5])
+f = json.load(open(sys.argv[5])); fidle, fbusy = (int(x) / 1024 for x in sys.argv[6:8])
 n = s['opened']
 print("| measurement | value |")
 print("|---|---|")
 print(f"| sidecar peak RSS, idle, 11 backends | {idle:.1f} MB |")
 print(f"| sidecar peak RSS, {n} concurrent streams ({s['completed']}/{n} completed, 10 s each) | {busy:.1f} MB ({(busy - idle) * 1024 / n:.1f} KB per stream) |")
+print(f"| the floor (actix-web + awc passing streams on) peak RSS, idle / {n} streams ({f['completed']}/{n} completed) | {fidle:.1f} / {fbusy:.1f} MB ({(fbusy - fidle) * 1024 / n:.1f} KB per stream) |")
 print(f"| LiteLLM RSS, idle, 11 deployments (proxy + 2 workers) | {lidle:.1f} MB |")
 EOF
 }

@@ -260,7 +260,6 @@ impl Application {
             log: log.clone(),
             live: live.clone(),
             affinity,
-            maskers: Default::default(),
         });
         let state = web::Data::new(AdminState {
             supervisor: supervisor.clone(),

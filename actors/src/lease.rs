@@ -79,16 +79,43 @@ pub struct Lease {
     pub(crate) gate: Arc<Gate>,
     /// With shared state: whether the shared window took this lease.
     pub(crate) confirm: Option<oneshot::Receiver<bool>>,
-    pub(crate) finish_to: Recipient<Finish>,
-    /// The same backend, for reports sent together.
-    pub(crate) batch_to: Recipient<Finishes>,
-    pub(crate) verdict_to: Recipient<Verdict>,
+    /// Where its reports go: one `Arc` per backend, shared by its leases.
+    pub(crate) to: Arc<ReportTo>,
     /// A spare lease: held by a worker for a request still to come.
     pub(crate) hold: Option<Hold>,
     /// When a spare lease went upstream.
     pub(crate) sent: Option<Instant>,
     pub(crate) used: bool,
     pub(crate) reported: bool,
+}
+
+/// A backend's three mailboxes for what its leases report, made once per
+/// backend: a lease carries one count on this instead of three boxed
+/// recipients (each an allocation and two atomic counts, made on the actor
+/// thread and dropped on a worker's).
+pub(crate) struct ReportTo {
+    pub(crate) finish: Recipient<Finish>,
+    /// The same backend, for reports sent together.
+    pub(crate) batch: Recipient<Finishes>,
+    pub(crate) verdict: Recipient<Verdict>,
+}
+
+impl ReportTo {
+    pub(crate) fn new<A>(addr: &Addr<A>) -> Arc<Self>
+    where
+        A: Actor<Context = Context<A>> + Handler<Finish> + Handler<Finishes> + Handler<Verdict>,
+    {
+        Arc::new(Self {
+            finish: addr.clone().recipient(),
+            batch: addr.clone().recipient(),
+            verdict: addr.clone().recipient(),
+        })
+    }
+
+    /// The same backend's mailboxes.
+    pub(crate) fn same(a: &Arc<Self>, b: &Arc<Self>) -> bool {
+        Arc::ptr_eq(a, b) || a.batch == b.batch
+    }
 }
 
 /// What a spare lease may be used for, and until when.
@@ -189,7 +216,7 @@ impl Lease {
 
     pub fn finish(mut self, report: Report) {
         let msg = self.message(report);
-        self.finish_to.do_send(msg);
+        self.to.finish.do_send(msg);
     }
 
     /// Like [`Lease::finish`], but a spare lease's plain answer (a success
@@ -209,7 +236,7 @@ impl Lease {
             return false;
         }
         let msg = self.message(report);
-        outbox.hold(&self.batch_to, msg)
+        outbox.hold(&self.to, msg)
     }
 
     /// Like [`Lease::finish`], but waits until the backend has applied the
@@ -219,7 +246,7 @@ impl Lease {
     pub async fn settle(mut self, report: Report) {
         let msg = self.message(report);
         // A stopped backend has nothing left to update.
-        let _ = self.finish_to.send(msg).await;
+        let _ = self.to.finish.send(msg).await;
     }
 
     /// Settles a failure whose blame waits for the request's next attempt.
@@ -227,11 +254,11 @@ impl Lease {
         let strike = PendingStrike {
             lease_id: self.id,
             backend: self.backend,
-            to: self.verdict_to.clone(),
+            to: self.to.verdict.clone(),
             decided: false,
         };
         let msg = self.message(report.deferred());
-        let _ = self.finish_to.send(msg).await;
+        let _ = self.to.finish.send(msg).await;
         strike
     }
 }
@@ -245,7 +272,7 @@ impl Drop for Lease {
                 Outcome::Unused
             };
             let msg = self.message(Report::new(outcome, self.granted_at.elapsed()));
-            self.finish_to.do_send(msg);
+            self.to.finish.do_send(msg);
         }
     }
 }
@@ -355,7 +382,7 @@ pub(crate) mod fake {
     use actix::prelude::*;
     use tokio::time::Instant;
 
-    use super::{Finish, Finishes, Hold, Lease, Verdict};
+    use super::{Finish, Finishes, Hold, Lease, ReportTo, Verdict};
     use crate::gate::Gate;
     use crate::spec::{ApiKey, Pool};
 
@@ -416,9 +443,7 @@ pub(crate) mod fake {
             granted_at: now,
             gate: gate.clone(),
             confirm: None,
-            finish_to: to.clone().recipient(),
-            batch_to: to.clone().recipient(),
-            verdict_to: to.clone().recipient(),
+            to: ReportTo::new(to),
             hold: spare.then(|| Hold {
                 model: Arc::from("m"),
                 until: now + Duration::from_secs(5),

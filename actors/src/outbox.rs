@@ -12,11 +12,10 @@
 //! what the outbox holds: a backend sees one worker's reports in order.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Recipient;
-
-use crate::lease::{Finish, Finishes};
+use crate::lease::{Finish, Finishes, ReportTo};
 
 /// How long a worker holds the first report of a batch (the timer rounds
 /// up: one to two milliseconds).
@@ -25,16 +24,16 @@ pub const FLUSH_AFTER: Duration = Duration::from_millis(1);
 /// One worker's held reports, by backend (not shared between threads).
 #[derive(Default)]
 pub struct Outbox {
-    held: RefCell<Vec<(Recipient<Finishes>, Vec<Finish>)>>,
+    held: RefCell<Vec<(Arc<ReportTo>, Vec<Finish>)>>,
 }
 
 impl Outbox {
     /// Holds a report; true when it is the first held, so the caller
     /// arms a flush after [`FLUSH_AFTER`].
-    pub(crate) fn hold(&self, to: &Recipient<Finishes>, report: Finish) -> bool {
+    pub(crate) fn hold(&self, to: &Arc<ReportTo>, report: Finish) -> bool {
         let mut held = self.held.borrow_mut();
         let first = held.is_empty();
-        match held.iter_mut().find(|(r, _)| r == to) {
+        match held.iter_mut().find(|(r, _)| ReportTo::same(r, to)) {
             Some((_, reports)) => reports.push(report),
             None => held.push((to.clone(), vec![report])),
         }
@@ -45,7 +44,7 @@ impl Outbox {
     pub fn flush(&self) {
         let held = std::mem::take(&mut *self.held.borrow_mut());
         for (to, reports) in held {
-            to.do_send(Finishes(reports));
+            to.batch.do_send(Finishes(reports));
         }
     }
 

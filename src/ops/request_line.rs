@@ -117,6 +117,12 @@ fn push_int(out: &mut String, n: impl itoa::Integer) {
 /// text (a model name) is cut at 256 characters.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Almost always: short, nothing to escape, copied as it is.
+    if s.len() <= 256 && s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars().take(256) {
         match c {
             '"' => out.push_str("\\\""),
@@ -268,6 +274,15 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn a_json_string_reads_back_as_its_first_256_characters(s in "\\PC{0,300}|[\"\\\\\\x00-\\x1f a-z]{0,40}") {
+            let mut out = String::new();
+            json_str(&mut out, &s);
+            let back: String = serde_json::from_str(&out).expect("valid JSON string");
+            proptest::prop_assert_eq!(back, s.chars().take(256).collect::<String>());
+        }
+
+
         /// Milliseconds print as the float they were printed as before (within
         /// the hundredth where the two roundings may split a half).
         #[test]

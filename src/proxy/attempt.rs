@@ -15,7 +15,7 @@ use sidecar_actors::{Lease, Outcome, Report};
 use tokio::time::Instant;
 
 use super::prepare::{Keep, Outgoing, Prepared};
-use super::secrets::Masker;
+use super::secrets::{KeyUse, Masker};
 use super::stream::{first_chunk, PassThrough, StreamContext};
 use super::upstream::{self, classify_send_error, Answer};
 use super::ProxyState;
@@ -109,7 +109,8 @@ pub(crate) async fn attempt(
             content_type,
         } => (bytes.clone(), content_type.clone()),
     };
-    let Ok(auth) = HeaderValue::try_from(format!("Bearer {}", lease.api_key.expose())) else {
+    let key = KeyUse::of(&lease.api_key);
+    let Some(auth) = key.auth.clone() else {
         return Step::GiveUp(ApiError::Internal(format!(
             "backend {} has a key that is not a valid header value",
             lease.name
@@ -146,8 +147,8 @@ pub(crate) async fn attempt(
         }
     };
     let status = res.status().as_u16();
-    // One masker per answer: an upstream may echo the key in anything it sends.
-    let masker = state.maskers.get(&lease.api_key);
+    // An upstream may echo the key in anything it sends.
+    let masker = key.masker.clone();
     let provider = limits::provider_limits(res.headers());
     let answer = Answer::of(status);
     match answer {
@@ -342,11 +343,11 @@ pub(crate) fn response_builder(
     for (n, v) in upstream::forwardable_response_headers(headers) {
         match masker.mask(v.as_bytes()) {
             None => {
-                builder.append_header((n, v));
+                builder.append_header((n.clone(), v.clone()));
             }
             Some(masked) => {
                 if let Ok(v) = HeaderValue::from_bytes(&masked) {
-                    builder.append_header((n, v));
+                    builder.append_header((n.clone(), v));
                 }
             }
         }

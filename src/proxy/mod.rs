@@ -188,7 +188,7 @@ pub(crate) async fn proxy(
             },
             live: state.live.token(),
         },
-        events: state.events.clone(),
+        events: &state.events,
         done: false,
     };
     let trace = &mut guard.trace;
@@ -212,24 +212,25 @@ pub(crate) async fn proxy(
 
 /// A request's log line and usage record, written exactly once: when it is
 /// answered, or — if the client goes away first and actix drops the
-/// handler, cancelling the upstream call with it — as 499.
-struct Unanswered {
+/// handler, cancelling the upstream call with it — as 499. It borrows the
+/// sink: a clone per request was five atomic counts on shared cache lines.
+struct Unanswered<'a> {
     trace: Trace,
-    events: crate::ops::events::EventSink,
+    events: &'a crate::ops::events::EventSink,
     done: bool,
 }
 
-impl Unanswered {
+impl Unanswered<'_> {
     fn finish(&mut self) {
         if !self.done {
             self.done = true;
             self.trace.record.latency = self.trace.started.elapsed();
-            self.trace.record.emit(&self.events);
+            self.trace.record.emit(self.events);
         }
     }
 }
 
-impl Drop for Unanswered {
+impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.trace.record.status = 499;
@@ -269,11 +270,7 @@ async fn handle(
             priority,
         } => objects::prepare_page(req, account, path, client, priority, trace),
     };
-    let mut tries = Tries::new(
-        state.limits.max_attempts,
-        state.metrics.clone(),
-        state.log.clone(),
-    );
+    let mut tries = Tries::new(state.limits.max_attempts, &state.metrics, &state.log);
     tries.pinned = p.pin.is_some();
     // However many attempts it takes, the request waits for capacity this
     // long at most.

@@ -3,7 +3,12 @@
 //! any long prefix of it — is masked before it goes on, to a client, a log,
 //! the dashboard or the database.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
+
+use actix_web::http::header::HeaderValue;
 
 use bytes::Bytes;
 use memchr::memmem;
@@ -13,27 +18,52 @@ use sidecar_actors::ApiKey;
 /// guess it, more than a masked hint (`key-****abcd`) shows.
 const PREFIX: usize = 12;
 
-/// One masker per key, built once: building one (the masked hint, the
-/// search table) cost seven allocations on every answer.
-#[derive(Default)]
-pub struct Maskers(std::sync::RwLock<std::collections::HashMap<ApiKey, Arc<Masker>>>);
+/// What an attempt needs of its backend's key, built once per key and
+/// worker thread: the masker (its hint and search table were seven
+/// allocations on every answer) and the `Authorization` value (a `format!`
+/// and a header check on every request). Per thread, not behind a shared
+/// lock: the lock and the `Arc` counts were atomic writes to cache lines
+/// both workers touch on every request.
+pub struct KeyUse {
+    pub masker: Arc<Masker>,
+    /// `Bearer <key>`, marked sensitive; `None` for a key no header can carry.
+    pub auth: Option<HeaderValue>,
+}
 
 /// Keys replaced since the start (rotations) are dropped past this many.
-const MAX_MASKERS: usize = 4096;
+const MAX_KEYS: usize = 4096;
 
-impl Maskers {
-    pub fn get(&self, key: &ApiKey) -> Arc<Masker> {
-        if let Some(m) = self.0.read().ok().and_then(|m| m.get(key).cloned()) {
-            return m;
+impl KeyUse {
+    fn new(key: &ApiKey) -> Self {
+        let auth = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+        Self {
+            masker: Arc::new(Masker::new(key)),
+            auth,
         }
-        let m = Arc::new(Masker::new(key));
-        if let Ok(mut all) = self.0.write() {
-            if all.len() >= MAX_MASKERS {
-                all.clear();
+    }
+
+    /// This thread's for `key`.
+    pub fn of(key: &ApiKey) -> Rc<KeyUse> {
+        thread_local! {
+            static KEYS: RefCell<HashMap<ApiKey, Rc<KeyUse>>> = RefCell::new(HashMap::new());
+        }
+        KEYS.with(|keys| {
+            let mut keys = keys.borrow_mut();
+            if let Some(k) = keys.get(key) {
+                return k.clone();
             }
-            all.insert(key.clone(), m.clone());
-        }
-        m
+            if keys.len() >= MAX_KEYS {
+                keys.clear();
+            }
+            let k = Rc::new(KeyUse::new(key));
+            keys.insert(key.clone(), k.clone());
+            k
+        })
     }
 }
 
@@ -124,6 +154,26 @@ mod tests {
         assert_eq!(m.mask_str("key fake-secret-ab..."), "key fake-****1234...");
         // The masked hint itself is not.
         assert_eq!(m.mask(b"fake-****1234"), None);
+    }
+
+    #[test]
+    fn a_key_is_built_once_per_thread_and_its_header_is_sensitive() {
+        let key = ApiKey::new("fake-secret-abcd1234");
+        let a = KeyUse::of(&key);
+        let b = KeyUse::of(&ApiKey::new("fake-secret-abcd1234"));
+        assert!(Rc::ptr_eq(&a, &b));
+        let auth = a.auth.as_ref().unwrap();
+        assert_eq!(auth.as_bytes(), b"Bearer fake-secret-abcd1234");
+        assert!(auth.is_sensitive());
+        // Another key, another masker.
+        let other = KeyUse::of(&ApiKey::new("fake-other-key-5678"));
+        assert!(!Rc::ptr_eq(&a, &other));
+        assert!(other.masker.found_in(b"fake-other-key-5678"));
+        assert!(!other.masker.found_in(b"fake-secret-abcd1234"));
+        // A key no header can carry has no header (the attempt says so).
+        assert!(KeyUse::of(&ApiKey::new("fake-bad\nkey-0000"))
+            .auth
+            .is_none());
     }
 
     proptest! {

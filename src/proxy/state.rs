@@ -62,6 +62,4 @@ pub struct ProxyState {
     pub live: TaskTracker,
     /// Which account holds each stored object (affinity).
     pub affinity: Book,
-    /// Each backend key's masker, built once.
-    pub maskers: super::secrets::Maskers,
 }

@@ -90,33 +90,47 @@ fn is_dropped_response_header(name: &HeaderName) -> bool {
     )
 }
 
-/// Names listed in the `Connection` header are hop-by-hop too (compared
-/// without building a list: almost every message says only `keep-alive`).
-fn connection_lists(headers: &HeaderMap, name: &HeaderName) -> bool {
+/// Names listed in the `Connection` header are hop-by-hop too. Read once
+/// per message (not once per header); `keep-alive` and `close` name no
+/// header that travels, so almost every message lists nothing and this
+/// allocates nothing.
+fn connection_listed(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|s| s.trim().eq_ignore_ascii_case(name.as_str()))
+        .map(str::trim)
+        .filter(|s| {
+            !s.is_empty()
+                && !s.eq_ignore_ascii_case("keep-alive")
+                && !s.eq_ignore_ascii_case("close")
+        })
+        .collect()
+}
+
+fn listed(listed: &[&str], name: &HeaderName) -> bool {
+    listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// The client's headers that may travel upstream.
 pub fn forwardable_request_headers(headers: &HeaderMap) -> Vec<(HeaderName, header::HeaderValue)> {
+    let hop = connection_listed(headers);
     headers
         .iter()
-        .filter(|(n, _)| !is_dropped_request_header(n) && !connection_lists(headers, n))
+        .filter(|(n, _)| !is_dropped_request_header(n) && !listed(&hop, n))
         .filter(|(n, _)| *n != header::CONTENT_TYPE)
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect()
 }
 
 /// The upstream's headers that may travel back to the client.
-pub fn forwardable_response_headers(headers: &HeaderMap) -> Vec<(HeaderName, header::HeaderValue)> {
+pub fn forwardable_response_headers(
+    headers: &HeaderMap,
+) -> impl Iterator<Item = (&HeaderName, &header::HeaderValue)> {
+    let hop = connection_listed(headers);
     headers
         .iter()
-        .filter(|(n, _)| !is_dropped_response_header(n) && !connection_lists(headers, n))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect()
+        .filter(move |(n, _)| !is_dropped_response_header(n) && !listed(&hop, n))
 }
 
 /// What an attempt's transport failure means for the backend.
@@ -241,5 +255,52 @@ mod tests {
         let out = forwardable_request_headers(&h);
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn a_response_drops_what_any_connection_header_lists() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-Hop-A ,close"),
+        );
+        h.append(
+            HeaderName::from_static("x-hop-a"),
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            HeaderName::from_static("x-keep"),
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            HeaderName::from_static("x-keep"),
+            HeaderValue::from_static("2"),
+        );
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        h.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let mut out: Vec<(&str, &[u8])> = forwardable_response_headers(&h)
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        out.sort();
+        assert_eq!(
+            out,
+            vec![
+                ("content-type", &b"application/json"[..]),
+                ("x-keep", &b"1"[..]),
+                ("x-keep", &b"2"[..]),
+            ]
+        );
+        // Nothing listed: nothing extra dropped.
+        let mut plain = HeaderMap::new();
+        plain.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        plain.append(
+            HeaderName::from_static("x-keep"),
+            HeaderValue::from_static("1"),
+        );
+        assert_eq!(forwardable_response_headers(&plain).count(), 1);
     }
 }

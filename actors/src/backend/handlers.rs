@@ -5,8 +5,8 @@ use super::BackendActor;
 #[cfg(any(debug_assertions, feature = "test-hooks"))]
 use crate::messages::Crash;
 use crate::messages::{
-    Finish, Finishes, GetGrants, GetView, KeyTested, LeaseTaken, Reconfigure, ResetCooldown,
-    Retune, Shutdown, Verdict,
+    Finish, Finishes, GetGrants, GetView, KeyTested, LeaseTaken, LeasesTaken, Reconfigure,
+    ResetCooldown, Retune, Shutdown, Verdict,
 };
 use crate::rate_state::{ClusterChanged, ClusterEvent};
 
@@ -14,20 +14,21 @@ impl Handler<LeaseTaken> for BackendActor {
     type Result = ();
     fn handle(&mut self, msg: LeaseTaken, ctx: &mut Self::Context) {
         let now = Instant::now();
-        self.machine.take_lease(
-            msg.lease_id,
-            msg.at,
-            msg.hold_until,
-            msg.emergency,
-            msg.est_tokens,
-            now,
-        );
-        self.confirm(msg.lease_id, msg.emergency, msg.confirm, ctx);
-        // The supervisor counts its own grants, so a view after every lease
-        // adds nothing; one is needed when its view ran dry.
-        if msg.refresh || self.machine.exhausted(now) {
-            self.publish(ctx);
+        let refresh = self.taken(msg, now, ctx);
+        self.publish_if(refresh, now, ctx);
+    }
+}
+
+impl Handler<LeasesTaken> for BackendActor {
+    type Result = ();
+    /// Each lease as if it came alone; at most one view for all of them.
+    fn handle(&mut self, msg: LeasesTaken, ctx: &mut Self::Context) {
+        let now = Instant::now();
+        let mut refresh = false;
+        for one in msg.0 {
+            refresh |= self.taken(one, now, ctx);
         }
+        self.publish_if(refresh, now, ctx);
     }
 }
 
@@ -52,6 +53,29 @@ impl Handler<Finishes> for BackendActor {
 }
 
 impl BackendActor {
+    /// Counts one lease handed out; true when the supervisor asked for a
+    /// fresh view with it.
+    fn taken(&mut self, msg: LeaseTaken, now: Instant, ctx: &mut Context<Self>) -> bool {
+        self.machine.take_lease(
+            msg.lease_id,
+            msg.at,
+            msg.hold_until,
+            msg.emergency,
+            msg.est_tokens,
+            now,
+        );
+        self.confirm(msg.lease_id, msg.emergency, msg.confirm, ctx);
+        msg.refresh
+    }
+
+    /// The supervisor counts its own grants, so a view after every lease
+    /// adds nothing; one is needed when it asked, or when its view ran dry.
+    fn publish_if(&mut self, refresh: bool, now: Instant, ctx: &mut Context<Self>) {
+        if refresh || self.machine.exhausted(now) {
+            self.publish(ctx);
+        }
+    }
+
     /// Applies one lease's outcome, without publishing the view.
     fn finished(&mut self, msg: Finish, ctx: &mut Context<Self>) {
         let r = msg.report;

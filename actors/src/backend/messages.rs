@@ -42,6 +42,14 @@ pub struct Retune(pub std::sync::Arc<Tuning>);
 #[rtype(result = "()")]
 pub struct Crash;
 
+/// Supervisor → backend: spare leases handed out together, in one message
+/// (one ask brings up to [`crate::spares::MAX_SPARES`]; a message each was
+/// an envelope, a mailbox push and a view check per spare on the actor
+/// thread, which every worker's asks go through).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct LeasesTaken(pub Vec<LeaseTaken>);
+
 /// Supervisor → backend: a lease was handed out.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]

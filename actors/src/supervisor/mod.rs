@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use crate::backend::BackendActor;
 use crate::gate::Gate;
-use crate::lease::Hold;
-use crate::messages::{BackendView, Finish, Finishes, Lease, LeaseTaken, Verdict};
+use crate::lease::{Hold, ReportTo};
+use crate::messages::{BackendView, Lease, LeaseTaken, LeasesTaken};
 use crate::probe::Prober;
 use crate::rate_state::RateState;
 use crate::spares::MAX_SPARES;
@@ -34,9 +34,7 @@ pub(crate) struct Entry {
     pub(crate) slot: Slot,
     pub(crate) addr: Addr<BackendActor>,
     gate: Arc<Gate>,
-    finish_to: Recipient<Finish>,
-    batch_to: Recipient<Finishes>,
-    verdict_to: Recipient<Verdict>,
+    to: Arc<ReportTo>,
     /// The key's name in the shared state, for events from other replicas.
     pub(crate) key_id: String,
 }
@@ -115,9 +113,7 @@ impl PoolSupervisor {
         let addr = actix::Supervisor::start(move |_| actor);
         self.entries.push(Entry {
             slot: Slot::new(spec, view),
-            finish_to: addr.clone().recipient(),
-            batch_to: addr.clone().recipient(),
-            verdict_to: addr.clone().recipient(),
+            to: ReportTo::new(&addr),
             addr,
             gate,
             key_id,
@@ -169,9 +165,13 @@ impl PoolSupervisor {
             until: now + ttl,
             epoch,
         };
-        (0..n)
-            .map(|_| self.grant_held(index, false, need, now, Some(hold.clone())))
-            .collect()
+        let (leases, taken): (Vec<Lease>, Vec<LeaseTaken>) = (0..n)
+            .map(|_| self.lease(index, false, need, now, Some(hold.clone())))
+            .unzip();
+        if !taken.is_empty() {
+            self.entries[index].addr.do_send(LeasesTaken(taken));
+        }
+        leases
     }
 
     /// Voids every spare lease out there: a waiter must not wait while
@@ -190,6 +190,20 @@ impl PoolSupervisor {
         now: Instant,
         hold: Option<Hold>,
     ) -> Lease {
+        let (lease, taken) = self.lease(index, emergency, need, now, hold);
+        self.entries[index].addr.do_send(taken);
+        lease
+    }
+
+    /// A lease on `index`, and what its backend must be told of it.
+    fn lease(
+        &mut self,
+        index: usize,
+        emergency: bool,
+        need: &Need,
+        now: Instant,
+        hold: Option<Hold>,
+    ) -> (Lease, LeaseTaken) {
         self.next_lease += 1;
         let id = self.next_lease;
         let e = &mut self.entries[index];
@@ -210,7 +224,7 @@ impl PoolSupervisor {
             }
             None => (None, None),
         };
-        e.addr.do_send(LeaseTaken {
+        let taken = LeaseTaken {
             lease_id: id,
             at: now,
             hold_until: hold.as_ref().map(|h| h.until),
@@ -218,10 +232,10 @@ impl PoolSupervisor {
             est_tokens: need.est_tokens,
             refresh,
             confirm: confirm_tx,
-        });
+        };
         let spec = &e.slot.spec;
         let route = spec.route(&need.model);
-        Lease {
+        let lease = Lease {
             id,
             backend: spec.id,
             account: e.slot.account.clone(),
@@ -239,14 +253,13 @@ impl PoolSupervisor {
             granted_at: now,
             gate: e.gate.clone(),
             confirm,
-            finish_to: e.finish_to.clone(),
-            batch_to: e.batch_to.clone(),
-            verdict_to: e.verdict_to.clone(),
+            to: e.to.clone(),
             hold,
             sent: None,
             used: false,
             reported: false,
-        }
+        };
+        (lease, taken)
     }
 
     /// Serves waiting requests in priority order with whatever capacity the
