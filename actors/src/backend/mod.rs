@@ -195,7 +195,7 @@ impl BackendActor {
             return;
         }
         let now = Instant::now();
-        let ch = self.machine.tick(now);
+        let ch = self.machine.time_passed(now);
         if ch != Changes::default() {
             self.report(&ch);
         }

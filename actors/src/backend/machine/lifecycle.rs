@@ -94,17 +94,7 @@ impl KeyMachine {
     /// Timers: cooldown end, retreat climbing, leases or verdicts that were
     /// never reported (should not happen: both report on drop).
     pub fn tick(&mut self, now: Instant) -> Changes {
-        let mut ch = Changes::default();
-        if self.cooldown.expire(now) {
-            ch.cooldown_ended = Some(CooldownEnd::Expired);
-        }
-        let before = self.effective_rpm();
-        if self.retreat.tick(now).is_some() {
-            self.apply_effective(now);
-            if self.effective_rpm() != before {
-                ch.effective_rpm = Some(self.effective_rpm());
-            }
-        }
+        let mut ch = self.time_passed(now);
         // A lease reports when dropped, so this is a safety net only; a
         // stream may legitimately run for hours.
         self.leases
@@ -118,6 +108,27 @@ impl KeyMachine {
             .collect();
         for id in stale {
             ch.merge(self.verdict(id, true, now));
+        }
+        self.update_gate(now);
+        ch
+    }
+
+    /// What time alone changes in the state a view shows: a cooldown's end,
+    /// the retreat's climb (and the gate with them). Every view pushed is
+    /// read after this; the sweeps of [`KeyMachine::tick`] (every lease in
+    /// flight, every deferred verdict) wait for its timer — run on every
+    /// push, the lease sweep was the backend's largest cost per request.
+    pub fn time_passed(&mut self, now: Instant) -> Changes {
+        let mut ch = Changes::default();
+        if self.cooldown.expire(now) {
+            ch.cooldown_ended = Some(CooldownEnd::Expired);
+        }
+        let before = self.effective_rpm();
+        if self.retreat.tick(now).is_some() {
+            self.apply_effective(now);
+            if self.effective_rpm() != before {
+                ch.effective_rpm = Some(self.effective_rpm());
+            }
         }
         self.update_gate(now);
         ch

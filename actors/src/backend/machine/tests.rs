@@ -191,3 +191,17 @@ fn a_provider_budget_voids_spares_and_stops_lending() {
         "no spares on a told budget"
     );
 }
+
+#[test]
+fn a_pushed_view_sees_time_pass_and_only_the_timer_sweeps_lost_leases() {
+    let t0 = Instant::now();
+    let mut m = machine(100, t0);
+    m.take_lease(1, t0, None, false, 0, t0);
+    // Hours later the lease was never reported (it reports on drop, so this
+    // is the safety net): a push leaves the sweep to the timer.
+    let later = t0 + LEASE_SAFETY_NET + Duration::from_secs(1);
+    assert_eq!(m.time_passed(later), Changes::default());
+    assert_eq!(m.in_flight(), 1, "a push does not walk the leases");
+    m.tick(later);
+    assert_eq!(m.in_flight(), 0, "the timer's sweep drops it");
+}
