@@ -327,6 +327,7 @@ memory() {
   "$FLOOR" --port 19294 --upstream http://127.0.0.1:18091/v1/chat/completions --key fake-01 > "$OUT/floor-mem.log" 2>&1 &
   local mfloor=$!; PIDS+=("$mfloor")
   wait_listening http://127.0.0.1:19294/
+  sleep 3
   local fidle; fidle=$(peak_rss_kb "$mfloor")
   "$LOADGEN" streams --url http://127.0.0.1:19294 --n "$N" --model native-m > "$OUT/streams-floor-$N.json"
   local fbusy; fbusy=$(peak_rss_kb "$mfloor")

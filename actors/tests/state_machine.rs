@@ -909,7 +909,8 @@ impl Sim {
             }
             Ev::KeyTimer(key) => {
                 self.keys[key].timer = None;
-                let ch = self.keys[key].m.tick(now);
+                // The actor's timed wake-up pushes a view: time alone.
+                let ch = self.keys[key].m.time_passed(now);
                 self.changed(key, ch, None);
             }
             Ev::Probe { key, outcome } => {

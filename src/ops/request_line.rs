@@ -282,7 +282,6 @@ mod tests {
             proptest::prop_assert_eq!(back, s.chars().take(256).collect::<String>());
         }
 
-
         /// Milliseconds print as the float they were printed as before (within
         /// the hundredth where the two roundings may split a half).
         #[test]

@@ -92,8 +92,8 @@ fn is_dropped_response_header(name: &HeaderName) -> bool {
 
 /// Names listed in the `Connection` header are hop-by-hop too. Read once
 /// per message (not once per header); `keep-alive` and `close` name no
-/// header that travels, so almost every message lists nothing and this
-/// allocates nothing.
+/// header that travels (`close` is a reserved name, RFC 9110 §7.6.1), so
+/// almost every message lists nothing and this allocates nothing.
 fn connection_listed(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::CONNECTION)
@@ -108,8 +108,8 @@ fn connection_listed(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
-fn listed(listed: &[&str], name: &HeaderName) -> bool {
-    listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
+fn listed(hop: &[&str], name: &HeaderName) -> bool {
+    hop.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// The client's headers that may travel upstream.
