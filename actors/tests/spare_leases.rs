@@ -41,6 +41,13 @@ fn start() -> Addr<PoolSupervisor> {
     .start()
 }
 
+/// Returns once the backend's first view has reached the supervisor: the
+/// backend pushes it when it starts, before it answers the snapshot's read,
+/// so it is in the supervisor's mailbox ahead of anything sent after this.
+async fn started(sup: &Addr<PoolSupervisor>) {
+    sup.send(GetSnapshot).await.expect("snapshot");
+}
+
 async fn acquire(sup: &Addr<PoolSupervisor>, spares: u32) -> (Lease, Vec<Lease>) {
     let ticket = sup
         .send(Acquire {
@@ -71,8 +78,7 @@ async fn used_in_window(sup: &Addr<PoolSupervisor>) -> u32 {
 #[actix_rt::test]
 async fn a_spare_held_across_a_cooldown_is_never_sent() {
     let sup = start();
-    // The backend's first view reaches the supervisor.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    started(&sup).await;
     let (mut lease, mut spares) = acquire(&sup, 8).await;
     assert_eq!(spares.len(), 8, "a roomy key lends what was asked");
     assert!(lease.admitted().await);
@@ -110,7 +116,7 @@ async fn held_reports_arrive_together_and_each_counts() {
     use sidecar_actors::outbox::Outbox;
 
     let sup = start();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    started(&sup).await;
     let (lease, spares) = acquire(&sup, 8).await;
     drop(lease);
     let out = Outbox::default();

@@ -229,29 +229,24 @@ mod tests {
     use super::*;
     use actix_web::http::header::HeaderValue;
 
+    /// A header map of `(name, value)` pairs, in order, names repeating.
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        h
+    }
+
     #[test]
     fn hop_by_hop_and_secrets_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer client"),
-        );
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-custom-hop"),
-        );
-        h.insert(
-            HeaderName::from_static("x-custom-hop"),
-            HeaderValue::from_static("1"),
-        );
-        h.insert(
-            HeaderName::from_static("x-keep"),
-            HeaderValue::from_static("1"),
-        );
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        let h = map(&[
+            ("authorization", "Bearer client"),
+            ("connection", "keep-alive, x-custom-hop"),
+            ("x-custom-hop", "1"),
+            ("x-keep", "1"),
+            ("transfer-encoding", "chunked"),
+        ]);
         let out = forwardable_request_headers(&h);
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
@@ -259,29 +254,15 @@ mod tests {
 
     #[test]
     fn a_response_drops_what_any_connection_header_lists() {
-        let mut h = HeaderMap::new();
-        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static(" X-Hop-A ,close"),
-        );
-        h.append(
-            HeaderName::from_static("x-hop-a"),
-            HeaderValue::from_static("1"),
-        );
-        h.append(
-            HeaderName::from_static("x-keep"),
-            HeaderValue::from_static("1"),
-        );
-        h.append(
-            HeaderName::from_static("x-keep"),
-            HeaderValue::from_static("2"),
-        );
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-        h.append(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let h = map(&[
+            ("connection", "keep-alive"),
+            ("connection", " X-Hop-A ,close"),
+            ("x-hop-a", "1"),
+            ("x-keep", "1"),
+            ("x-keep", "2"),
+            ("content-length", "2"),
+            ("content-type", "application/json"),
+        ]);
         let mut out: Vec<(&str, &[u8])> = forwardable_response_headers(&h)
             .map(|(n, v)| (n.as_str(), v.as_bytes()))
             .collect();
@@ -295,12 +276,7 @@ mod tests {
             ]
         );
         // Nothing listed: nothing extra dropped.
-        let mut plain = HeaderMap::new();
-        plain.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        plain.append(
-            HeaderName::from_static("x-keep"),
-            HeaderValue::from_static("1"),
-        );
+        let plain = map(&[("connection", "keep-alive"), ("x-keep", "1")]);
         assert_eq!(forwardable_response_headers(&plain).count(), 1);
     }
 }

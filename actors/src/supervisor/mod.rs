@@ -132,7 +132,9 @@ impl PoolSupervisor {
         need: &Need,
         now: Instant,
     ) -> Lease {
-        self.grant_held(index, emergency, need, now, None)
+        let (lease, taken) = self.lease(index, emergency, need, now, None);
+        self.entries[index].addr.do_send(taken);
+        lease
     }
 
     /// Spare leases to go with a grant just made on `index`, for the
@@ -180,19 +182,6 @@ impl PoolSupervisor {
         for e in &self.entries {
             e.gate.recall();
         }
-    }
-
-    fn grant_held(
-        &mut self,
-        index: usize,
-        emergency: bool,
-        need: &Need,
-        now: Instant,
-        hold: Option<Hold>,
-    ) -> Lease {
-        let (lease, taken) = self.lease(index, emergency, need, now, hold);
-        self.entries[index].addr.do_send(taken);
-        lease
     }
 
     /// A lease on `index`, and what its backend must be told of it.
