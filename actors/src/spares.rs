@@ -28,6 +28,17 @@ use crate::lease::Lease;
 /// the gap between a busy worker's requests.
 pub const SPARE_TTL: Duration = Duration::from_millis(50);
 
+/// How long a quiet worker may hold the one spare it fetches for its next
+/// request by default: a caller a few times a second finds it there, and
+/// the window counts it at most this much longer (only on keys with ample
+/// room; see [`Spares::prefetch`]).
+pub const IDLE_SPARE_TTL: Duration = Duration::from_secs(1);
+
+/// After a fetch for a quiet worker came back empty (shared state, a key
+/// with little room, a queue), it fetches none for this long: such a pool
+/// lends none, and asking per request would only cost the supervisor.
+const FETCH_PAUSE: Duration = Duration::from_secs(1);
+
 /// Spare leases one ask may bring back.
 pub const MAX_SPARES: u32 = 32;
 
@@ -51,6 +62,8 @@ pub struct Spares {
     /// while the first one's spares are on their way.
     waiting: RefCell<VecDeque<Waiter>>,
     demand: Cell<Demand>,
+    /// No spare fetched for a quiet worker before then.
+    fetch_after: Cell<Option<Instant>>,
 }
 
 struct Waiter {
@@ -171,6 +184,44 @@ impl Spares {
             model: model.clone(),
             n,
         }
+    }
+
+    /// One spare to fetch for a quiet worker's next request for `model`
+    /// while this one is upstream, off its path: a worker that saw a single
+    /// request in the last slot asks none with its lease ([`Spares::ask`]),
+    /// so without this every request of an unhurried caller pays a round
+    /// trip between threads. None while it holds one for `model`, while any
+    /// ask is in flight (requests arriving meanwhile wait for that one), for
+    /// a busy worker (its own asks bring spares), or for a while after a
+    /// fetch came back empty.
+    pub fn prefetch(&self, model: &Arc<str>, now: Instant) -> Option<Ask<'_>> {
+        if !self.wants_fetch(model, now) {
+            return None;
+        }
+        self.asked.set(1);
+        self.asking.borrow_mut().push((model.clone(), 1));
+        Some(Ask {
+            spares: self,
+            model: model.clone(),
+            n: 1,
+        })
+    }
+
+    /// Whether [`Spares::prefetch`] would fetch one now.
+    pub fn wants_fetch(&self, model: &str, now: Instant) -> bool {
+        let d = self.demand.get();
+        let busy = d.last_slot.max(d.this_slot) > 1;
+        let paused = self.fetch_after.get().is_some_and(|t| now < t);
+        !busy
+            && !paused
+            && self.asked.get() == 0
+            && !self.held.borrow().iter().any(|l| l.serves(model, now))
+    }
+
+    /// A fetch for a quiet worker came back with nothing: fetch none for a
+    /// while.
+    pub fn none_lent(&self, now: Instant) {
+        self.fetch_after.set(Some(now + FETCH_PAUSE));
     }
 
     /// Keeps spares the supervisor granted: each goes to the first request
@@ -317,5 +368,59 @@ mod tests {
             Some(4)
         );
         assert_eq!(s.take_again("m", t0).map(|l| l.id), Some(5));
+    }
+
+    /// A quiet worker fetches one spare for its next request: one at a
+    /// time, none while it holds one for the model or is busy (its own asks
+    /// bring spares then), and none for a while after a fetch came back
+    /// empty.
+    #[actix_rt::test]
+    async fn a_quiet_worker_fetches_one_spare_at_a_time() {
+        use std::sync::Arc as A;
+
+        use actix::Actor;
+
+        use crate::gate::Gate;
+        use crate::lease::fake::{lease, Heard};
+
+        let to = Heard::default().start();
+        let gate = A::new(Gate::default());
+        let s = Spares::default();
+        let m: Arc<str> = Arc::from("m");
+        let t0 = Instant::now();
+        assert!(s.take("m", t0).is_none());
+        let fetch = s.prefetch(&m, t0).map(|a| a.n);
+        assert_eq!(fetch, Some(1), "a quiet worker holding none fetches one");
+        {
+            let first = s.prefetch(&m, t0);
+            assert!(s.prefetch(&m, t0).is_none(), "one fetch at a time");
+            assert!(s.wait(&m).is_some(), "the next request waits for it");
+            drop(first);
+        }
+        s.keep(vec![lease(1, &to, &gate, true)]);
+        assert!(s.prefetch(&m, t0).is_none(), "it holds one for m");
+        assert!(
+            s.prefetch(&Arc::from("other"), t0).is_some(),
+            "not for another model"
+        );
+        assert_eq!(s.take_again("m", t0).map(|l| l.id), Some(1));
+        assert!(s.prefetch(&m, t0).is_some(), "taken: fetch the next");
+        // An ask with the lease is in flight: that one brings spares.
+        for _ in 0..4 {
+            s.take("m", t0);
+        }
+        let ask = s.ask(&m);
+        assert!(ask.n > 0);
+        drop(ask);
+        assert!(s.prefetch(&m, t0).is_none(), "a busy worker asks itself");
+        // Two quiet slots later it is quiet again; an empty answer pauses.
+        let later = t0 + DEMAND_SLOT * 3;
+        s.take("m", later);
+        assert!(s.prefetch(&m, later).is_some());
+        s.none_lent(later);
+        assert!(s.prefetch(&m, later + FETCH_PAUSE / 2).is_none());
+        let after = later + FETCH_PAUSE;
+        s.take("m", after);
+        assert!(s.prefetch(&m, after).is_some(), "the pause ends");
     }
 }

@@ -189,6 +189,9 @@ pub struct Tuning {
     /// no spares). Short against the window: the window counts each spare
     /// this much longer.
     pub spare_ttl: Duration,
+    /// How long a quiet worker may hold the one spare it fetches for its
+    /// next request while this one is upstream (zero: none fetched).
+    pub idle_spare_ttl: Duration,
 }
 
 impl Tuning {
@@ -216,6 +219,7 @@ impl Default for Tuning {
             queue_max: 500,
             queue_timeout: Duration::from_secs(30),
             spare_ttl: crate::spares::SPARE_TTL,
+            idle_spare_ttl: crate::spares::IDLE_SPARE_TTL,
         }
     }
 }

@@ -10,9 +10,10 @@ use futures_util::future::LocalBoxFuture;
 use sidecar_actors::messages::{GetSnapshot, Priority};
 use sidecar_actors::testing::spec;
 use sidecar_actors::{
-    Acquire, BackendSpec, Lease, Outcome, PoolSupervisor, ProbeOutcome, Prober, Report, Ticket,
-    Tuning,
+    Acquire, BackendSpec, Lease, Outcome, PoolSupervisor, Prefetch, ProbeOutcome, Prober, Report,
+    Ticket, Tuning,
 };
+use tokio::time::Instant;
 
 struct Answers;
 impl Prober for Answers {
@@ -29,9 +30,13 @@ fn start() -> Addr<PoolSupervisor> {
         spare_ttl: Duration::from_secs(2),
         ..Tuning::default()
     };
+    start_with(10_000, tuning)
+}
+
+fn start_with(rpm: u32, tuning: Tuning) -> Addr<PoolSupervisor> {
     let log = slog::Logger::root(slog::Discard, slog::o!());
     PoolSupervisor::new(
-        vec![spec(1, 10_000)],
+        vec![spec(1, rpm)],
         tuning,
         Arc::new(Answers),
         None,
@@ -145,4 +150,43 @@ async fn held_reports_arrive_together_and_each_counts() {
     assert_eq!(b.in_flight, 0, "every report applied");
     assert_eq!(b.totals.successes, 8);
     assert_eq!(b.used_in_window, 8, "the unsent lease gave its place back");
+}
+
+async fn fetch(sup: &Addr<PoolSupervisor>) -> Vec<Lease> {
+    sup.send(Prefetch {
+        model: Arc::from("m"),
+        est_tokens: 0,
+        spares: 1,
+    })
+    .await
+    .expect("the supervisor answers")
+}
+
+/// A quiet worker's fetch brings a spare alone, held for the idle deadline,
+/// counted while held and given back unsent like any; a key with little
+/// room, or a zero idle deadline, lends none.
+#[actix_rt::test]
+async fn a_fetch_brings_one_spare_alone_and_none_from_a_tight_key() {
+    let sup = start();
+    started(&sup).await;
+    let ttl = Tuning::default().idle_spare_ttl;
+    let before = Instant::now();
+    let lent = fetch(&sup).await;
+    assert_eq!(lent.len(), 1, "one spare, no lease to send now");
+    let until = lent.first().and_then(Lease::held_until).expect("a spare");
+    assert!(until >= before + ttl && until <= Instant::now() + ttl);
+    assert_eq!(used_in_window(&sup).await, 1, "counted while held");
+    drop(lent);
+    assert_eq!(used_in_window(&sup).await, 0, "given back unsent");
+
+    let tight = start_with(200, Tuning::default());
+    started(&tight).await;
+    assert!(fetch(&tight).await.is_empty(), "no room to lend from");
+    let off = Tuning {
+        idle_spare_ttl: Duration::ZERO,
+        ..Tuning::default()
+    };
+    let off = start_with(10_000, off);
+    started(&off).await;
+    assert!(fetch(&off).await.is_empty(), "fetching is off");
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use actix_web::web;
 use sidecar_actors::worker::Worker;
-use sidecar_actors::{Acquire, AcquireError, BackendId, Lease, Outcome, PendingStrike, Ticket};
+use sidecar_actors::{
+    Acquire, AcquireError, BackendId, Lease, Outcome, PendingStrike, Prefetch, Ticket,
+};
 use tokio::time::Instant;
 
 use super::attempt::{snippet, FailKind, Failed, BAD_ANSWER};
@@ -249,6 +251,7 @@ pub(crate) async fn acquire(
     if let Some(w) = worker {
         if let Some(lease) = spare(w, p, deadline).await {
             state.metrics.spare_leases.inc();
+            fetch_next(state, w, p);
             return Ok(lease);
         }
     }
@@ -268,15 +271,9 @@ pub(crate) async fn acquire(
         .map_err(|_| AcquireError::SupervisorGone)??;
     match ticket {
         Ticket::Ready(lease, more) => {
-            let last = more.iter().filter_map(Lease::held_until).max();
-            if let (Some(w), Some(until)) = (worker, last) {
-                w.spares.keep(more);
-                // A worker gone quiet gives back what it holds.
-                let w = w.clone();
-                actix_web::rt::spawn(async move {
-                    tokio::time::sleep_until(until).await;
-                    w.spares.expire(Instant::now());
-                });
+            if let Some(w) = worker {
+                hold(w, more);
+                fetch_next(state, w, p);
             }
             Ok(lease)
         }
@@ -295,4 +292,51 @@ pub(crate) async fn acquire(
             }
         }
     }
+}
+
+/// Keeps the spares the supervisor lent this worker, and gives back those
+/// still unsent once their deadline passes (a worker gone quiet holds
+/// nothing).
+fn hold(w: &web::Data<Worker>, leases: Vec<Lease>) {
+    let Some(until) = leases.iter().filter_map(Lease::held_until).max() else {
+        return;
+    };
+    w.spares.keep(leases);
+    let w = w.clone();
+    actix_web::rt::spawn(async move {
+        tokio::time::sleep_until(until).await;
+        w.spares.expire(Instant::now());
+    });
+}
+
+/// A quiet worker fetches a spare for its next request while this one is
+/// upstream (see `Spares::prefetch`): the round trip to the supervisor
+/// happens off the request's path. The check runs here so that a busy
+/// worker spawns nothing; the task checks again, as other requests may
+/// have run before it.
+fn fetch_next(state: &ProxyState, w: &web::Data<Worker>, p: &Prepared) {
+    if !w.spares.wants_fetch(&p.model, Instant::now()) {
+        return;
+    }
+    let (w, supervisor) = (w.clone(), state.supervisor.clone());
+    let (model, est_tokens) = (p.model.clone(), p.est_tokens);
+    actix_web::rt::spawn(async move {
+        let Some(ask) = w.spares.prefetch(&model, Instant::now()) else {
+            return;
+        };
+        let spares = ask.n;
+        let lent = supervisor
+            .send(Prefetch {
+                model: model.clone(),
+                est_tokens,
+                spares,
+            })
+            .await
+            .unwrap_or_default();
+        if lent.is_empty() {
+            w.spares.none_lent(Instant::now());
+        }
+        hold(&w, lent);
+        drop(ask);
+    });
 }

@@ -37,6 +37,11 @@ pub struct RawSettings {
     /// in milliseconds; 0 turns spare leases off. Default 50 ms, at most a
     /// tenth of the window.
     pub spare_lease_ms: Option<u64>,
+    /// How long a quiet worker may hold the one spare lease it fetches for
+    /// its next request while the current one is upstream, in
+    /// milliseconds; 0 turns that off. Default 1000 ms, at most a tenth of
+    /// the window.
+    pub idle_spare_lease_ms: Option<u64>,
     /// Calm seconds before adaptive retreat climbs a step; default 2 windows.
     pub retreat_recovery_secs: Option<f64>,
     pub emergency_fraction: f64,
@@ -117,6 +122,7 @@ impl Default for RawSettings {
             window_secs: 60.0,
             window_margin_ms: None,
             spare_lease_ms: None,
+            idle_spare_lease_ms: None,
             retreat_recovery_secs: None,
             emergency_fraction: 0.1,
             failure_threshold: 3,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sidecar_actors::messages::Priority;
-use sidecar_actors::spares::SPARE_TTL;
+use sidecar_actors::spares::{IDLE_SPARE_TTL, SPARE_TTL};
 use sidecar_actors::{ApiKey, BackendSpec, ModelRoute, Pool, Tuning};
 
 use super::backend::check_url;
@@ -60,6 +60,32 @@ pub(crate) fn parse_level(source: &str, v: Option<&str>) -> Result<slog::Level, 
     }
 }
 
+/// How long a worker may hold a spare lease (`key`, in ms): the default at
+/// most a tenth of the window. The window counts a spare until a window
+/// after its deadline: a deadline as long as the window would halve the
+/// key's rate.
+fn spare_ttl(
+    src: &str,
+    key: &str,
+    ms: Option<u64>,
+    default: Duration,
+    window: Duration,
+) -> Result<Duration, ConfigError> {
+    match ms.map(Duration::from_millis) {
+        None => Ok(default.min(window / 10)),
+        Some(t) if t <= window / 10 => Ok(t),
+        Some(t) => Err(ConfigError::new(
+            src,
+            key,
+            format!(
+                "{} ms is more than a tenth of the window ({} ms)",
+                t.as_millis(),
+                (window / 10).as_millis()
+            ),
+        )),
+    }
+}
+
 impl RawSettings {
     pub fn validate(self, src: &str) -> Result<Settings, ConfigError> {
         let host: IpAddr = self.host.parse().map_err(|_| {
@@ -95,23 +121,20 @@ impl RawSettings {
             retry_after_max: positive_secs(src, "retry_after_max", self.retry_after_max)?,
             queue_max: self.queue_max,
             queue_timeout: secs(src, "queue_timeout", self.queue_timeout)?,
-            // The window counts a spare until a window after its deadline:
-            // a deadline as long as the window would halve the key's rate.
-            spare_ttl: match self.spare_lease_ms.map(Duration::from_millis) {
-                None => SPARE_TTL.min(window / 10),
-                Some(t) if t <= window / 10 => t,
-                Some(t) => {
-                    return Err(ConfigError::new(
-                        src,
-                        "spare_lease_ms",
-                        format!(
-                            "{} ms is more than a tenth of the window ({} ms)",
-                            t.as_millis(),
-                            (window / 10).as_millis()
-                        ),
-                    ))
-                }
-            },
+            spare_ttl: spare_ttl(
+                src,
+                "spare_lease_ms",
+                self.spare_lease_ms,
+                SPARE_TTL,
+                window,
+            )?,
+            idle_spare_ttl: spare_ttl(
+                src,
+                "idle_spare_lease_ms",
+                self.idle_spare_lease_ms,
+                IDLE_SPARE_TTL,
+                window,
+            )?,
         };
         if tuning.key_retest_max < tuning.key_retest_initial {
             return Err(ConfigError::new(
@@ -397,6 +420,10 @@ mod tests {
             (
                 "spare_lease_ms",
                 Box::new(|r| r.spare_lease_ms = Some(6001)),
+            ),
+            (
+                "idle_spare_lease_ms",
+                Box::new(|r| r.idle_spare_lease_ms = Some(6001)),
             ),
             ("queue_timeout", Box::new(|r| r.queue_timeout = 1e300)),
             (

@@ -102,3 +102,36 @@ async fn a_spare_lease_is_never_sent_after_its_key_cooled() {
     assert!(late.is_empty(), "sent to a cooling key: {late:?}");
     app.stop().await;
 }
+
+/// One caller sending a request every 100 ms is no busy worker (it asks no
+/// spares for its next request), yet it should not pay a round trip between
+/// threads per request: its worker fetches one spare while the request is
+/// upstream, held for the next one (`idle_spare_lease_ms`). Nothing a client
+/// or provider sees changes: each request is counted once, and the spare
+/// left when the caller stops comes back unused.
+#[actix_web::test]
+async fn a_quiet_caller_finds_a_spare_fetched_for_its_next_request() {
+    let app = spawn_app(
+        mock_keys(&["k-1"]),
+        &backend("one", "k-1", "primary", 100_000, ""),
+    )
+    .await;
+    let body = chat_body("m");
+    let sent = 8u64;
+    for _ in 0..sent {
+        assert_eq!(app.chat(&body).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spare = counter(&app.scrape().await, "sidecar_spare_leases_total");
+    eprintln!("quiet: {spare} of {sent} requests went on spare leases");
+    // Each of the two HTTP workers pays one round trip at most: the first
+    // request it sees.
+    assert!(spare >= sent - 2, "{spare} of {sent} went on spares");
+    assert_eq!(app.mock.state.key_stats("k-1").requests, sent);
+    // The last spare fetched is held a second, then comes back unused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = app.view("one").await;
+    assert_eq!(v.in_flight, 0, "the held spare came back");
+    assert_eq!(u64::from(v.used_in_window), sent, "counted once each");
+    app.stop().await;
+}

@@ -11,8 +11,8 @@ use super::queue::Waiter;
 use super::{Decision, Need, PoolSupervisor};
 use crate::messages::{
     Acquire, AcquireError, BackendUpdate, CollectGrants, Drain, GetBackendView, GetGrants,
-    GetSnapshot, GetView, KeyTested, ListModels, Ping, PoolSnapshot, Reconfigure, RemoveBackend,
-    ResetCooldown, ServesModel, Shutdown, Ticket, UpdateTuning, UpsertBackend,
+    GetSnapshot, GetView, KeyTested, ListModels, Ping, PoolSnapshot, Prefetch, Reconfigure,
+    RemoveBackend, ResetCooldown, ServesModel, Shutdown, Ticket, UpdateTuning, UpsertBackend,
 };
 #[cfg(any(debug_assertions, feature = "test-hooks"))]
 use crate::messages::{Crash, TestCrashBackend, TestFreeze};
@@ -37,7 +37,10 @@ impl Handler<Acquire> for PoolSupervisor {
                 let lease = self.grant(index, emergency, &need, now);
                 let spares = match emergency {
                     true => Vec::new(),
-                    false => self.spares(index, &need, msg.spares, now),
+                    false => {
+                        let ttl = self.tuning.spare_ttl;
+                        self.spares(index, &need, msg.spares, ttl, now)
+                    }
                 };
                 Ok(Ticket::Ready(lease, spares))
             }
@@ -63,6 +66,33 @@ impl Handler<Acquire> for PoolSupervisor {
             }
             Decision::Fail(err) => Err(err),
         }
+    }
+}
+
+impl Handler<Prefetch> for PoolSupervisor {
+    type Result = MessageResult<Prefetch>;
+
+    /// Spares alone, chosen as a lease would be (see
+    /// [`crate::spares::Spares::prefetch`]): none where a grant now would
+    /// wait or be an emergency probe, and none on the terms of
+    /// [`PoolSupervisor::spares`].
+    fn handle(&mut self, msg: Prefetch, ctx: &mut Self::Context) -> Self::Result {
+        self.drain(ctx);
+        let now = Instant::now();
+        let need = Need {
+            model: msg.model,
+            exclude: Vec::new(),
+            est_tokens: msg.est_tokens,
+            pin: None,
+        };
+        let ttl = self.tuning.idle_spare_ttl;
+        MessageResult(match self.decide(&need, now) {
+            Decision::Grant {
+                index,
+                emergency: false,
+            } => self.spares(index, &need, msg.spares, ttl, now),
+            _ => Vec::new(),
+        })
     }
 }
 

@@ -28,6 +28,18 @@ pub struct Acquire {
     pub spares: u32,
 }
 
+/// Worker → supervisor: spare leases only (up to `spares`), for a quiet
+/// worker's next request to `model`, asked while its current one is
+/// upstream.
+#[derive(Message)]
+#[rtype(result = "Vec<Lease>")]
+pub struct Prefetch {
+    pub model: Arc<str>,
+    /// Estimated tokens of the request that asks, for the next one.
+    pub est_tokens: u64,
+    pub spares: u32,
+}
+
 /// Supervisor: every backend's grant log, for saving at shutdown.
 #[derive(Message, Debug, Default)]
 #[rtype(result = "Vec<(BackendId, Vec<i64>)>")]

@@ -141,16 +141,17 @@ impl PoolSupervisor {
     /// worker's next requests: none while anyone waits, with shared state
     /// (each lease waits for the shared window's word), or for a request
     /// that is pinned or excluded backends (it is no common case).
+    /// Each is held until `ttl` from now at most.
     pub(crate) fn spares(
         &mut self,
         index: usize,
         need: &Need,
         want: u32,
+        ttl: Duration,
         now: Instant,
     ) -> Vec<Lease> {
         let plain = need.exclude.is_empty() && need.pin.is_none();
         let shared = self.rate.as_ref().and_then(RateState::cluster).is_some();
-        let ttl = self.tuning.spare_ttl;
         let idle = ttl.is_zero() || self.draining || !self.queue.is_empty();
         if want == 0 || !plain || shared || idle {
             return Vec::new();
