@@ -43,7 +43,8 @@ const FETCH_PAUSE: Duration = Duration::from_secs(1);
 pub const MAX_SPARES: u32 = 32;
 
 /// How often a worker's demand is measured: what it asked in the last such
-/// slot is what it asks spares for, so a quiet worker holds none.
+/// slot is what it asks spares for with its lease, so a quiet worker asks
+/// none (it fetches one alone: [`Spares::prefetch`]).
 const DEMAND_SLOT: Duration = Duration::from_millis(10);
 
 /// One worker's spare leases (not shared between threads: each HTTP worker
@@ -212,10 +213,15 @@ impl Spares {
         let d = self.demand.get();
         let busy = d.last_slot.max(d.this_slot) > 1;
         let paused = self.fetch_after.get().is_some_and(|t| now < t);
+        let held = self.held.borrow();
+        // Within the worker's limit like any other ask (a quiet worker may
+        // still hold a busy moment's spares, or one for each model).
+        let room = u32::try_from(held.len()).is_ok_and(|n| n < MAX_SPARES);
         !busy
             && !paused
+            && room
             && self.asked.get() == 0
-            && !self.held.borrow().iter().any(|l| l.serves(model, now))
+            && !held.iter().any(|l| l.serves(model, now))
     }
 
     /// A fetch for a quiet worker came back with nothing: fetch none for a
@@ -422,5 +428,16 @@ mod tests {
         let after = later + FETCH_PAUSE;
         s.take("m", after);
         assert!(s.prefetch(&m, after).is_some(), "the pause ends");
+        // Within the worker's limit: a hand full of spares for one model
+        // leaves no room to fetch one for another.
+        s.keep(
+            (10..10 + u64::from(MAX_SPARES))
+                .map(|id| lease(id, &to, &gate, true))
+                .collect(),
+        );
+        assert!(
+            s.prefetch(&Arc::from("other"), after).is_none(),
+            "at the limit"
+        );
     }
 }

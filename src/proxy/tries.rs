@@ -296,7 +296,7 @@ pub(crate) async fn acquire(
 
 /// Keeps the spares the supervisor lent this worker, and gives back those
 /// still unsent once their deadline passes (a worker gone quiet holds
-/// nothing).
+/// nothing past it).
 fn hold(w: &web::Data<Worker>, leases: Vec<Lease>) {
     let Some(until) = leases.iter().filter_map(Lease::held_until).max() else {
         return;
