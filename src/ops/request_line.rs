@@ -23,14 +23,16 @@ use super::telemetry;
 #[derive(Debug, Clone, Copy)]
 struct Direct {
     level: slog::Level,
+    json: bool,
 }
 
 static DIRECT: OnceLock<Direct> = OnceLock::new();
 
-/// JSON request lines go straight to the buffered stderr from now on (the
-/// text format stays with slog-term, its colours and its clock).
-pub fn write_directly(level: slog::Level) {
-    let _ = DIRECT.set(Direct { level });
+/// Request lines go straight to the buffered stderr from now on, as JSON or
+/// in slog-term's text shape (through slog, a busy gateway overflowed
+/// slog-async's channel and most text lines were dropped).
+pub fn write_directly(level: slog::Level, json: bool) {
+    let _ = DIRECT.set(Direct { level, json });
 }
 
 #[derive(Clone)]
@@ -73,7 +75,11 @@ impl RequestLines {
                         return;
                     };
                     line.clear();
-                    json_line(&mut line, r, warning);
+                    if d.json {
+                        json_line(&mut line, r, warning);
+                    } else {
+                        text_line(&mut line, r, warning);
+                    }
                     telemetry::write_line(line.as_bytes());
                     // One huge line must not keep a huge buffer per worker.
                     if line.capacity() > 64 * 1024 {
@@ -227,6 +233,69 @@ fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
     out.push_str("}\n");
 }
 
+/// The line slog-term's full format prints for [`through_slog`]'s record:
+/// local time, level, message, then each pair as `key: value` (an absent
+/// value as `None`), the logger's `service` last.
+fn text_line(out: &mut String, r: &RequestFinished, warning: bool) {
+    let usage = r.usage.unwrap_or_default();
+    let mut ts = Vec::with_capacity(32);
+    if slog_term::timestamp_local(&mut ts).is_ok() {
+        out.push_str(&String::from_utf8_lossy(&ts));
+    }
+    out.push_str(if warning { " WARN" } else { " INFO" });
+    out.push_str(" request, request_id: ");
+    out.push_str(&r.request_id);
+    out.push_str(", endpoint: ");
+    out.push_str(r.endpoint);
+    out.push_str(", model: ");
+    text_str(out, r.model.as_deref().unwrap_or("-"));
+    out.push_str(", backend: ");
+    text_str(out, r.backend.as_deref().unwrap_or("-"));
+    out.push_str(", status: ");
+    push_int(out, r.status);
+    out.push_str(", latency_ms: ");
+    push_ms(out, r.latency);
+    out.push_str(", queued_ms: ");
+    push_ms(out, r.queued);
+    out.push_str(", ttft_ms: ");
+    match r.ttft {
+        Some(t) => push_ms(out, t),
+        None => out.push_str("None"),
+    }
+    out.push_str(", attempts: ");
+    push_int(out, r.attempts);
+    out.push_str(if r.stream {
+        ", stream: true, prompt_tokens: "
+    } else {
+        ", stream: false, prompt_tokens: "
+    });
+    text_opt(out, usage.prompt_tokens);
+    out.push_str(", completion_tokens: ");
+    text_opt(out, usage.completion_tokens);
+    let _ = write!(out, ", cost_usd: {}, error: ", r.cost);
+    out.push_str(r.error_code.unwrap_or("None"));
+    out.push_str(", service: sidecar\n");
+}
+
+/// A client's text (a model name) on a text line: cut at 256 characters,
+/// control characters (a line break would forge a line) escaped.
+fn text_str(out: &mut String, s: &str) {
+    for c in s.chars().take(256) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+fn text_opt(out: &mut String, v: Option<u64>) {
+    match v {
+        Some(v) => push_int(out, v),
+        None => out.push_str("None"),
+    }
+}
+
 fn through_slog(log: &Logger, r: &RequestFinished) {
     let usage = r.usage.unwrap_or_default();
     let (model, backend) = (
@@ -341,5 +410,58 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
+    }
+
+    /// What slog-term prints for the record through slog, after its clock.
+    fn through_slog_term(r: &RequestFinished) -> String {
+        #[derive(Clone, Default)]
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        use slog::Drain;
+        let out = Shared::default();
+        let d = slog_term::PlainSyncDecorator::new(out.clone());
+        let drain = slog_term::FullFormat::new(d).build().fuse();
+        let log = Logger::root(drain, slog::o!("service" => "sidecar"));
+        through_slog(&log, r);
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        text
+    }
+
+    fn after_clock(line: &str) -> &str {
+        let at = line.find(" INFO ").or_else(|| line.find(" WARN "));
+        &line[at.expect("a level")..]
+    }
+
+    /// The worker's text line reads as slog-term's line for the same record
+    /// did, field by field, at either level.
+    #[test]
+    fn the_text_line_is_the_line_slog_term_printed() {
+        let mut plain = finished();
+        plain.model = Some(Arc::from("m"));
+        plain.ttft = Some(Duration::from_micros(456));
+        plain.queued = Duration::from_micros(70);
+        let mut failed = plain.clone();
+        failed.status = 502;
+        failed.error_code = Some("upstream_error");
+        failed.cost = 0.25;
+        for (r, warning) in [(&plain, false), (&failed, true)] {
+            let mut line = String::new();
+            text_line(&mut line, r, warning);
+            assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+            assert_eq!(after_clock(&line), after_clock(&through_slog_term(r)));
+        }
+        // A client's model name cannot break the line.
+        let mut line = String::new();
+        text_line(&mut line, &finished(), false);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(line.contains("model: m \"quoted\"\\\\n\\u{1}"), "{line}");
     }
 }

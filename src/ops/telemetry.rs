@@ -1,6 +1,7 @@
-//! Logging, set up once: slog to the terminal, or JSON lines (`LOG_FORMAT=json`).
+//! Logging, set up once: slog to the terminal, or lines (JSON with
+//! `LOG_FORMAT=json`, else text) through one buffer when serving anywhere else.
 //!
-//! JSON lines — slog's records and the request lines the workers format —
+//! Lines — slog's records and the request lines the workers format —
 //! are appended whole to one in-memory buffer under a short lock, and a
 //! flusher thread writes the buffer out every 20 ms (and at shutdown) with
 //! the lock released. A line is never split or interleaved with another, and
@@ -9,7 +10,7 @@
 //! the gateway.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ struct Lines {
 }
 
 static LINES: OnceLock<Lines> = OnceLock::new();
+
+/// The buffered lines are text (slog-term's shape), not JSON.
+static TEXT: AtomicBool = AtomicBool::new(false);
 
 fn lines() -> &'static Lines {
     LINES.get_or_init(|| {
@@ -66,7 +70,12 @@ pub fn flush() {
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(&out);
     let dropped = l.dropped.swap(0, Ordering::Relaxed);
-    if dropped > 0 {
+    if dropped > 0 && TEXT.load(Ordering::Relaxed) {
+        let _ = writeln!(
+            err,
+            "WARN log lines dropped: stderr did not keep up, dropped: {dropped}, service: sidecar"
+        );
+    } else if dropped > 0 {
         let _ = writeln!(
             err,
             "{{\"msg\":\"log lines dropped: stderr did not keep up\",\"level\":\"WARN\",\"service\":\"sidecar\",\"dropped\":{dropped}}}"
@@ -97,10 +106,30 @@ impl Write for RecordWriter {
 /// The gateway's logger, with request lines written by the workers
 /// themselves when the format is JSON (see `request_line`).
 pub fn build_logger_for_serving(level: slog::Level, json: bool) -> Logger {
-    if json {
-        crate::ops::request_line::write_directly(level);
+    use std::io::IsTerminal;
+    // A terminal keeps slog-term's colours for everything (a human reads
+    // it); anywhere else text lines share JSON's buffer and flusher.
+    if json || !std::io::stderr().is_terminal() {
+        crate::ops::request_line::write_directly(level, json);
+        if !json {
+            TEXT.store(true, Ordering::Relaxed);
+            return logger_on(text_drain(RecordWriter::default()), level);
+        }
     }
     build_logger(level, json)
+}
+
+/// slog-term's full format without colours, onto `w`.
+fn text_drain<W: Write + Send + 'static>(w: W) -> slog_async::Async {
+    let d = slog_term::FullFormat::new(slog_term::PlainDecorator::new(w))
+        .build()
+        .fuse();
+    slog_async::Async::new(d).chan_size(8192).build()
+}
+
+fn logger_on(drain: slog_async::Async, level: slog::Level) -> Logger {
+    let drain = slog::LevelFilter::new(drain, level).fuse();
+    Logger::root(drain, o!("service" => "sidecar"))
 }
 
 pub fn build_logger(level: slog::Level, json: bool) -> Logger {
@@ -117,8 +146,7 @@ pub fn build_logger(level: slog::Level, json: bool) -> Logger {
         let d = slog_term::FullFormat::new(decorator).build().fuse();
         slog_async::Async::new(d).chan_size(8192).build()
     };
-    let drain = slog::LevelFilter::new(drain, level).fuse();
-    Logger::root(drain, o!("service" => "sidecar"))
+    logger_on(drain, level)
 }
 
 #[cfg(test)]

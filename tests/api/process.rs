@@ -513,3 +513,102 @@ async fn the_demo_runs_and_stops_quietly_on_ctrl_c() {
     eprintln!("demo: stopped on Ctrl-C with {errors} client error lines");
     assert_eq!(errors, 0, "{text}");
 }
+
+/// Text logs (the default format, here to a pipe) whose reader falls
+/// behind while the gateway is busy: once it catches up, every request has
+/// its line. Through slog, slog-async's channel (8,192 records) overflowed
+/// and the requests beyond it were logged only as a count of dropped lines.
+#[actix_web::test]
+async fn text_request_lines_survive_a_log_reader_that_falls_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let mock = MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let config = write_config(dir.path(), &mock, 1.0);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("port = 0\n", &format!("port = {port}\n"), 1),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
+        .env_remove("LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .finish();
+    let up = Instant::now() + Duration::from_secs(20);
+    while !matches!(client.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < up, "gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nobody reads the log yet: the pipe fills and its writer stalls.
+    const REQUESTS: usize = 10_000;
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop_at = Instant::now() + Duration::from_secs(90);
+    let loops = (0..16).map(|_| {
+        let (sent, base) = (sent.clone(), base.clone());
+        async move {
+            let client = awc::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .finish();
+            let mut ok = 0usize;
+            while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < REQUESTS
+                && Instant::now() < stop_at
+            {
+                let url = format!("{base}/v1/chat/completions");
+                if let Ok(mut r) = client.post(url).send_json(&chat_body("m")).await {
+                    if r.status() == 200 && r.body().await.is_ok() {
+                        ok += 1;
+                    }
+                }
+            }
+            ok
+        }
+    });
+    let ok: usize = futures_util::future::join_all(loops)
+        .await
+        .into_iter()
+        .sum();
+    // The reader catches up; the gateway stops and writes what it holds.
+    let stderr = child.stderr.take().expect("stderr piped");
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    signal(&child, "-TERM");
+    let status = crate::procs::wait(child).await;
+    let lines = reader.join().expect("reader");
+    let logged = lines
+        .iter()
+        .filter(|l| l.contains(" INFO request, request_id: "))
+        .count();
+    let dropped: Vec<&String> = lines.iter().filter(|l| l.contains("dropped")).collect();
+    eprintln!(
+        "{ok} answered, {logged} request lines, {} drop reports",
+        dropped.len()
+    );
+    assert!(status.success(), "{status:?}");
+    assert_eq!(ok, REQUESTS, "every request answered");
+    assert_eq!(
+        logged,
+        ok,
+        "a line per request; drops: {:?}",
+        dropped.first()
+    );
+    assert!(dropped.is_empty(), "{:?}", dropped.first());
+}
