@@ -14,12 +14,16 @@ use crate::startup::Application;
 pub(crate) fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config)?;
     let log = telemetry::build_logger_for_serving(settings.logging.level, settings.logging.json);
-    actix_web::rt::System::new().block_on(async move {
+    let result = actix_web::rt::System::new().block_on(async move {
         let listener = proxy_listener(&settings, &log)?;
         let app = Application::build(&settings, listener, log).await?;
         app.run_until_stopped().await?;
         Ok(())
-    })
+    });
+    // A start that failed logged why just before: out with it, before the
+    // error is printed and the process exits.
+    telemetry::flush();
+    result
 }
 
 /// The proxy's socket: the one systemd passed (socket activation: the

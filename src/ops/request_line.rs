@@ -278,10 +278,11 @@ fn text_line(out: &mut String, r: &RequestFinished, warning: bool) {
 }
 
 /// A client's text (a model name) on a text line: cut at 256 characters,
-/// control characters (a line break would forge a line) escaped.
+/// control characters (a line break would forge a line) and backslashes
+/// escaped, so an escape in the line always means one.
 fn text_str(out: &mut String, s: &str) {
     for c in s.chars().take(256) {
-        if c.is_control() {
+        if c.is_control() || c == '\\' {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -462,6 +463,6 @@ mod tests {
         let mut line = String::new();
         text_line(&mut line, &finished(), false);
         assert_eq!(line.matches('\n').count(), 1, "{line}");
-        assert!(line.contains("model: m \"quoted\"\\\\n\\u{1}"), "{line}");
+        assert!(line.contains("model: m \"quoted\"\\\\\\n\\u{1}"), "{line}");
     }
 }

@@ -56,10 +56,13 @@ pub fn write_line(line: &[u8]) {
     p.extend_from_slice(line);
 }
 
-/// Writes out what is waiting (the flusher, and at shutdown); the lock is
-/// held only to take the buffer.
+/// Writes out what is waiting (the flusher, and at shutdown); the buffer's
+/// lock is held only to take it. stderr's is taken first: a flush at
+/// shutdown waits for the flusher's write in progress instead of finding
+/// the buffer empty and letting the process exit in the middle of it.
 pub fn flush() {
     let Some(l) = LINES.get() else { return };
+    let mut err = std::io::stderr().lock();
     let out = {
         let mut p = l.pending.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_empty() {
@@ -67,13 +70,13 @@ pub fn flush() {
         }
         std::mem::replace(&mut *p, Vec::with_capacity(256 * 1024))
     };
-    let mut err = std::io::stderr().lock();
     let _ = err.write_all(&out);
     let dropped = l.dropped.swap(0, Ordering::Relaxed);
     if dropped > 0 && TEXT.load(Ordering::Relaxed) {
+        let _ = slog_term::timestamp_local(&mut err);
         let _ = writeln!(
             err,
-            "WARN log lines dropped: stderr did not keep up, dropped: {dropped}, service: sidecar"
+            " WARN log lines dropped: stderr did not keep up, dropped: {dropped}, service: sidecar"
         );
     } else if dropped > 0 {
         let _ = writeln!(
