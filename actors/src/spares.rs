@@ -176,6 +176,12 @@ impl Spares {
             .saturating_sub(1)
             .min(MAX_SPARES)
             .saturating_sub(held.saturating_add(self.asked.get()));
+        self.reserve(model, n)
+    }
+
+    /// `n` spares asked for `model`: counted against the worker's limit and
+    /// awaited by requests arriving meanwhile, until the [`Ask`] is dropped.
+    fn reserve(&self, model: &Arc<str>, n: u32) -> Ask<'_> {
         self.asked.set(self.asked.get().saturating_add(n));
         if n > 0 {
             self.asking.borrow_mut().push((model.clone(), n));
@@ -196,16 +202,7 @@ impl Spares {
     /// a busy worker (its own asks bring spares), or for a while after a
     /// fetch came back empty.
     pub fn prefetch(&self, model: &Arc<str>, now: Instant) -> Option<Ask<'_>> {
-        if !self.wants_fetch(model, now) {
-            return None;
-        }
-        self.asked.set(1);
-        self.asking.borrow_mut().push((model.clone(), 1));
-        Some(Ask {
-            spares: self,
-            model: model.clone(),
-            n: 1,
-        })
+        self.wants_fetch(model, now).then(|| self.reserve(model, 1))
     }
 
     /// Whether [`Spares::prefetch`] would fetch one now.

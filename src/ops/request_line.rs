@@ -145,13 +145,6 @@ fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn json_opt(out: &mut String, v: Option<u64>) {
-    match v {
-        Some(v) => push_int(out, v),
-        None => out.push_str("null"),
-    }
-}
-
 /// `t` as RFC 3339 with microseconds, like slog's JSON lines. The part up
 /// to the second is formatted once a second per thread (most of the cost
 /// of a line was the calendar arithmetic and `fmt` machinery of it).
@@ -190,45 +183,67 @@ fn timestamp(out: &mut String, t: std::time::SystemTime) {
     out.push('Z');
 }
 
-fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
+/// A value of the request line, written in either shape.
+#[derive(Clone, Copy)]
+enum Value<'a> {
+    /// Text that may come from a client (escaped in either shape).
+    Str(&'a str),
+    Int(u64),
+    Ms(std::time::Duration),
+    Bool(bool),
+    Float(f64),
+    None,
+}
+
+/// The request line's fields, in the order both shapes print them (and
+/// [`through_slog`] lists them).
+fn fields(r: &RequestFinished) -> [(&'static str, Value<'_>); 14] {
     let usage = r.usage.unwrap_or_default();
+    let opt = |v: Option<u64>| v.map_or(Value::None, Value::Int);
+    [
+        ("request_id", Value::Str(&r.request_id)),
+        ("endpoint", Value::Str(r.endpoint)),
+        ("model", Value::Str(r.model.as_deref().unwrap_or("-"))),
+        ("backend", Value::Str(r.backend.as_deref().unwrap_or("-"))),
+        ("status", Value::Int(u64::from(r.status))),
+        ("latency_ms", Value::Ms(r.latency)),
+        ("queued_ms", Value::Ms(r.queued)),
+        ("ttft_ms", r.ttft.map_or(Value::None, Value::Ms)),
+        ("attempts", Value::Int(u64::from(r.attempts))),
+        ("stream", Value::Bool(r.stream)),
+        ("prompt_tokens", opt(usage.prompt_tokens)),
+        ("completion_tokens", opt(usage.completion_tokens)),
+        ("cost_usd", Value::Float(r.cost)),
+        ("error", r.error_code.map_or(Value::None, Value::Str)),
+    ]
+}
+
+/// `v` as JSON (`text`: false) or as slog-term prints it.
+fn push_value(out: &mut String, v: Value<'_>, text: bool) {
+    match v {
+        Value::Str(s) if text => text_str(out, s),
+        Value::Str(s) => json_str(out, s),
+        Value::Int(n) => push_int(out, n),
+        Value::Ms(d) => push_ms(out, d),
+        Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+        Value::Float(f) => {
+            let _ = write!(out, "{f}");
+        }
+        Value::None => out.push_str(if text { "None" } else { "null" }),
+    }
+}
+
+fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
     out.push_str("{\"msg\":\"request\",\"level\":\"");
     out.push_str(if warning { "WARN" } else { "INFO" });
     out.push_str("\",\"ts\":\"");
     timestamp(out, std::time::SystemTime::now());
-    out.push_str("\",\"service\":\"sidecar\",\"request_id\":");
-    json_str(out, &r.request_id);
-    out.push_str(",\"endpoint\":");
-    json_str(out, r.endpoint);
-    out.push_str(",\"model\":");
-    json_str(out, r.model.as_deref().unwrap_or("-"));
-    out.push_str(",\"backend\":");
-    json_str(out, r.backend.as_deref().unwrap_or("-"));
-    out.push_str(",\"status\":");
-    push_int(out, r.status);
-    out.push_str(",\"latency_ms\":");
-    push_ms(out, r.latency);
-    out.push_str(",\"queued_ms\":");
-    push_ms(out, r.queued);
-    out.push_str(",\"ttft_ms\":");
-    match r.ttft {
-        Some(t) => push_ms(out, t),
-        None => out.push_str("null"),
-    }
-    out.push_str(",\"attempts\":");
-    push_int(out, r.attempts);
-    out.push_str(if r.stream {
-        ",\"stream\":true,\"prompt_tokens\":"
-    } else {
-        ",\"stream\":false,\"prompt_tokens\":"
-    });
-    json_opt(out, usage.prompt_tokens);
-    out.push_str(",\"completion_tokens\":");
-    json_opt(out, usage.completion_tokens);
-    let _ = write!(out, ",\"cost_usd\":{},\"error\":", r.cost);
-    match r.error_code {
-        Some(code) => json_str(out, code),
-        None => out.push_str("null"),
+    out.push_str("\",\"service\":\"sidecar\"");
+    for (key, v) in fields(r) {
+        out.push_str(",\"");
+        out.push_str(key);
+        out.push_str("\":");
+        push_value(out, v, false);
     }
     out.push_str("}\n");
 }
@@ -237,43 +252,21 @@ fn json_line(out: &mut String, r: &RequestFinished, warning: bool) {
 /// local time, level, message, then each pair as `key: value` (an absent
 /// value as `None`), the logger's `service` last.
 fn text_line(out: &mut String, r: &RequestFinished, warning: bool) {
-    let usage = r.usage.unwrap_or_default();
     let mut ts = Vec::with_capacity(32);
     if slog_term::timestamp_local(&mut ts).is_ok() {
         out.push_str(&String::from_utf8_lossy(&ts));
     }
-    out.push_str(if warning { " WARN" } else { " INFO" });
-    out.push_str(" request, request_id: ");
-    out.push_str(&r.request_id);
-    out.push_str(", endpoint: ");
-    out.push_str(r.endpoint);
-    out.push_str(", model: ");
-    text_str(out, r.model.as_deref().unwrap_or("-"));
-    out.push_str(", backend: ");
-    text_str(out, r.backend.as_deref().unwrap_or("-"));
-    out.push_str(", status: ");
-    push_int(out, r.status);
-    out.push_str(", latency_ms: ");
-    push_ms(out, r.latency);
-    out.push_str(", queued_ms: ");
-    push_ms(out, r.queued);
-    out.push_str(", ttft_ms: ");
-    match r.ttft {
-        Some(t) => push_ms(out, t),
-        None => out.push_str("None"),
-    }
-    out.push_str(", attempts: ");
-    push_int(out, r.attempts);
-    out.push_str(if r.stream {
-        ", stream: true, prompt_tokens: "
+    out.push_str(if warning {
+        " WARN request"
     } else {
-        ", stream: false, prompt_tokens: "
+        " INFO request"
     });
-    text_opt(out, usage.prompt_tokens);
-    out.push_str(", completion_tokens: ");
-    text_opt(out, usage.completion_tokens);
-    let _ = write!(out, ", cost_usd: {}, error: ", r.cost);
-    out.push_str(r.error_code.unwrap_or("None"));
+    for (key, v) in fields(r) {
+        out.push_str(", ");
+        out.push_str(key);
+        out.push_str(": ");
+        push_value(out, v, true);
+    }
     out.push_str(", service: sidecar\n");
 }
 
@@ -287,13 +280,6 @@ fn text_str(out: &mut String, s: &str) {
         } else {
             out.push(c);
         }
-    }
-}
-
-fn text_opt(out: &mut String, v: Option<u64>) {
-    match v {
-        Some(v) => push_int(out, v),
-        None => out.push_str("None"),
     }
 }
 

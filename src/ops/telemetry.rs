@@ -107,26 +107,26 @@ impl Write for RecordWriter {
 }
 
 /// The gateway's logger, with request lines written by the workers
-/// themselves when the format is JSON (see `request_line`).
+/// themselves (see `request_line`) unless text goes to a terminal.
 pub fn build_logger_for_serving(level: slog::Level, json: bool) -> Logger {
     use std::io::IsTerminal;
     // A terminal keeps slog-term's colours for everything (a human reads
     // it); anywhere else text lines share JSON's buffer and flusher.
-    if json || !std::io::stderr().is_terminal() {
+    let buffered_text = !json && !std::io::stderr().is_terminal();
+    if json || buffered_text {
         crate::ops::request_line::write_directly(level, json);
-        if !json {
-            TEXT.store(true, Ordering::Relaxed);
-            return logger_on(text_drain(RecordWriter::default()), level);
-        }
     }
-    build_logger(level, json)
+    if !buffered_text {
+        return build_logger(level, json);
+    }
+    TEXT.store(true, Ordering::Relaxed);
+    let plain = slog_term::PlainDecorator::new(RecordWriter::default());
+    logger_on(text_drain(plain), level)
 }
 
-/// slog-term's full format without colours, onto `w`.
-fn text_drain<W: Write + Send + 'static>(w: W) -> slog_async::Async {
-    let d = slog_term::FullFormat::new(slog_term::PlainDecorator::new(w))
-        .build()
-        .fuse();
+/// slog-term's full format, formatted on slog-async's thread.
+fn text_drain<D: slog_term::Decorator + Send + 'static>(decorator: D) -> slog_async::Async {
+    let d = slog_term::FullFormat::new(decorator).build().fuse();
     slog_async::Async::new(d).chan_size(8192).build()
 }
 
@@ -145,9 +145,7 @@ pub fn build_logger(level: slog::Level, json: bool) -> Logger {
             .fuse();
         slog_async::Async::new(d).chan_size(8192).build()
     } else {
-        let decorator = slog_term::TermDecorator::new().stderr().build();
-        let d = slog_term::FullFormat::new(decorator).build().fuse();
-        slog_async::Async::new(d).chan_size(8192).build()
+        text_drain(slog_term::TermDecorator::new().stderr().build())
     };
     logger_on(drain, level)
 }

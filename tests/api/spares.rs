@@ -111,11 +111,12 @@ async fn a_spare_lease_is_never_sent_after_its_key_cooled() {
 /// left when the caller stops comes back unused.
 #[actix_web::test]
 async fn a_quiet_caller_finds_a_spare_fetched_for_its_next_request() {
-    let app = spawn_app(
-        mock_keys(&["k-1"]),
-        &backend("one", "k-1", "primary", 100_000, ""),
-    )
-    .await;
+    // Held 300 ms: longer than the caller's gaps, short to wait out below.
+    let toml = format!(
+        "idle_spare_lease_ms = 300\n{}",
+        backend("one", "k-1", "primary", 100_000, "")
+    );
+    let app = spawn_app(mock_keys(&["k-1"]), &toml).await;
     let body = chat_body("m");
     let sent = 8u64;
     for _ in 0..sent {
@@ -128,8 +129,8 @@ async fn a_quiet_caller_finds_a_spare_fetched_for_its_next_request() {
     // request it sees.
     assert!(spare >= sent - 2, "{spare} of {sent} went on spares");
     assert_eq!(app.mock.state.key_stats("k-1").requests, sent);
-    // The last spare fetched is held a second, then comes back unused.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The last spare fetched comes back unused once its deadline passes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let v = app.view("one").await;
     assert_eq!(v.in_flight, 0, "the held spare came back");
     assert_eq!(u64::from(v.used_in_window), sent, "counted once each");
