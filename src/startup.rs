@@ -10,6 +10,7 @@ use actix::prelude::*;
 use actix_web::dev::{Server, ServerHandle, Service};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpMessage, HttpServer};
+use anyhow::Context as _;
 use sidecar_actors::affinity::{Book, Keeper};
 use sidecar_actors::backup::BackupActor;
 use sidecar_actors::messages::Drain;
@@ -340,8 +341,12 @@ impl Application {
             server = server.workers(w.max(1));
         }
         // Metrics have no auth: their own address, loopback unless told.
-        let metrics_listener =
-            TcpListener::bind((settings.server.metrics_host, settings.server.metrics_port))?;
+        let metrics_addr = std::net::SocketAddr::from((
+            settings.server.metrics_host,
+            settings.server.metrics_port,
+        ));
+        let metrics_listener = TcpListener::bind(metrics_addr)
+            .with_context(|| format!("cannot listen on {metrics_addr} (metrics_port)"))?;
         let metrics_port = metrics_listener.local_addr()?.port();
         let metrics_srv = metrics_server::run(metrics_listener, state.clone())?;
         let server = server.run();

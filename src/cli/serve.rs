@@ -41,12 +41,8 @@ pub(crate) fn proxy_listener(
             "address" => l.local_addr().map(|a| a.to_string()).unwrap_or_default());
         return Ok(l);
     }
-    TcpListener::bind((settings.server.host, settings.server.port)).with_context(|| {
-        format!(
-            "cannot listen on {}:{}",
-            settings.server.host, settings.server.port
-        )
-    })
+    let addr = std::net::SocketAddr::from((settings.server.host, settings.server.port));
+    TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (port)"))
 }
 
 /// What `check-config` shows: the effective settings after layering, keys masked.

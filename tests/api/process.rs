@@ -612,3 +612,56 @@ async fn text_request_lines_survive_a_log_reader_that_falls_behind() {
     );
     assert!(dropped.is_empty(), "{:?}", dropped.first());
 }
+
+/// A start that fails after it began logging (here: the metrics port is
+/// taken) shows what it logged, then why it stopped, naming the setting and
+/// the address; in both log formats, stderr a pipe (as under systemd).
+#[actix_web::test]
+async fn a_start_that_fails_shows_its_log_then_why() {
+    use std::process::Stdio;
+
+    let mock = MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &mock, 1.0);
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            text.replacen("metrics_port = 0\n", &format!("metrics_port = {port}\n"), 1),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
+            .env("LOG_FORMAT", format)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let mut stderr = child.stderr.take().expect("stderr piped");
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let status = crate::procs::wait(child).await;
+        let said = reader.join().expect("reader");
+        assert!(
+            !status.success(),
+            "{format}: a taken metrics port fails the start: {said}"
+        );
+        let logged = said.find("starting backend actors").unwrap_or_else(|| {
+            panic!("{format}: the lines logged before the failure are lost: {said}")
+        });
+        let why = said
+            .find(&format!("cannot listen on 127.0.0.1:{port} (metrics_port)"))
+            .unwrap_or_else(|| panic!("{format}: the error names the setting and address: {said}"));
+        assert!(
+            logged < why,
+            "{format}: the log comes before the error: {said}"
+        );
+    }
+}
