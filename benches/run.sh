@@ -118,6 +118,39 @@ EOF
   wait_http http://127.0.0.1:18080/v1/models
 }
 
+# nginx as a streaming reverse proxy in front of the mock on $2, listening on
+# $1: one worker as in the overhead peer, upstream keepalive, and
+# `proxy_buffering off` so each chunk is passed on as it comes (what a gateway
+# must do with events). The physically sensible line for TTFT and for memory
+# per open stream, as nginx-as-proxy is for throughput.
+start_nginx_stream_proxy() { # port upstream-port -> sets NGINX_SP_PID, NGINX_SP_WORKER
+  local dir=$OUT/nginx-stream-$1
+  mkdir -p "$dir/logs"
+  cat > "$dir/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $(ulimit -Hn);
+error_log $dir/logs/error.log warn;
+pid $dir/nginx.pid;
+events { worker_connections $(( $(ulimit -Hn) - 100 )); }
+http {
+  access_log off;
+  keepalive_requests 100000;
+  client_body_temp_path $dir/body;
+  proxy_temp_path $dir/proxy;
+  upstream mock { server 127.0.0.1:$2; keepalive 64; }
+  server {
+    listen 127.0.0.1:$1;
+    location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+  }
+}
+EOF
+  nginx -c "$dir/nginx.conf" -p "$dir" -g 'daemon off;' &
+  NGINX_SP_PID=$!
+  PIDS+=("$NGINX_SP_PID")
+  wait_listening "http://127.0.0.1:$1/"
+  NGINX_SP_WORKER=$(pgrep -P "$NGINX_SP_PID" | head -1)
+}
+
 start_sidecar() { # config-file port -> sets SIDECAR_PID
   rm -rf "$OUT/sidecar-data"; mkdir -p "$OUT/sidecar-data"
   SIDECAR_ENCRYPTION_KEY=$("$SIDECAR" keygen) LOG_FORMAT=json \
@@ -249,21 +282,23 @@ EOF
   "$FLOOR" --port 19291 --upstream http://127.0.0.1:18090/v1/chat/completions --key fake-upstream > "$OUT/floor-stream.log" 2>&1 &
   local sfloor=$!; PIDS+=("$sfloor")
   wait_listening http://127.0.0.1:19291/
+  start_nginx_stream_proxy 18092 18090
   LOADGEN_KEY=fake-upstream "$LOADGEN" ttft --url http://127.0.0.1:18090 --n 300 --model native-m > "$OUT/ttft-direct.json"
+  LOADGEN_KEY=fake-upstream "$LOADGEN" ttft --url http://127.0.0.1:18092 --n 300 --model native-m > "$OUT/ttft-nginx.json"
   "$LOADGEN" ttft --url http://127.0.0.1:19291 --n 300 --model native-m > "$OUT/ttft-floor.json"
   "$LOADGEN" ttft --url http://127.0.0.1:19190 --n 300 > "$OUT/ttft-sidecar.json"
-  stop_pid "$SIDECAR_PID"; stop_pid "$sfloor"; stop_pid "$mock"
+  stop_pid "$SIDECAR_PID"; stop_pid "$sfloor"; stop_pid "$NGINX_SP_PID"; stop_pid "$mock"
   emit ""
   emit "### Streaming (300 sequential streams, 10 chunks 20 ms apart)"
   emit ""
-  python3 - "$OUT/ttft-direct.json" "$OUT/ttft-floor.json" "$OUT/ttft-sidecar.json" <<'EOF' | tee -a "$RESULTS"
+  python3 - "$OUT/ttft-direct.json" "$OUT/ttft-nginx.json" "$OUT/ttft-floor.json" "$OUT/ttft-sidecar.json" <<'EOF' | tee -a "$RESULTS"
 import json, sys
-d, f, s = (json.load(open(p)) for p in sys.argv[1:4])
+d, n, f, s = (json.load(open(p)) for p in sys.argv[1:5])
 print("| target | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms | failed |")
 print("|---|---|---|---|---|---|")
-for name, r in (("direct", d), ("floor (actix-web + awc)", f), ("sidecar", s)):
+for name, r in (("direct", d), ("nginx as proxy (proxy_buffering off)", n), ("floor (actix-web + awc)", f), ("sidecar", s)):
     print(f"| {name} | {r['ttft']['p50_ms']:.3f} | {r['ttft']['p99_ms']:.3f} | {r['total']['p50_ms']:.3f} | {r['total']['p99_ms']:.3f} | {r['failed']} |")
-for name, r in (("added by the floor", f), ("**added by sidecar**", s)):
+for name, r in (("added by nginx as proxy", n), ("added by the floor", f), ("**added by sidecar**", s)):
     print(f"| {name} | {r['ttft']['p50_ms']-d['ttft']['p50_ms']:+.3f} | {r['ttft']['p99_ms']-d['ttft']['p99_ms']:+.3f} | "
           f"{r['total']['p50_ms']-d['total']['p50_ms']:+.3f} | {r['total']['p99_ms']-d['total']['p99_ms']:+.3f} | |")
 EOF
@@ -331,7 +366,14 @@ memory() {
   local fidle; fidle=$(peak_rss_kb "$mfloor")
   "$LOADGEN" streams --url http://127.0.0.1:19294 --n "$N" --model native-m > "$OUT/streams-floor-$N.json"
   local fbusy; fbusy=$(peak_rss_kb "$mfloor")
-  stop_pid "$mfloor"; stop_pid "$mock"
+  stop_pid "$mfloor"
+  # The same streams through nginx as a streaming proxy (its one worker holds them).
+  start_nginx_stream_proxy 18093 18091
+  sleep 1
+  local nidle nmaster; nidle=$(peak_rss_kb "$NGINX_SP_WORKER")
+  LOADGEN_KEY=fake-01 "$LOADGEN" streams --url http://127.0.0.1:18093 --n "$N" --model native-m > "$OUT/streams-nginx-$N.json"
+  local nbusy; nbusy=$(peak_rss_kb "$NGINX_SP_WORKER"); nmaster=$(peak_rss_kb "$NGINX_SP_PID")
+  stop_pid "$NGINX_SP_PID"; stop_pid "$mock"
   # LiteLLM idle, same 11 keys, for comparison.
   {
     echo "model_list:"
@@ -348,16 +390,19 @@ memory() {
   emit ""
   emit "### Memory"
   emit ""
-  python3 - "$OUT/streams-$N.json" "$idle" "$busy" "$lidle" "$OUT/streams-floor-$N.json" "$fidle" "$fbusy" <<'EOF' | tee -a "$RESULTS"
+  python3 - "$OUT/streams-$N.json" "$idle" "$busy" "$lidle" "$OUT/streams-floor-$N.json" "$fidle" "$fbusy" \
+    "$OUT/streams-nginx-$N.json" "$nidle" "$nbusy" "$nmaster" <<'EOF' | tee -a "$RESULTS"
 import json, sys
 s = json.load(open(sys.argv[1])); idle, busy, lidle = (int(x) / 1024 for x in sys.argv[2:5])
 f = json.load(open(sys.argv[5])); fidle, fbusy = (int(x) / 1024 for x in sys.argv[6:8])
+g = json.load(open(sys.argv[8])); nidle, nbusy, nmaster = (int(x) / 1024 for x in sys.argv[9:12])
 n = s['opened']
 print("| measurement | value |")
 print("|---|---|")
 print(f"| sidecar peak RSS, idle, 11 backends | {idle:.1f} MB |")
 print(f"| sidecar peak RSS, {n} concurrent streams ({s['completed']}/{n} completed, 10 s each) | {busy:.1f} MB ({(busy - idle) * 1024 / n:.1f} KB per stream) |")
 print(f"| the floor (actix-web + awc passing streams on) peak RSS, idle / {n} streams ({f['completed']}/{n} completed) | {fidle:.1f} / {fbusy:.1f} MB ({(fbusy - fidle) * 1024 / n:.1f} KB per stream) |")
+print(f"| nginx as a streaming proxy (`proxy_buffering off`), its worker's peak RSS, idle / {g['opened']} streams ({g['completed']}/{g['opened']} completed; the master {nmaster:.1f} MB) | {nidle:.1f} / {nbusy:.1f} MB ({(nbusy - nidle) * 1024 / g['opened']:.1f} KB per stream) |")
 print(f"| LiteLLM RSS, idle, 11 deployments (proxy + 2 workers) | {lidle:.1f} MB |")
 EOF
 }
