@@ -123,15 +123,18 @@ EOF
 # `proxy_buffering off` so each chunk is passed on as it comes (what a gateway
 # must do with events). The physically sensible line for TTFT and for memory
 # per open stream, as nginx-as-proxy is for throughput.
-start_nginx_stream_proxy() { # port upstream-port -> sets NGINX_SP_PID, NGINX_SP_WORKER
-  local dir=$OUT/nginx-stream-$1
+# nginx allocates every connection slot at start: sized for the load (each
+# stream holds two), so its idle memory does not grow with the fd limit.
+start_nginx_stream_proxy() { # port upstream-port connections -> sets NGINX_SP_PID, NGINX_SP_WORKER
+  local dir=$OUT/nginx-stream-$1 conns=$3
+  [ "$conns" -lt "$(( $(ulimit -Hn) - 100 ))" ] || conns=$(( $(ulimit -Hn) - 100 ))
   mkdir -p "$dir/logs"
   cat > "$dir/nginx.conf" <<EOF
 worker_processes 1;
 worker_rlimit_nofile $(ulimit -Hn);
 error_log $dir/logs/error.log warn;
 pid $dir/nginx.pid;
-events { worker_connections $(( $(ulimit -Hn) - 100 )); }
+events { worker_connections $conns; }
 http {
   access_log off;
   keepalive_requests 100000;
@@ -148,7 +151,7 @@ EOF
   NGINX_SP_PID=$!
   PIDS+=("$NGINX_SP_PID")
   wait_listening "http://127.0.0.1:$1/"
-  NGINX_SP_WORKER=$(pgrep -P "$NGINX_SP_PID" | head -1)
+  NGINX_SP_WORKER=$(pgrep -P "$NGINX_SP_PID" | head -1) || { log "nginx on $1 has no worker"; return 1; }
 }
 
 start_sidecar() { # config-file port -> sets SIDECAR_PID
@@ -282,7 +285,7 @@ EOF
   "$FLOOR" --port 19291 --upstream http://127.0.0.1:18090/v1/chat/completions --key fake-upstream > "$OUT/floor-stream.log" 2>&1 &
   local sfloor=$!; PIDS+=("$sfloor")
   wait_listening http://127.0.0.1:19291/
-  start_nginx_stream_proxy 18092 18090
+  start_nginx_stream_proxy 18092 18090 1024
   LOADGEN_KEY=fake-upstream "$LOADGEN" ttft --url http://127.0.0.1:18090 --n 300 --model native-m > "$OUT/ttft-direct.json"
   LOADGEN_KEY=fake-upstream "$LOADGEN" ttft --url http://127.0.0.1:18092 --n 300 --model native-m > "$OUT/ttft-nginx.json"
   "$LOADGEN" ttft --url http://127.0.0.1:19291 --n 300 --model native-m > "$OUT/ttft-floor.json"
@@ -368,7 +371,7 @@ memory() {
   local fbusy; fbusy=$(peak_rss_kb "$mfloor")
   stop_pid "$mfloor"
   # The same streams through nginx as a streaming proxy (its one worker holds them).
-  start_nginx_stream_proxy 18093 18091
+  start_nginx_stream_proxy 18093 18091 $(( 2 * N + 200 ))
   sleep 1
   local nidle nmaster; nidle=$(peak_rss_kb "$NGINX_SP_WORKER")
   LOADGEN_KEY=fake-01 "$LOADGEN" streams --url http://127.0.0.1:18093 --n "$N" --model native-m > "$OUT/streams-nginx-$N.json"

@@ -345,8 +345,9 @@ impl Application {
             settings.server.metrics_host,
             settings.server.metrics_port,
         ));
-        let metrics_listener = TcpListener::bind(metrics_addr)
-            .with_context(|| format!("cannot listen on {metrics_addr} (metrics_port)"))?;
+        let metrics_listener = TcpListener::bind(metrics_addr).with_context(|| {
+            format!("cannot listen on {metrics_addr} (metrics_host, metrics_port)")
+        })?;
         let metrics_port = metrics_listener.local_addr()?.port();
         let metrics_srv = metrics_server::run(metrics_listener, state.clone())?;
         let server = server.run();

@@ -56,13 +56,9 @@ pub async fn run(opts: DemoOptions, log: Logger) -> anyhow::Result<()> {
     // Metrics beside the proxy port, so two demos (or a demo beside a real
     // gateway on 9191) do not collide.
     settings.server.metrics_port = opts.port.wrapping_add(1);
+    let addr = std::net::SocketAddr::from((settings.server.host, settings.server.port));
     let listener =
-        TcpListener::bind((settings.server.host, settings.server.port)).with_context(|| {
-            format!(
-                "cannot listen on {}:{} (try --port)",
-                settings.server.host, settings.server.port
-            )
-        })?;
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (try --port)"))?;
     let app = Application::build(&settings, listener, log.clone()).await?;
     let port = app.port();
     let supervisor = app.supervisor();

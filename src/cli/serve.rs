@@ -22,7 +22,7 @@ pub(crate) fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     });
     // A start that failed logged why just before: out with it, before the
     // error is printed and the process exits.
-    telemetry::flush();
+    telemetry::finish();
     result
 }
 
@@ -42,7 +42,7 @@ pub(crate) fn proxy_listener(
         return Ok(l);
     }
     let addr = std::net::SocketAddr::from((settings.server.host, settings.server.port));
-    TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (port)"))
+    TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (host, port)"))
 }
 
 /// What `check-config` shows: the effective settings after layering, keys masked.

@@ -29,6 +29,11 @@ static LINES: OnceLock<Lines> = OnceLock::new();
 /// The buffered lines are text (slog-term's shape), not JSON.
 static TEXT: AtomicBool = AtomicBool::new(false);
 
+/// slog-async's threads of the serving logger, joined by [`finish`]: a
+/// record still in their channel when the process exits is lost (a start
+/// that failed a moment after logging lost its last lines so).
+static ASYNC_THREADS: Mutex<Vec<slog_async::AsyncGuard>> = Mutex::new(Vec::new());
+
 fn lines() -> &'static Lines {
     LINES.get_or_init(|| {
         std::thread::Builder::new()
@@ -117,37 +122,79 @@ pub fn build_logger_for_serving(level: slog::Level, json: bool) -> Logger {
         crate::ops::request_line::write_directly(level, json);
     }
     if !buffered_text {
-        return build_logger(level, json);
+        return build_logger_joined(level, json, Joined::AtFinish);
     }
     TEXT.store(true, Ordering::Relaxed);
     let plain = slog_term::PlainDecorator::new(RecordWriter::default());
-    logger_on(text_drain(plain), level)
+    logger_on(text_drain(plain, Joined::AtFinish), level)
 }
 
-/// slog-term's full format, formatted on slog-async's thread.
-fn text_drain<D: slog_term::Decorator + Send + 'static>(decorator: D) -> slog_async::Async {
-    let d = slog_term::FullFormat::new(decorator).build().fuse();
-    slog_async::Async::new(d).chan_size(8192).build()
+/// Whether [`finish`] joins a logger's slog-async thread.
+#[derive(Clone, Copy)]
+enum Joined {
+    AtFinish,
+    Never,
+}
+
+/// slog's own lines are formatted on slog-async's thread, off the workers.
+fn on_async_thread<D>(drain: D, joined: Joined) -> slog_async::Async
+where
+    D: Drain<Err = slog::Never, Ok = ()> + Send + 'static,
+{
+    let builder = slog_async::Async::new(drain).chan_size(8192);
+    match joined {
+        Joined::Never => builder.build(),
+        Joined::AtFinish => {
+            let (drain, thread) = builder.build_with_guard();
+            ASYNC_THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(thread);
+            drain
+        }
+    }
+}
+
+/// slog-term's full format.
+fn text_drain<D: slog_term::Decorator + Send + 'static>(
+    decorator: D,
+    joined: Joined,
+) -> slog_async::Async {
+    on_async_thread(slog_term::FullFormat::new(decorator).build().fuse(), joined)
 }
 
 fn logger_on(drain: slog_async::Async, level: slog::Level) -> Logger {
-    let drain = slog::LevelFilter::new(drain, level).fuse();
+    // After `finish` the thread is gone: a line logged then (a thread still
+    // winding down) is let go, not a panic.
+    let drain = slog::LevelFilter::new(drain, level).ignore_res();
     Logger::root(drain, o!("service" => "sidecar"))
 }
 
 pub fn build_logger(level: slog::Level, json: bool) -> Logger {
-    // Formatting slog's own lines happens on slog-async's thread, off the workers.
+    build_logger_joined(level, json, Joined::Never)
+}
+
+fn build_logger_joined(level: slog::Level, json: bool, joined: Joined) -> Logger {
     let drain: slog_async::Async = if json {
         let d = slog_json::Json::new(RecordWriter::default())
             .add_default_keys()
             .set_flush(false)
             .build()
             .fuse();
-        slog_async::Async::new(d).chan_size(8192).build()
+        on_async_thread(d, joined)
     } else {
-        text_drain(slog_term::TermDecorator::new().stderr().build())
+        text_drain(slog_term::TermDecorator::new().stderr().build(), joined)
     };
     logger_on(drain, level)
+}
+
+/// At the end of `serve`: slog-async's threads write out what they were
+/// given and stop, then the buffer is written out. Lines logged after this
+/// are dropped.
+pub fn finish() {
+    let threads = std::mem::take(&mut *ASYNC_THREADS.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(threads);
+    flush();
 }
 
 #[cfg(test)]

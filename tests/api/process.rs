@@ -470,11 +470,18 @@ async fn restore_refuses_typos_and_a_running_gateway() {
 #[actix_web::test]
 async fn the_demo_runs_and_stops_quietly_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let child = Command::new(BIN)
+    // The demo serves metrics on the next port: both must be free (a
+    // neighbour taken by another test's server failed the start).
+    let port = (0..50)
+        .find_map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let p = l.local_addr().ok()?.port();
+            let next = std::net::TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
+            drop((l, next));
+            Some(p)
+        })
+        .expect("two free neighbouring ports");
+    let mut child = Command::new(BIN)
         .args(["demo", "--port", &port.to_string(), "--rps", "50"])
         .current_dir(dir.path())
         .stdout(std::process::Stdio::piped())
@@ -492,7 +499,15 @@ async fn the_demo_runs_and_stops_quietly_on_ctrl_c() {
         if up {
             break;
         }
-        assert!(Instant::now() < deadline, "the demo did not come up");
+        if Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("the demo is reaped");
+            panic!(
+                "the demo did not come up: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -657,7 +672,9 @@ async fn a_start_that_fails_shows_its_log_then_why() {
             panic!("{format}: the lines logged before the failure are lost: {said}")
         });
         let why = said
-            .find(&format!("cannot listen on 127.0.0.1:{port} (metrics_port)"))
+            .find(&format!(
+                "cannot listen on 127.0.0.1:{port} (metrics_host, metrics_port)"
+            ))
             .unwrap_or_else(|| panic!("{format}: the error names the setting and address: {said}"));
         assert!(
             logged < why,
