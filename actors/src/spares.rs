@@ -194,7 +194,7 @@ impl Spares {
     }
 
     /// One spare to fetch for a quiet worker's next request for `model`
-    /// while this one is upstream, off its path: a worker that saw a single
+    /// once this one is answered, off its path: a worker that saw a single
     /// request in the last slot asks none with its lease ([`Spares::ask`]),
     /// so without this every request of an unhurried caller pays a round
     /// trip between threads. None while it holds one for `model`, while any

@@ -190,7 +190,7 @@ pub struct Tuning {
     /// this much longer.
     pub spare_ttl: Duration,
     /// How long a quiet worker may hold the one spare it fetches for its
-    /// next request while this one is upstream (zero: none fetched).
+    /// next request once this one is answered (zero: none fetched).
     pub idle_spare_ttl: Duration,
 }
 

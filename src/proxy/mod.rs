@@ -36,7 +36,7 @@ use attempt::{attempt, Step};
 use prepare::prepare;
 use sidecar_actors::worker::Worker;
 pub use state::{ProxyState, QueueTimeout, RequestLimits};
-use tries::{acquire, Tries};
+use tries::{acquire, fetch_next, Tries};
 
 /// Name of the header that tells clients which backend served them.
 pub const BACKEND_HEADER: &str = "x-sidecar-backend";
@@ -295,8 +295,18 @@ async fn handle(
         )
         .await
         {
-            Step::Answered(res) => return Ok(Reply::Done(res)),
-            Step::Streaming(res) => return Ok(Reply::Streaming(res)),
+            Step::Answered(res) => {
+                if let Some(w) = &worker {
+                    fetch_next(state, w, &p);
+                }
+                return Ok(Reply::Done(res));
+            }
+            Step::Streaming(res) => {
+                if let Some(w) = &worker {
+                    fetch_next(state, w, &p);
+                }
+                return Ok(Reply::Streaming(res));
+            }
             Step::Retry(failed) => {
                 // The failure reaches its backend after this worker's
                 // earlier reports, not before them.

@@ -251,7 +251,6 @@ pub(crate) async fn acquire(
     if let Some(w) = worker {
         if let Some(lease) = spare(w, p, deadline).await {
             state.metrics.spare_leases.inc();
-            fetch_next(state, w, p);
             return Ok(lease);
         }
     }
@@ -273,7 +272,6 @@ pub(crate) async fn acquire(
         Ticket::Ready(lease, more) => {
             if let Some(w) = worker {
                 hold(w, more);
-                fetch_next(state, w, p);
             }
             Ok(lease)
         }
@@ -309,12 +307,15 @@ fn hold(w: &web::Data<Worker>, leases: Vec<Lease>) {
     });
 }
 
-/// A quiet worker fetches a spare for its next request while this one is
-/// upstream (see `Spares::prefetch`): the round trip to the supervisor
-/// happens off the request's path. The check runs here so that a busy
-/// worker spawns nothing; the task checks again, as other requests may
-/// have run before it.
-fn fetch_next(state: &ProxyState, w: &web::Data<Worker>, p: &Prepared) {
+/// A quiet worker fetches a spare for its next request once this one is
+/// answered (see `Spares::prefetch`): the round trip to the supervisor
+/// happens off the request's path. Called as the handler returns its
+/// answer, the task runs after the dispatcher has written it (for a
+/// stream: its head and first event), so the supervisor's wake-up and its
+/// reply's do not land between the upstream's first byte and the
+/// client's. The check runs here so that a busy worker spawns nothing; the
+/// task checks again, as other requests may have run before it.
+pub(crate) fn fetch_next(state: &ProxyState, w: &web::Data<Worker>, p: &Prepared) {
     if !w.spares.wants_fetch(&p.model, Instant::now()) {
         return;
     }

@@ -38,7 +38,7 @@ pub struct RawSettings {
     /// tenth of the window.
     pub spare_lease_ms: Option<u64>,
     /// How long a quiet worker may hold the one spare lease it fetches for
-    /// its next request while the current one is upstream, in
+    /// its next request once the current one is answered, in
     /// milliseconds; 0 turns that off. Default 1000 ms, at most a tenth of
     /// the window.
     pub idle_spare_lease_ms: Option<u64>,

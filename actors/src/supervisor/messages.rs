@@ -29,8 +29,8 @@ pub struct Acquire {
 }
 
 /// Worker → supervisor: spare leases only (up to `spares`), for a quiet
-/// worker's next request to `model`, asked while its current one is
-/// upstream.
+/// worker's next request to `model`, asked once its current one is
+/// answered.
 #[derive(Message)]
 #[rtype(result = "Vec<Lease>")]
 pub struct Prefetch {
