@@ -443,9 +443,8 @@ impl Application {
             &self.log,
         )
         .await;
-        // Give slog-async a moment to hand over the last lines, then write them.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        crate::ops::telemetry::flush();
+        // The last lines are written out by whoever set logging up
+        // (`telemetry::finish`, once the runtime is gone).
         served
     }
 }

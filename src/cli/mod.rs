@@ -133,8 +133,12 @@ pub fn run() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => load(config).map(|s| print_settings(&s)),
         Command::Demo { port, rps } => {
-            let log = telemetry::build_logger(slog::Level::Info, false);
-            actix_web::rt::System::new().block_on(demo::run(DemoOptions { port, rps }, log))
+            // Logs as `serve` does, and written out the same way at the end.
+            let log = telemetry::build_logger_for_serving(slog::Level::Info, false);
+            let result =
+                actix_web::rt::System::new().block_on(demo::run(DemoOptions { port, rps }, log));
+            telemetry::finish();
+            result
         }
         Command::MockUpstream {
             host,

@@ -20,8 +20,8 @@ pub(crate) fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         app.run_until_stopped().await?;
         Ok(())
     });
-    // A start that failed logged why just before: out with it, before the
-    // error is printed and the process exits.
+    // Everything logged, to the last shutdown line or the reason a start
+    // failed, is out before the error is printed and the process exits.
     telemetry::finish();
     result
 }

@@ -65,7 +65,7 @@ pub fn write_line(line: &[u8]) {
 /// lock is held only to take it. stderr's is taken first: a flush at
 /// shutdown waits for the flusher's write in progress instead of finding
 /// the buffer empty and letting the process exit in the middle of it.
-pub fn flush() {
+fn flush() {
     let Some(l) = LINES.get() else { return };
     let mut err = std::io::stderr().lock();
     let out = {
@@ -112,7 +112,8 @@ impl Write for RecordWriter {
 }
 
 /// The gateway's logger, with request lines written by the workers
-/// themselves (see `request_line`) unless text goes to a terminal.
+/// themselves (see `request_line`) unless text goes to a terminal; its
+/// slog-async thread is joined by [`finish`].
 pub fn build_logger_for_serving(level: slog::Level, json: bool) -> Logger {
     use std::io::IsTerminal;
     // A terminal keeps slog-term's colours for everything (a human reads
@@ -121,74 +122,46 @@ pub fn build_logger_for_serving(level: slog::Level, json: bool) -> Logger {
     if json || buffered_text {
         crate::ops::request_line::write_directly(level, json);
     }
-    if !buffered_text {
-        return build_logger_joined(level, json, Joined::AtFinish);
-    }
-    TEXT.store(true, Ordering::Relaxed);
-    let plain = slog_term::PlainDecorator::new(RecordWriter::default());
-    logger_on(text_drain(plain, Joined::AtFinish), level)
-}
-
-/// Whether [`finish`] joins a logger's slog-async thread.
-#[derive(Clone, Copy)]
-enum Joined {
-    AtFinish,
-    Never,
-}
-
-/// slog's own lines are formatted on slog-async's thread, off the workers.
-fn on_async_thread<D>(drain: D, joined: Joined) -> slog_async::Async
-where
-    D: Drain<Err = slog::Never, Ok = ()> + Send + 'static,
-{
-    let builder = slog_async::Async::new(drain).chan_size(8192);
-    match joined {
-        Joined::Never => builder.build(),
-        Joined::AtFinish => {
-            let (drain, thread) = builder.build_with_guard();
-            ASYNC_THREADS
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(thread);
-            drain
-        }
-    }
-}
-
-/// slog-term's full format.
-fn text_drain<D: slog_term::Decorator + Send + 'static>(
-    decorator: D,
-    joined: Joined,
-) -> slog_async::Async {
-    on_async_thread(slog_term::FullFormat::new(decorator).build().fuse(), joined)
-}
-
-fn logger_on(drain: slog_async::Async, level: slog::Level) -> Logger {
+    let drain = if json {
+        let d = slog_json::Json::new(RecordWriter::default())
+            .add_default_keys()
+            .set_flush(false)
+            .build()
+            .fuse();
+        on_async_thread(d)
+    } else if buffered_text {
+        TEXT.store(true, Ordering::Relaxed);
+        text_drain(slog_term::PlainDecorator::new(RecordWriter::default()))
+    } else {
+        text_drain(slog_term::TermDecorator::new().stderr().build())
+    };
     // After `finish` the thread is gone: a line logged then (a thread still
     // winding down) is let go, not a panic.
     let drain = slog::LevelFilter::new(drain, level).ignore_res();
     Logger::root(drain, o!("service" => "sidecar"))
 }
 
-pub fn build_logger(level: slog::Level, json: bool) -> Logger {
-    build_logger_joined(level, json, Joined::Never)
+/// slog's own lines are formatted on slog-async's thread, off the workers.
+fn on_async_thread<D>(drain: D) -> slog_async::Async
+where
+    D: Drain<Err = slog::Never, Ok = ()> + Send + 'static,
+{
+    let (drain, thread) = slog_async::Async::new(drain)
+        .chan_size(8192)
+        .build_with_guard();
+    ASYNC_THREADS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(thread);
+    drain
 }
 
-fn build_logger_joined(level: slog::Level, json: bool, joined: Joined) -> Logger {
-    let drain: slog_async::Async = if json {
-        let d = slog_json::Json::new(RecordWriter::default())
-            .add_default_keys()
-            .set_flush(false)
-            .build()
-            .fuse();
-        on_async_thread(d, joined)
-    } else {
-        text_drain(slog_term::TermDecorator::new().stderr().build(), joined)
-    };
-    logger_on(drain, level)
+/// slog-term's full format.
+fn text_drain<D: slog_term::Decorator + Send + 'static>(decorator: D) -> slog_async::Async {
+    on_async_thread(slog_term::FullFormat::new(decorator).build().fuse())
 }
 
-/// At the end of `serve`: slog-async's threads write out what they were
+/// At the end of `serve` (and the demo): slog-async's threads write out what they were
 /// given and stop, then the buffer is written out. Lines logged after this
 /// are dropped.
 pub fn finish() {
