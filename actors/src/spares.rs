@@ -283,6 +283,21 @@ impl Spares {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::Gate;
+    use crate::lease::fake::{lease, Heard};
+
+    /// An empty hand for model "m", and what fake leases are made with (an
+    /// actor to hear their reports, a gate); within an actix system.
+    fn with_leases() -> (actix::Addr<Heard>, Arc<Gate>, Spares, Arc<str>, Instant) {
+        use actix::Actor;
+        (
+            Heard::default().start(),
+            Arc::new(Gate::default()),
+            Spares::default(),
+            Arc::from("m"),
+            Instant::now(),
+        )
+    }
 
     #[test]
     fn a_quiet_worker_asks_for_none_and_a_busy_one_for_at_most_the_limit() {
@@ -313,18 +328,7 @@ mod tests {
     /// bring, first come first served; the rest are let go when it is back.
     #[actix_rt::test]
     async fn requests_arriving_together_share_one_ask() {
-        use std::sync::Arc as A;
-
-        use actix::Actor;
-
-        use crate::gate::Gate;
-        use crate::lease::fake::{lease, Heard};
-
-        let to = Heard::default().start();
-        let gate = A::new(Gate::default());
-        let s = Spares::default();
-        let m: Arc<str> = Arc::from("m");
-        let t0 = Instant::now();
+        let (to, gate, s, m, t0) = with_leases();
         assert!(s.wait(&m).is_none(), "nothing in flight: ask yourself");
         for _ in 0..MAX_SPARES * 2 {
             s.take("m", t0);
@@ -379,18 +383,7 @@ mod tests {
     /// empty.
     #[actix_rt::test]
     async fn a_quiet_worker_fetches_one_spare_at_a_time() {
-        use std::sync::Arc as A;
-
-        use actix::Actor;
-
-        use crate::gate::Gate;
-        use crate::lease::fake::{lease, Heard};
-
-        let to = Heard::default().start();
-        let gate = A::new(Gate::default());
-        let s = Spares::default();
-        let m: Arc<str> = Arc::from("m");
-        let t0 = Instant::now();
+        let (to, gate, s, m, t0) = with_leases();
         assert!(s.take("m", t0).is_none());
         let fetch = s.prefetch(&m, t0).map(|a| a.n);
         assert_eq!(fetch, Some(1), "a quiet worker holding none fetches one");

@@ -529,6 +529,38 @@ async fn the_demo_runs_and_stops_quietly_on_ctrl_c() {
     assert_eq!(errors, 0, "{text}");
 }
 
+/// `sidecar serve` on `config` with its first `{setting} = 0` line set to
+/// `port`, logging in `format` (`None`: the default) to a pipe the caller
+/// reads, as under systemd.
+fn serve_logging_to_pipe(
+    config: &Path,
+    setting: &str,
+    port: u16,
+    format: Option<&str>,
+) -> std::process::Child {
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(
+        config,
+        text.replacen(
+            &format!("{setting} = 0\n"),
+            &format!("{setting} = {port}\n"),
+            1,
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    match format {
+        Some(f) => cmd.env("LOG_FORMAT", f),
+        None => cmd.env_remove("LOG_FORMAT"),
+    };
+    cmd.spawn().expect("the binary starts")
+}
+
 /// Text logs (the default format, here to a pipe) whose reader falls
 /// behind while the gateway is busy: once it catches up, every request has
 /// its line. Through slog, slog-async's channel (8,192 records) overflowed
@@ -536,7 +568,6 @@ async fn the_demo_runs_and_stops_quietly_on_ctrl_c() {
 #[actix_web::test]
 async fn text_request_lines_survive_a_log_reader_that_falls_behind() {
     use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
 
     let mock = MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -545,21 +576,7 @@ async fn text_request_lines_survive_a_log_reader_that_falls_behind() {
         .map(|a| a.port())
         .unwrap();
     let config = write_config(dir.path(), &mock, 1.0);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("port = 0\n", &format!("port = {port}\n"), 1),
-    )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
-        .env_remove("LOG_FORMAT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
+    let mut child = serve_logging_to_pipe(&config, "port", port, None);
     let base = format!("http://127.0.0.1:{port}");
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -633,29 +650,13 @@ async fn text_request_lines_survive_a_log_reader_that_falls_behind() {
 /// the address; in both log formats, stderr a pipe (as under systemd).
 #[actix_web::test]
 async fn a_start_that_fails_shows_its_log_then_why() {
-    use std::process::Stdio;
-
     let mock = MockUpstream::spawn(mock_keys(&["k-1"])).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     for format in ["text", "json"] {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &mock, 1.0);
-        let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(
-            &config,
-            text.replacen("metrics_port = 0\n", &format!("metrics_port = {port}\n"), 1),
-        )
-        .unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("SIDECAR_ENCRYPTION_KEY", TEST_KEY)
-            .env("LOG_FORMAT", format)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
+        let mut child = serve_logging_to_pipe(&config, "metrics_port", port, Some(format));
         let mut stderr = child.stderr.take().expect("stderr piped");
         let reader = std::thread::spawn(move || {
             let mut s = String::new();

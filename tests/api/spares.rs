@@ -38,6 +38,15 @@ fn counter(metrics: &str, name: &str) -> u64 {
 /// Concurrent callers on a roomy key: requests go out on spare leases, the
 /// upstream sees each request once, and once the callers stop every spare
 /// is back — nothing in flight, the window holds exactly what was sent.
+/// Backend "one" once its held spares' deadlines have passed (`after`):
+/// none still out, and each of the `sent` requests counted once.
+async fn assert_spares_came_back(app: &TestApp, sent: u64, after: Duration) {
+    tokio::time::sleep(after).await;
+    let v = app.view("one").await;
+    assert_eq!(v.in_flight, 0, "every spare came back");
+    assert_eq!(u64::from(v.used_in_window), sent, "counted once each");
+}
+
 #[actix_web::test]
 async fn busy_workers_send_on_spare_leases_and_give_back_the_rest() {
     let app = spawn_app(
@@ -54,10 +63,7 @@ async fn busy_workers_send_on_spare_leases_and_give_back_the_rest() {
     assert!(spare < sent);
     assert_eq!(app.mock.state.key_stats("k-1").requests, sent);
     // Held spares expire after 50 ms and come back unused.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let v = app.view("one").await;
-    assert_eq!(v.in_flight, 0, "every spare came back");
-    assert_eq!(u64::from(v.used_in_window), sent, "counted once each");
+    assert_spares_came_back(&app, sent, Duration::from_millis(500)).await;
     app.stop().await;
 }
 
@@ -130,9 +136,6 @@ async fn a_quiet_caller_finds_a_spare_fetched_for_its_next_request() {
     assert!(spare >= sent - 2, "{spare} of {sent} went on spares");
     assert_eq!(app.mock.state.key_stats("k-1").requests, sent);
     // The last spare fetched comes back unused once its deadline passes.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let v = app.view("one").await;
-    assert_eq!(v.in_flight, 0, "the held spare came back");
-    assert_eq!(u64::from(v.used_in_window), sent, "counted once each");
+    assert_spares_came_back(&app, sent, Duration::from_millis(600)).await;
     app.stop().await;
 }
